@@ -1,0 +1,70 @@
+"""The torch path of the dequant-matmul: unpack, look up, scale, multiply.
+
+Used on CPU and as the reference the Triton kernels are tested against. The
+dense weight is a temporary of one call: the backward pass dequantizes again
+instead of keeping it alive between forward and backward.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from qft.packing import unpack
+
+
+def _grid(codes, codebook, zero, bits: int, cols: int, block: int) -> torch.Tensor:
+    """codebook[code] - zero, as (rows, n_blocks, block) with the last block zero-padded."""
+    q = unpack(codes, bits, cols)
+    values = codebook.index_select(0, q.reshape(-1).int()).view(q.shape)
+    values = F.pad(values, (0, -cols % block)).view(q.shape[0], -1, block)
+    if zero is not None:
+        values = values - zero.unsqueeze(-1)
+    return values
+
+
+def dequantize(
+    codes: torch.Tensor,
+    codebook: torch.Tensor,
+    scale: torch.Tensor,
+    zero: torch.Tensor | None,
+    *,
+    bits: int,
+    cols: int,
+    block: int,
+    dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """Dense (rows, cols) weight: (codebook[code] - zero) * scale, blockwise."""
+    grid = _grid(codes, codebook, zero, bits, cols, block)
+    w = grid * scale.float().unsqueeze(-1)
+    return w.reshape(w.shape[0], -1)[:, :cols].to(dtype)
+
+
+class DequantMatmul(torch.autograd.Function):
+    """y = x @ dequantize(...).T with gradients for x and (if it trains) the scale."""
+
+    @staticmethod
+    def forward(ctx, x, scale, codes, codebook, zero, bits, cols, block):
+        w = dequantize(codes, codebook, scale, zero, bits=bits, cols=cols, block=block, dtype=x.dtype)
+        ctx.save_for_backward(x if scale.requires_grad else None, scale, codes, codebook, zero)
+        ctx.meta = (bits, cols, block)
+        return x @ w.t()
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, scale, codes, codebook, zero = ctx.saved_tensors
+        bits, cols, block = ctx.meta
+        grid = _grid(codes, codebook, zero, bits, cols, block)
+        dx = dscale = None
+        if ctx.needs_input_grad[0]:
+            w = (grid * scale.float().unsqueeze(-1)).reshape(grid.shape[0], -1)[:, :cols]
+            dx = dy @ w.to(dy.dtype)
+        if ctx.needs_input_grad[1]:
+            dw = dy.reshape(-1, dy.shape[-1]).float().t() @ x.reshape(-1, cols).float()
+            dw = F.pad(dw, (0, -cols % block)).view(grid.shape[0], -1, block)
+            dscale = (dw * grid).sum(-1).sum_to_size(scale.shape).to(scale.dtype)
+        return dx, dscale, None, None, None, None, None, None
+
+
+def dequant_matmul(x, codes, codebook, scale, zero, *, bits: int, cols: int, block: int) -> torch.Tensor:
+    return DequantMatmul.apply(x, scale, codes, codebook, zero, bits, cols, block)

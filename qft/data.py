@@ -1,0 +1,32 @@
+"""Text data: the embedded default corpus.
+
+The default corpus is the Python documentation's topic pages that ship with
+every CPython (``pydoc_data.topics``, about 465k characters of real English
+technical text). Topics go to the held-out split by a stable hash of their
+name (CRC-32 mod 10 == 0, about a tenth), so the split is the same on every
+machine and run.
+"""
+
+from __future__ import annotations
+
+import zlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from datasets import DatasetDict
+
+
+def default_corpus(heldout_every: int = 10) -> DatasetDict:
+    """The pydoc topics as a DatasetDict with "train" and "test" splits (columns: topic, text)."""
+    from datasets import Dataset, DatasetDict
+    from pydoc_data.topics import topics
+
+    splits: dict[str, dict[str, list[str]]] = {
+        "train": {"topic": [], "text": []},
+        "test": {"topic": [], "text": []},
+    }
+    for name in sorted(topics):
+        split = "test" if zlib.crc32(name.encode()) % heldout_every == 0 else "train"
+        splits[split]["topic"].append(name)
+        splits[split]["text"].append(topics[name])
+    return DatasetDict({k: Dataset.from_dict(v) for k, v in splits.items()})

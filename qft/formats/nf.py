@@ -1,0 +1,140 @@
+"""NormalFloat-k: quantiles of N(0, 1) as a codebook, blockwise absmax scales.
+
+The codebook follows QLoRA (bitsandbytes' ``create_normal_map``): 2**(k-1)
+positive and 2**(k-1) - 1 negative normal quantiles plus an exact zero,
+normalized to [-1, 1]. For k = 4 it equals bitsandbytes' NF4 bit for bit.
+
+Scales are the absmax of each block of ``block`` weights along a row
+(rows whose length is not a multiple of the block end in a shorter block).
+They are stored either as fp32 (bitsandbytes with ``compress_statistics=False``)
+or, as in LQ-LoRA, double-quantized: the flattened scales are cut into blocks
+of ``scale_block`` values, each block keeps its maximum m in fp16 or fp32, and
+each scale becomes a ``scale_bits``-bit code i meaning m * (i + 1) / 2**scale_bits
+(never zero, so no block is wiped out). Weight codes are chosen against the
+stored (double-quantized) scale, so the rounding is to the grid that is kept.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+
+import torch
+from scipy.stats import norm
+
+from qft.formats.base import Format, check_choice, check_weight, from_blocks, to_blocks
+from qft.packing import pack, unpack, words_per_row
+
+NF_BITS = (2, 3, 4, 8)
+NF_BLOCKS = (16, 32, 64)
+SCALE_BITS = (2, 3, 4, 8)
+SCALE_BLOCKS = (16, 64, 256)
+SECOND_LEVEL_DTYPES = {"fp16": torch.float16, "fp32": torch.float32}
+
+
+@lru_cache(maxsize=None)
+def _normal_codebook(bits: int) -> tuple[float, ...]:
+    n = 1 << bits
+    # bitsandbytes' offset for NF4 is 0.9677083 = mean of 1 - 1/(2*15) and 1 - 1/(2*16).
+    offset = 0.9677083 if bits == 4 else 0.5 * ((1 - 1 / (2 * (n - 1))) + (1 - 1 / (2 * n)))
+    half = n // 2
+    positive = norm.ppf(torch.linspace(offset, 0.5, half + 1)[:-1].numpy()).tolist()
+    negative = (-norm.ppf(torch.linspace(offset, 0.5, half)[:-1].numpy())).tolist()
+    values = torch.tensor(positive + [0.0] + negative, dtype=torch.float32).sort().values
+    values /= values.max()
+    return tuple(values.tolist())
+
+
+def nf_codebook(bits: int) -> torch.Tensor:
+    """The NormalFloat-k codebook, sorted ascending, in [-1, 1] with an exact 0."""
+    check_choice("NormalFloat bit width", bits, NF_BITS)
+    return torch.tensor(_normal_codebook(bits), dtype=torch.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class NormalFloat(Format):
+    bits: int = 4
+    block: int = 64
+    scale_bits: int | None = None  # None: fp32 scales; else double quantization
+    scale_block: int = 256
+    second_level: str = "fp32"
+
+    def __post_init__(self) -> None:
+        check_choice("NormalFloat bit width", self.bits, NF_BITS)
+        check_choice("NormalFloat block size", self.block, NF_BLOCKS)
+        if self.scale_bits is not None:
+            check_choice("scale bit width", self.scale_bits, SCALE_BITS)
+            check_choice("scale block size", self.scale_block, SCALE_BLOCKS)
+            check_choice("second-level scale dtype", self.second_level, tuple(SECOND_LEVEL_DTYPES))
+
+    @property
+    def double_quantized(self) -> bool:
+        return self.scale_bits is not None
+
+    @property
+    def name(self) -> str:
+        name = f"nf{self.bits}-b{self.block}"
+        if self.double_quantized:
+            name += f"-dq{self.scale_bits}b{self.scale_block}"
+            if self.second_level != "fp32":
+                name += f"-{self.second_level}"
+        return name
+
+    def codebook(self) -> torch.Tensor:
+        return nf_codebook(self.bits)
+
+    def block_size(self, rows: int, cols: int) -> int:
+        return self.block
+
+    def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        w = check_weight(w)
+        rows, cols = w.shape
+        blocks = to_blocks(w, self.block)
+        absmax = blocks.abs().amax(dim=-1)
+        tensors = self._store_scales(absmax)
+        scale, _ = self.decode_scales(tensors, rows, cols)
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        normalized = blocks / scale.unsqueeze(-1)
+        book = self.codebook().to(w.device)
+        midpoints = (book[1:] + book[:-1]) / 2
+        codes = torch.bucketize(normalized, midpoints).to(torch.uint8)
+        return from_blocks(codes, cols), tensors
+
+    def _store_scales(self, absmax: torch.Tensor) -> dict[str, torch.Tensor]:
+        if not self.double_quantized:
+            return {"scale": absmax.contiguous()}
+        flat = absmax.reshape(1, -1)
+        block_max = to_blocks(flat, self.scale_block).amax(dim=-1)  # (1, n_scale_blocks)
+        block_max = block_max.to(SECOND_LEVEL_DTYPES[self.second_level])
+        levels = 1 << self.scale_bits
+        per_scale_max = block_max.float().repeat_interleave(self.scale_block, dim=1)[:, : flat.shape[1]]
+        safe_max = torch.where(per_scale_max > 0, per_scale_max, torch.ones_like(per_scale_max))
+        codes = torch.round(flat / safe_max * levels) - 1
+        codes = codes.clamp(0, levels - 1).to(torch.uint8)
+        return {"scale_codes": pack(codes, self.scale_bits), "scale_max": block_max.reshape(-1)}
+
+    def decode_scales(
+        self, tensors: dict[str, torch.Tensor], rows: int, cols: int
+    ) -> tuple[torch.Tensor, None]:
+        n_blocks = self.n_blocks(rows, cols)
+        if not self.double_quantized:
+            return tensors["scale"].float(), None
+        n = rows * n_blocks
+        codes = unpack(tensors["scale_codes"], self.scale_bits, n).float()
+        block_max = tensors["scale_max"].float().repeat_interleave(self.scale_block)[:n]
+        scale = (codes.reshape(-1) + 1) / (1 << self.scale_bits) * block_max
+        return scale.reshape(rows, n_blocks), None
+
+    def scale_storage_bits(self, rows: int, cols: int) -> int:
+        n = rows * self.n_blocks(rows, cols)
+        if not self.double_quantized:
+            return n * 32
+        n_second = -(-n // self.scale_block)
+        second = 16 if self.second_level == "fp16" else 32
+        return words_per_row(n, self.scale_bits) * 32 + n_second * second
+
+    def nominal_bits(self, rows: int, cols: int) -> float:
+        if not self.double_quantized:
+            return self.bits + 32 / self.block
+        second = 16 if self.second_level == "fp16" else 32
+        return self.bits + self.scale_bits / self.block + second / (self.block * self.scale_block)

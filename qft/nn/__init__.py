@@ -1,0 +1,5 @@
+"""Modules that hold quantized weights."""
+
+from qft.nn.qlinear import QLinear
+
+__all__ = ["QLinear"]

@@ -1,0 +1,73 @@
+"""Dense bit packing of 1-8-bit codes into 32-bit words.
+
+Layout (the one the GPU kernels read): a code matrix of shape (rows, cols) is
+packed row by row. Each row is a little-endian bit stream: code ``j`` occupies
+bits ``[j*bits, (j+1)*bits)`` of the row, and bit ``i`` of the stream is bit
+``i % 32`` of word ``i // 32``. A row is padded with zero bits up to a whole
+word, so each output row's words are contiguous and a row starts on a word
+boundary. Codes may straddle two words when ``bits`` does not divide 32.
+
+Words are stored as ``torch.int32`` (safetensors has no uint32); read them as
+unsigned by masking with ``0xFFFFFFFF`` after widening to int64.
+"""
+
+from __future__ import annotations
+
+import torch
+
+WORD_BITS = 32
+
+
+def words_per_row(cols: int, bits: int) -> int:
+    """Number of 32-bit words holding one packed row of ``cols`` codes."""
+    return (cols * bits + WORD_BITS - 1) // WORD_BITS
+
+
+def _check_bits(bits: int) -> None:
+    if not isinstance(bits, int) or not 1 <= bits <= 8:
+        raise ValueError(f"bits must be an integer from 1 to 8, got {bits!r}")
+
+
+def _positions(cols: int, bits: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    start = torch.arange(cols, device=device, dtype=torch.int64) * bits
+    return start // WORD_BITS, start % WORD_BITS
+
+
+def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Pack integer codes of shape (..., cols), each in [0, 2**bits), into int32 words.
+
+    Returns shape (..., words_per_row(cols, bits)).
+    """
+    _check_bits(bits)
+    if codes.dtype.is_floating_point or codes.dtype == torch.bool:
+        raise ValueError(f"codes must be an integer tensor, got {codes.dtype}")
+    *lead, cols = codes.shape
+    c = codes.reshape(-1, cols).to(torch.int64)
+    if c.numel() and (int(c.min()) < 0 or int(c.max()) >= 1 << bits):
+        raise ValueError(f"codes must lie in [0, {1 << bits}) for {bits}-bit packing")
+    n_words = words_per_row(cols, bits)
+    word, shift = _positions(cols, bits, c.device)
+    # Bits of different codes never overlap, so adding is the same as OR-ing.
+    out = torch.zeros(c.shape[0], n_words + 1, dtype=torch.int64, device=c.device)
+    out.index_add_(1, word, (c << shift) & 0xFFFFFFFF)
+    out.index_add_(1, word + 1, c >> (WORD_BITS - shift))
+    out = out[:, :n_words]
+    out = torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32)
+    return out.reshape(*lead, n_words)
+
+
+def unpack(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack`: int32 words (..., n_words) -> uint8 codes (..., cols)."""
+    _check_bits(bits)
+    *lead, n_words = words.shape
+    if n_words != words_per_row(cols, bits):
+        raise ValueError(
+            f"{n_words} words per row cannot hold {cols} codes of {bits} bits "
+            f"(expected {words_per_row(cols, bits)})"
+        )
+    w = words.reshape(-1, n_words).to(torch.int64) & 0xFFFFFFFF
+    w = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)
+    word, shift = _positions(cols, bits, w.device)
+    both = w[:, word] | (w[:, word + 1] << WORD_BITS)
+    codes = (both >> shift) & ((1 << bits) - 1)
+    return codes.to(torch.uint8).reshape(*lead, cols)
