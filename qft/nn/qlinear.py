@@ -41,7 +41,6 @@ class QLinear(nn.Module):
         self.out_features, self.in_features = weight.shape
         self.format = weight.format
         self.rank = int(rank)
-        self.scaling = (alpha if alpha is not None else rank) / rank if rank else 0.0
         self.backend = backend
         for name, t in weight.to_tensors().items():
             self.register_buffer(_PREFIX + name, t)
@@ -59,6 +58,8 @@ class QLinear(nn.Module):
             a, b = self._init_factors(lora_a, lora_b, seed)
             self.lora_A = nn.Parameter(a)
             self.lora_B = nn.Parameter(b)
+            # a buffer, so that a state_dict alone describes the layer
+            self.register_buffer("lora_scaling", torch.tensor((alpha if alpha is not None else rank) / rank))
         elif lora_a is not None or lora_b is not None:
             raise ValueError("low-rank factors were given but rank=0; pass rank=A.shape[0]")
 
@@ -91,10 +92,12 @@ class QLinear(nn.Module):
             {k[len(prefix + _PREFIX):]: v for k, v in state.items() if k.startswith(prefix + _PREFIX)}
         )
         lora_a = state.get(prefix + "lora_A")
+        rank = 0 if lora_a is None else lora_a.shape[0]
         module = cls(
             qt,
             state.get(prefix + "bias"),
-            rank=0 if lora_a is None else lora_a.shape[0],
+            rank=rank,
+            alpha=float(state[prefix + "lora_scaling"]) * rank if rank else None,
             lora_a=lora_a,
             lora_b=state.get(prefix + "lora_B"),
             train_scales=prefix + "scale" in state,
@@ -103,6 +106,11 @@ class QLinear(nn.Module):
         own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         module.load_state_dict(own, strict=True)
         return module
+
+    @property
+    def scaling(self) -> float:
+        """alpha / rank, the factor on the low-rank term (0 without one)."""
+        return float(self.lora_scaling) if self.rank else 0.0
 
     @property
     def qweight(self) -> QuantizedTensor:
@@ -129,7 +137,7 @@ class QLinear(nn.Module):
             y = y + self.bias.to(y.dtype)
         if self.rank:
             low_rank = (x.to(self.lora_A.dtype) @ self.lora_A.t()) @ self.lora_B.t()
-            y = y + (self.scaling * low_rank).to(y.dtype)
+            y = y + (self.lora_scaling * low_rank).to(y.dtype)
         return y
 
     def extra_repr(self) -> str:

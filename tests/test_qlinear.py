@@ -1,0 +1,139 @@
+import pytest
+import torch
+from conftest import ALL_FORMATS
+from torch import nn
+
+from qft.nn import QLinear
+from qft.tensor import QuantizedTensor
+
+
+def _layer(name, rng, rank=4, train_scales=False, bias=True, out=24, inp=70):
+    linear = nn.Linear(inp, out, bias=bias)
+    with torch.no_grad():
+        linear.weight.copy_(torch.randn(out, inp, generator=rng) * 0.05)
+    q = QLinear.from_linear(linear, name, rank=rank, alpha=8, train_scales=train_scales)
+    with torch.no_grad():  # a non-zero B so the low-rank term matters
+        if rank:
+            q.lora_B.copy_(torch.randn(q.lora_B.shape, generator=rng) * 0.1)
+    return linear, q
+
+
+@pytest.mark.parametrize("name", ALL_FORMATS)
+def test_forward_matches_reference(name, rng):
+    linear, q = _layer(name, rng)
+    x = torch.randn(3, 5, 70, generator=rng)
+    w = q.qweight.dequantize()
+    ref = x @ w.t() + linear.bias + (8 / 4) * (x @ q.lora_A.t() @ q.lora_B.t())
+    assert torch.allclose(q(x), ref, rtol=1e-5, atol=1e-6)
+
+
+def test_no_dense_weight_and_only_buffers_frozen(rng):
+    _, q = _layer("nf3-b64-dq8b256", rng)
+    trainable = {n for n, p in q.named_parameters()}
+    assert trainable == {"lora_A", "lora_B"}
+    for name, buf in q.named_buffers():
+        assert not buf.is_floating_point() or buf.numel() < 24 * 70, name  # no dense copy kept
+    assert q.weight_codes.dtype == torch.int32
+
+
+@pytest.mark.parametrize("name", ["nf4-b64", "nf2-b16-dq4b64", "int4-g32", "int3-ch", "fp8-e4m3-tensor"])
+def test_gradients_reach_x_factors_and_scales(name, rng):
+    _, q = _layer(name, rng, train_scales=True)
+    x = torch.randn(6, 70, generator=rng, requires_grad=True)
+    q(x).pow(2).sum().backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert q.lora_A.grad.abs().sum() > 0 and q.lora_B.grad.abs().sum() > 0
+    assert q.scale.grad is not None and q.scale.grad.shape == q.scale.shape
+
+    # the custom backward equals autograd through an explicit dequantization
+    scale = q.scale.detach().clone().requires_grad_(True)
+    x2 = x.detach().clone().requires_grad_(True)
+    qt = q.qweight
+    _, zero = qt.scales()
+    from qft.kernels.torch_path import _grid
+
+    grid = _grid(qt.codes, q.codebook, zero, qt.format.bits, 70, qt.block)
+    w = (grid * scale.unsqueeze(-1)).reshape(24, -1)[:, :70]
+    y = x2 @ w.t() + q.bias + q.scaling * (x2 @ q.lora_A.detach().t() @ q.lora_B.detach().t())
+    y.pow(2).sum().backward()
+    assert torch.allclose(q.scale.grad, scale.grad, rtol=1e-4, atol=1e-5)
+    assert torch.allclose(x.grad, x2.grad, rtol=1e-4, atol=1e-6)
+
+
+def test_codes_and_bias_get_no_gradient(rng):
+    _, q = _layer("nf4", rng)
+    x = torch.randn(2, 70, generator=rng)
+    q(x).sum().backward()
+    assert all(not b.requires_grad for b in q.buffers())
+    before = q.weight_codes.clone()
+    torch.optim.SGD(q.parameters(), lr=1.0).step()
+    assert torch.equal(q.weight_codes, before)
+
+
+def test_trained_scales_change_the_output(rng):
+    _, q = _layer("int4-g32", rng, rank=0, train_scales=True)
+    x = torch.randn(2, 70, generator=rng)
+    before = q(x).detach()
+    with torch.no_grad():
+        q.scale.mul_(2)
+    assert torch.allclose(q(x), 2 * (before - q.bias) + q.bias, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["nf3-b32-dq8b256", "int4-g128", "fp8-e5m2-row"])
+@pytest.mark.parametrize("train_scales", [False, True])
+def test_state_dict_round_trip(name, train_scales, rng):
+    _, q = _layer(name, rng, train_scales=train_scales)
+    if train_scales:
+        with torch.no_grad():
+            q.scale.mul_(1.5)
+    x = torch.randn(4, 70, generator=rng)
+    state = q.state_dict()
+    assert "codebook" not in state  # derived from the format, not stored
+
+    rebuilt = QLinear.from_state_dict(state)
+    assert torch.equal(rebuilt(x), q(x))
+
+    fresh = QLinear(QuantizedTensor.quantize(torch.randn(24, 70), name), torch.zeros(24), rank=4,
+                    alpha=8, train_scales=train_scales)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh(x), q(x))
+
+
+def test_nested_state_dict_prefix(rng):
+    _, q = _layer("nf4", rng)
+    model = nn.Sequential(nn.Identity(), q)
+    rebuilt = QLinear.from_state_dict(model.state_dict(), prefix="1.")
+    x = torch.randn(3, 70, generator=rng)
+    assert torch.equal(rebuilt(x), q(x))
+
+
+def test_default_init_starts_as_the_quantized_layer(rng):
+    linear = nn.Linear(70, 24)
+    q = QLinear.from_linear(linear, "nf4", rank=8, seed=3)
+    x = torch.randn(2, 70, generator=rng)
+    assert torch.equal(q(x), x @ q.qweight.dequantize().t() + linear.bias.detach())
+    again = QLinear.from_linear(linear, "nf4", rank=8, seed=3)
+    assert torch.equal(again.lora_A, q.lora_A)
+
+
+def test_bf16_activations(rng):
+    _, q = _layer("nf4", rng)
+    x = torch.randn(3, 70, generator=rng)
+    y = q(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+    rel = (y.float() - q(x)).norm() / q(x).norm()
+    assert rel < 1e-2
+
+
+def test_bad_arguments(rng):
+    qt = QuantizedTensor.quantize(torch.randn(24, 70, generator=rng), "nf4")
+    with pytest.raises(ValueError, match="low-rank factors must be"):
+        QLinear(qt, rank=4, lora_a=torch.zeros(4, 69), lora_b=torch.zeros(24, 4))
+    with pytest.raises(ValueError, match="rank must be"):
+        QLinear(qt, rank=-1)
+    with pytest.raises(ValueError, match="bias must have shape"):
+        QLinear(qt, torch.zeros(23))
+    with pytest.raises(ValueError, match="last dimension 70"):
+        QLinear(qt)(torch.randn(2, 71))
+    with pytest.raises(ValueError, match="unknown kernel backend"):
+        QLinear(qt, backend="cuda-magic")(torch.randn(2, 70))

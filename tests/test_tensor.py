@@ -1,0 +1,59 @@
+import pytest
+import torch
+from conftest import ALL_FORMATS
+from safetensors.torch import load, save
+
+from qft.formats import get_format
+from qft.tensor import QuantizedTensor
+
+# The shapes of SmolLM2's projections, and one odd shape.
+MODEL_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]
+
+
+@pytest.mark.parametrize("name", ALL_FORMATS)
+@pytest.mark.parametrize("shape", [(13, 77), (576, 1536)])
+def test_nbytes_is_the_bytes_of_its_tensors(name, shape, rng):
+    qt = QuantizedTensor.quantize(torch.randn(shape, generator=rng), name)
+    stored = [qt.codes, *qt.tensors.values()]
+    assert qt.nbytes == sum(len(t.numpy().tobytes()) for t in stored)
+    assert 8 * qt.nbytes == qt.format.storage_bits(*shape)
+
+
+@pytest.mark.parametrize("name", ALL_FORMATS)
+@pytest.mark.parametrize("shape", MODEL_SHAPES)
+def test_real_bits_match_nominal_within_one_percent(name, shape):
+    fmt = get_format(name)
+    real = fmt.storage_bits(*shape) / (shape[0] * shape[1])
+    assert abs(real - fmt.nominal_bits(*shape)) / fmt.nominal_bits(*shape) < 0.01
+
+
+def test_two_bit_matrix_takes_a_quarter_byte_per_weight():
+    qt = QuantizedTensor.quantize(torch.randn(1536, 576), "nf2-b64-dq8b256")
+    assert qt.codes.numel() * 4 == 1536 * 576 // 4  # int32 words: a quarter byte per weight
+    assert 2.12 < qt.bits_per_param < 2.13  # 2 + 8/64 + 32/(64*256)
+
+
+@pytest.mark.parametrize("name", ALL_FORMATS)
+def test_safetensors_round_trip(name, rng):
+    w = torch.randn(10, 45, generator=rng)
+    qt = QuantizedTensor.quantize(w, name)
+    back = QuantizedTensor.from_tensors(load(save(qt.to_tensors())))
+    assert back.format == qt.format and back.shape == qt.shape
+    assert torch.equal(back.dequantize(), qt.dequantize())
+
+
+def test_from_tensors_rejects_bad_input():
+    tensors = QuantizedTensor.quantize(torch.randn(8, 64), "nf4-b64-dq8b256").to_tensors()
+    with pytest.raises(ValueError, match="missing"):
+        QuantizedTensor.from_tensors({k: v for k, v in tensors.items() if k != "codes"})
+    with pytest.raises(ValueError, match="codes of a 8x64"):
+        QuantizedTensor.from_tensors({**tensors, "codes": tensors["codes"][:4]})
+    with pytest.raises(ValueError, match="do not match format"):
+        QuantizedTensor.from_tensors({k: v for k, v in tensors.items() if k != "scale_max"})
+    with pytest.raises(ValueError, match="unknown format"):
+        QuantizedTensor.from_tensors({**tensors, "format": torch.tensor(list(b"gptq"), dtype=torch.uint8)})
+
+
+def test_dequantize_dtype(rng):
+    qt = QuantizedTensor.quantize(torch.randn(4, 64, generator=rng), "int4-g32")
+    assert qt.dequantize(torch.bfloat16).dtype == torch.bfloat16
