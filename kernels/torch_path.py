@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 from qft.packing import unpack
 
@@ -51,6 +52,7 @@ class DequantMatmul(torch.autograd.Function):
         return x @ w.t()
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, dy):
         x, scale, codes, codebook, zero = ctx.saved_tensors
         bits, cols, block = ctx.meta

@@ -32,11 +32,11 @@ def quantization_error_table(
             e2 = float((qt.dequantize() - w.float()).pow(2).sum())
             err2 += e2
             nbytes += qt.nbytes
-            per_matrix.append(math.sqrt(e2 / float(w.float().pow(2).sum())))
+            per_matrix.append(math.sqrt(e2 / max(float(w.float().pow(2).sum()), 1e-30)))
             bar.update()
         rows.append({
             "format": fmt.name,
-            "rel_error": math.sqrt(err2 / norm2),
+            "rel_error": math.sqrt(err2 / max(norm2, 1e-30)),
             "mean_matrix_error": sum(per_matrix) / len(per_matrix),
             "bits_per_param": 8 * nbytes / numel,
         })
@@ -46,6 +46,8 @@ def quantization_error_table(
 
 def markdown_table(rows: list[dict], floatfmt: str = ".4f") -> str:
     """Render rows of equal keys as a Markdown table."""
+    if not rows:
+        return ""
     keys = list(rows[0])
     cell = lambda v: format(v, floatfmt) if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]

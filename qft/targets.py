@@ -24,6 +24,9 @@ def find_target_linears(
             continue
         if target_modules is None or any(name == t or name.endswith("." + t) for t in target_modules):
             found[name] = module
-    if target_modules is not None and not found:
-        raise ValueError(f"no nn.Linear layer of the model matches target_modules={target_modules}")
+    if not found:
+        raise ValueError(
+            f"no nn.Linear layer of the model matches target_modules={target_modules} (skipping {skip}); "
+            "check the names with [n for n, _ in model.named_modules()]"
+        )
     return found

@@ -103,14 +103,16 @@ class QuantizedTensor:
                 f"codes of a {rows}x{cols} {fmt.name} tensor must be int32 {expected}, "
                 f"got {codes.dtype} {tuple(codes.shape)}"
             )
+        layout = fmt.stored_layout(rows, cols)
+        if rest.keys() != layout.keys():
+            raise ValueError(f"a {rows}x{cols} {fmt.name} tensor stores {sorted(layout)}, got {sorted(rest)}")
+        for name, (shape, dtype) in layout.items():
+            if tuple(rest[name].shape) != shape or rest[name].dtype != dtype:
+                raise ValueError(
+                    f"{name} of a {rows}x{cols} {fmt.name} tensor must be {dtype} {shape}, "
+                    f"got {rest[name].dtype} {tuple(rest[name].shape)}"
+                )
         qt = cls(fmt, (rows, cols), codes, rest)
-        mismatch = f"stored tensors {sorted(rest)} do not match format {fmt.name} for shape {(rows, cols)}"
-        if 8 * qt.nbytes != fmt.storage_bits(rows, cols):
-            raise ValueError(mismatch)
-        try:
-            qt.scales()
-        except (KeyError, RuntimeError, ValueError) as err:
-            raise ValueError(f"{mismatch}: {err}") from err
         return qt
 
     def __repr__(self) -> str:

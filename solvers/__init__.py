@@ -1,4 +1,8 @@
-"""The bit allocator's solvers (installed as ``qft.solvers``; the LQ-LoRA issue fills it).
+"""The bit allocator's solver (installed as ``qft.solvers``).
 
-Knows nothing of models: it takes a table of errors and costs.
+Knows nothing of models: it takes a table of errors and costs (groups x options).
 """
+
+from qft.solvers.mckp import InfeasibleBudget, Solution, check_budget, feasible_range, lagrangian, solve
+
+__all__ = ["InfeasibleBudget", "Solution", "check_budget", "feasible_range", "lagrangian", "solve"]

@@ -1,3 +1,5 @@
+import os
+
 import pytest
 import torch
 
@@ -12,5 +14,7 @@ ALL_FORMATS = [
 
 @pytest.fixture
 def rng():
-    """A fresh generator per test (seeded from the OS): inputs differ run to run."""
-    return torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, ()).item()))
+    """A fresh generator per test: inputs differ run to run; a failure prints its seed."""
+    seed = int.from_bytes(os.urandom(4), "little")
+    print(f"rng seed {seed}")
+    return torch.Generator().manual_seed(seed)

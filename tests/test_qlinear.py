@@ -137,3 +137,24 @@ def test_bad_arguments(rng):
         QLinear(qt)(torch.randn(2, 71))
     with pytest.raises(ValueError, match="unknown kernel backend"):
         QLinear(qt, backend="cuda-magic")(torch.randn(2, 70))
+
+
+@pytest.mark.parametrize("name", ["nf4-b64-dq8b256", "int4-g32", "fp8-e5m2-row"])
+def test_dtype_cast_keeps_the_quantized_weight(name, rng):
+    _, q = _layer(name, rng)
+    before = q.qweight.dequantize()
+    state = {k: v.clone() for k, v in q.state_dict().items() if k.startswith("weight_")}
+    q.to(torch.bfloat16)
+    assert torch.equal(q.qweight.dequantize(), before)
+    assert all(torch.equal(v, state[k]) and v.dtype == state[k].dtype
+               for k, v in q.state_dict().items() if k.startswith("weight_"))
+    assert q.lora_A.dtype == torch.bfloat16  # trainable parts do follow the cast
+    assert q(torch.randn(2, 70, generator=rng).bfloat16()).dtype == torch.bfloat16
+    QLinear.from_state_dict(q.state_dict())  # still a valid state
+
+
+def test_loading_another_format_is_refused(rng):
+    _, e4m3 = _layer("fp8-e4m3-row", rng)
+    _, e5m2 = _layer("fp8-e5m2-row", rng)
+    with pytest.raises(RuntimeError, match="fp8-e4m3-row weight, this layer is fp8-e5m2-row"):
+        e5m2.load_state_dict(e4m3.state_dict())

@@ -17,6 +17,8 @@ def test_nbytes_is_the_bytes_of_its_tensors(name, shape, rng):
     stored = [qt.codes, *qt.tensors.values()]
     assert qt.nbytes == sum(len(t.numpy().tobytes()) for t in stored)
     assert 8 * qt.nbytes == qt.format.storage_bits(*shape)
+    layout = qt.format.stored_layout(*shape)
+    assert {k: (tuple(v.shape), v.dtype) for k, v in qt.tensors.items()} == layout
 
 
 @pytest.mark.parametrize("name", ALL_FORMATS)
@@ -48,8 +50,13 @@ def test_from_tensors_rejects_bad_input():
         QuantizedTensor.from_tensors({k: v for k, v in tensors.items() if k != "codes"})
     with pytest.raises(ValueError, match="codes of a 8x64"):
         QuantizedTensor.from_tensors({**tensors, "codes": tensors["codes"][:4]})
-    with pytest.raises(ValueError, match="do not match format"):
+    with pytest.raises(ValueError, match="stores"):
         QuantizedTensor.from_tensors({k: v for k, v in tensors.items() if k != "scale_max"})
+    with pytest.raises(ValueError, match="scale_max of a 8x64"):
+        QuantizedTensor.from_tensors({**tensors, "scale_max": tensors["scale_max"].half()})
+    row = QuantizedTensor.quantize(torch.randn(8, 64), "fp8-e4m3-row").to_tensors()
+    with pytest.raises(ValueError, match=r"must be torch.float32 \(8, 1\)"):
+        QuantizedTensor.from_tensors({**row, "scale": row["scale"].reshape(1, 8)})
     with pytest.raises(ValueError, match="unknown format"):
         QuantizedTensor.from_tensors({**tensors, "format": torch.tensor(list(b"gptq"), dtype=torch.uint8)})
 

@@ -12,6 +12,7 @@ codes are chosen and how ``scale`` and ``zero`` are stored.
 
 from __future__ import annotations
 
+import math
 from abc import ABC, abstractmethod
 
 import torch
@@ -49,8 +50,8 @@ class Format(ABC):
         """float32 ``scale`` and ``zero`` (or None), each (rows or 1, n_blocks)."""
 
     @abstractmethod
-    def scale_storage_bits(self, rows: int, cols: int) -> int:
-        """Exact bits of the stored scale tensors (everything except the codes)."""
+    def stored_layout(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Shape and dtype of each stored scale tensor (everything except the codes)."""
 
     @abstractmethod
     def nominal_bits(self, rows: int, cols: int) -> float:
@@ -58,7 +59,10 @@ class Format(ABC):
 
     def storage_bits(self, rows: int, cols: int) -> int:
         """Exact bits this format occupies for a (rows, cols) matrix, padding included."""
-        return rows * words_per_row(cols, self.bits) * 32 + self.scale_storage_bits(rows, cols)
+        scale_bits = sum(
+            math.prod(shape) * dtype.itemsize * 8 for shape, dtype in self.stored_layout(rows, cols).values()
+        )
+        return rows * words_per_row(cols, self.bits) * 32 + scale_bits
 
     def n_blocks(self, rows: int, cols: int) -> int:
         return -(-cols // self.block_size(rows, cols))

@@ -60,8 +60,8 @@ class FP8(Format):
     ) -> tuple[torch.Tensor, None]:
         return tensors["scale"].float(), None
 
-    def scale_storage_bits(self, rows: int, cols: int) -> int:
-        return 32 * (rows if self.scaling == "row" else 1)
+    def stored_layout(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        return {"scale": (((rows, 1) if self.scaling == "row" else (1, 1)), torch.float32)}
 
     def nominal_bits(self, rows: int, cols: int) -> float:
-        return 8 + self.scale_storage_bits(rows, cols) / (rows * cols)
+        return 8 + 32 * (rows if self.scaling == "row" else 1) / (rows * cols)

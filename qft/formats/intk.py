@@ -2,7 +2,7 @@
 
 Each group of ``group_size`` weights along a row (or the whole row, per
 channel) gets scale = (max - min) / (2**k - 1) over a range widened to include
-0, stored in fp16, and an integer zero-point in [0, 2**k) stored in k bits
+0, stored in fp16 (rounded up, so the grid still spans the range), and an integer zero-point in [0, 2**k) stored in k bits
 (all of a matrix's zero-points packed as one bit stream). W = (code - zero) * scale. This is the layout of compressed-tensors'
 ``weight_packed / weight_scale / weight_zero_point`` and what PEQA trains
 (the scales) on top of frozen codes.
@@ -48,7 +48,10 @@ class UniformInt(Format):
         blocks = to_blocks(w, self.block_size(rows, cols))
         low = blocks.amin(dim=-1).clamp(max=0)
         high = blocks.amax(dim=-1).clamp(min=0)
-        scale = ((high - low) / top).to(SCALE_DTYPE)
+        exact = (high - low) / top
+        # Round the stored scale up, so the grid still spans [low, high] and nothing clips.
+        scale = exact.to(SCALE_DTYPE)
+        scale = torch.where(scale.float() < exact, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         s = scale.float()
         zero = torch.round(-low / s).clamp(0, top)
@@ -63,9 +66,12 @@ class UniformInt(Format):
         zero = unpack(tensors["zero"], self.bits, rows * n_blocks).float()
         return tensors["scale"].float(), zero.reshape(rows, n_blocks)
 
-    def scale_storage_bits(self, rows: int, cols: int) -> int:
+    def stored_layout(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         n_blocks = self.n_blocks(rows, cols)
-        return rows * n_blocks * 16 + words_per_row(rows * n_blocks, self.bits) * 32
+        return {
+            "scale": ((rows, n_blocks), SCALE_DTYPE),
+            "zero": ((1, words_per_row(rows * n_blocks, self.bits)), torch.int32),
+        }
 
     def nominal_bits(self, rows: int, cols: int) -> float:
         return self.bits + (16 + self.bits) / self.block_size(rows, cols)

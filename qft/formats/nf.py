@@ -125,13 +125,14 @@ class NormalFloat(Format):
         scale = (codes.reshape(-1) + 1) / (1 << self.scale_bits) * block_max
         return scale.reshape(rows, n_blocks), None
 
-    def scale_storage_bits(self, rows: int, cols: int) -> int:
+    def stored_layout(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
         n = rows * self.n_blocks(rows, cols)
         if not self.double_quantized:
-            return n * 32
-        n_second = -(-n // self.scale_block)
-        second = 16 if self.second_level == "fp16" else 32
-        return words_per_row(n, self.scale_bits) * 32 + n_second * second
+            return {"scale": ((rows, self.n_blocks(rows, cols)), torch.float32)}
+        return {
+            "scale_codes": ((1, words_per_row(n, self.scale_bits)), torch.int32),
+            "scale_max": ((-(-n // self.scale_block),), SECOND_LEVEL_DTYPES[self.second_level]),
+        }
 
     def nominal_bits(self, rows: int, cols: int) -> float:
         if not self.double_quantized:

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from qft.kernels import dequant_matmul
-from qft.tensor import QuantizedTensor
+from qft.tensor import QuantizedTensor, _decode_name
 
 _PREFIX = "weight_"
 
@@ -52,12 +52,14 @@ class QLinear(nn.Module):
         self.scale = None
         if train_scales:
             self.scale = nn.Parameter(weight.scales()[0].clone())
+        # Stored tensors keep their dtype through .to(dtype) / .half(): see _apply.
+        self._frozen_dtype = [n for n, b in self._buffers.items() if b is not None and n != "bias"]
 
         self.lora_A = self.lora_B = None
         if rank:
             a, b = self._init_factors(lora_a, lora_b, seed)
-            self.lora_A = nn.Parameter(a)
-            self.lora_B = nn.Parameter(b)
+            self.lora_A = nn.Parameter(a.to(weight.codes.device))
+            self.lora_B = nn.Parameter(b.to(weight.codes.device))
             # a buffer, so that a state_dict alone describes the layer
             self.register_buffer("lora_scaling", torch.tensor((alpha if alpha is not None else rank) / rank))
         elif lora_a is not None or lora_b is not None:
@@ -106,6 +108,25 @@ class QLinear(nn.Module):
         own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
         module.load_state_dict(own, strict=True)
         return module
+
+    def _apply(self, fn, recurse=True):
+        """Move, but never cast, the quantized weight's tensors: a cast would change the weight."""
+        kept = {n: self._buffers[n] for n in self._frozen_dtype}
+        super()._apply(fn, recurse)
+        for n, original in kept.items():
+            self._buffers[n] = original.to(self._buffers[n].device)
+        return self
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        error_msgs = args[-1]
+        key = prefix + _PREFIX + "format"
+        if key in state_dict and _decode_name(state_dict[key]) != self.format.name:
+            error_msgs.append(
+                f"{key}: the state holds a {_decode_name(state_dict[key])} weight, this layer is {self.format.name}; "
+                "build the layer with QLinear.from_state_dict instead"
+            )
+            return
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @property
     def scaling(self) -> float:
