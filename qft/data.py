@@ -10,6 +10,8 @@ machine and run.
 from __future__ import annotations
 
 import zlib
+
+import torch
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -30,3 +32,13 @@ def default_corpus(heldout_every: int = 10) -> DatasetDict:
         splits[split]["topic"].append(name)
         splits[split]["text"].append(topics[name])
     return DatasetDict({k: Dataset.from_dict(v) for k, v in splits.items()})
+
+
+def token_blocks(tokenizer, texts: list[str], block_size: int = 512) -> torch.Tensor:
+    """Concatenate texts (separated by EOS), tokenize, cut into full blocks: LongTensor (n, block_size)."""
+    sep = tokenizer.eos_token or "\n\n"
+    ids = tokenizer(sep.join(texts), return_tensors="pt", add_special_tokens=False).input_ids[0]
+    n = ids.numel() // block_size
+    if n == 0:
+        raise ValueError(f"the text holds {ids.numel()} tokens, fewer than one block of {block_size}")
+    return ids[: n * block_size].view(n, block_size)

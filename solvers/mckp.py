@@ -147,7 +147,10 @@ def solve(
     names = [solver] if solver != "auto" else ["highs", "cbc", "scipy"]
     for name in names:
         try:
-            result = _ILP[name](errors / e_scale, costs / c_scale, 1.0, keep, warm, time_limit, gap)
+            # a hair under the budget: solvers accept violations up to their feasibility tolerance
+            result = _ILP[name](errors / e_scale, costs / c_scale, 1.0 - 1e-7, keep, warm, time_limit, gap)
+            if costs[np.arange(len(result[0])), result[0]].sum() > budget:
+                raise RuntimeError(f"{name}'s solution exceeds the budget")
         except Exception as err:  # a missing or failing backend: try the next one
             if solver != "auto":
                 raise
@@ -194,8 +197,10 @@ def _pulp(backend: str):
             v.setInitialValue(1 if warm[g] == c else 0)
         if backend == "highs":
             cmd = pulp.HiGHS(msg=False, timeLimit=time_limit, gapRel=gap)
-        else:
-            cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=gap, warmStart=True)
+        else:  # CBC from the cbcbox package (pulp[cbc]); pulp's bundled binary otherwise
+            cmd = pulp.COIN_CMD(msg=False, timeLimit=time_limit, gapRel=gap, warmStart=True)
+            if not cmd.available():
+                cmd = pulp.PULP_CBC_CMD(msg=False, timeLimit=time_limit, gapRel=gap, warmStart=True)
         if not cmd.available():
             raise RuntimeError(f"pulp's {backend} is not available")
         prob.solve(cmd)

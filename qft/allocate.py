@@ -1,0 +1,183 @@
+"""Bit allocation: one NF configuration per matrix, average bits under a budget.
+
+1. The grid: NF-k with k in {2,3,4,8}, block B0 in {16,32,64}, and either fp32
+   scales or scales double-quantized to b0 in {2,3,4,8} bits in blocks of B1 in
+   {16,64,256} with an fp16 or fp32 second level (300 configurations).
+2. The error table (matrix x configuration). A full LQ-LoRA decomposition per
+   cell is too slow, so each cell is estimated by quantizing one residual per
+   matrix: R = W - SVD_r(W) (Fisher-weighted when given), error = Σ F (R - Q(R))².
+   That costs one quantization per cell and no SVD per configuration;
+   benchmarks/lqlora.py measures how close its choices come to the full table's.
+   Configurations dominated on a sample of matrices (another costs no more and
+   is never worse) are dropped before the full table is filled.
+3. The multiple-choice knapsack (qft.solvers) under budget = bits x parameters,
+   costs being each configuration's exact storage for each matrix's shape.
+
+The table is cached on disk, keyed by the weights, the Fisher, rank, seed and grid.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from qft.decompose.lqlora import low_rank, rank1_weights
+from qft.formats import Format, NormalFloat, get_format
+from qft.solvers import Solution, check_budget, solve
+from qft.tensor import QuantizedTensor
+
+logger = logging.getLogger(__name__)
+
+TABLE_VERSION = "1"
+
+
+def nf_grid() -> list[NormalFloat]:
+    """LQ-LoRA's NF configurations (plus the plain fp32-scale ones)."""
+    grid = []
+    for k in (2, 3, 4, 8):
+        for b0_block in (16, 32, 64):
+            grid.append(NormalFloat(k, b0_block))
+            for scale_bits in (2, 3, 4, 8):
+                for scale_block in (16, 64, 256):
+                    for second in ("fp16", "fp32"):
+                        grid.append(NormalFloat(k, b0_block, scale_bits, scale_block, second))
+    return grid
+
+
+@dataclass
+class ErrorTable:
+    names: list[str]
+    formats: list[Format]
+    errors: np.ndarray  # (matrices, formats)
+    costs: np.ndarray  # (matrices, formats): exact storage bits
+    numel: np.ndarray  # (matrices,)
+
+    def subset(self, columns) -> ErrorTable:
+        columns = list(columns)
+        return ErrorTable(
+            self.names, [self.formats[c] for c in columns], self.errors[:, columns], self.costs[:, columns], self.numel
+        )
+
+
+def _residual(w, rank, fisher, seed) -> torch.Tensor:
+    w = w.detach().float()
+    if rank == 0:
+        return w
+    weights = None if fisher is None else rank1_weights(fisher)
+    l1, l2 = low_rank(w, rank, torch.Generator().manual_seed(seed), weights)
+    return w - l1 @ l2
+
+
+def _cache_key(weights, fisher, formats, rank, seed) -> str:
+    h = hashlib.sha256(f"{TABLE_VERSION}|{rank}|{seed}|{[f.name for f in formats]}".encode())
+    for name, w in weights.items():
+        h.update(name.encode())
+        h.update(w.detach().float().contiguous().numpy().tobytes())
+        if fisher is not None:
+            h.update(fisher[name].float().contiguous().numpy().tobytes())
+    return h.hexdigest()[:24]
+
+
+def default_cache_dir() -> Path:
+    base = os.environ.get("QFT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "qft")
+    return Path(base).expanduser()
+
+
+def error_table(
+    weights: dict[str, torch.Tensor],
+    formats: list[str | Format],
+    rank: int,
+    *,
+    fisher: dict[str, torch.Tensor] | None = None,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> ErrorTable:
+    """Estimated decomposition error of every matrix in every format (see module docstring)."""
+    formats = [get_format(f) for f in formats]
+    names = list(weights)
+    numel = np.array([weights[n].numel() for n in names], dtype=np.float64)
+    costs = np.array([[f.storage_bits(*weights[n].shape) for f in formats] for n in names], dtype=np.float64)
+
+    path = None
+    if cache_dir is not False:
+        path = Path(cache_dir or default_cache_dir()) / f"errors-{_cache_key(weights, fisher, formats, rank, seed)}.safetensors"
+        if path.exists():
+            stored = load_file(path)
+            logger.info("error table from cache %s", path)
+            return ErrorTable(names, formats, stored["errors"].numpy(), costs, numel)
+
+    errors = np.zeros((len(names), len(formats)))
+    bar = tqdm(total=len(names) * len(formats), disable=not progress, desc="error table", unit="cell")
+    for i, name in enumerate(names):
+        f = None if fisher is None else fisher[name].float()
+        residual = _residual(weights[name], rank, f, seed)
+        importance = 1.0 if f is None else f
+        for j, fmt in enumerate(formats):
+            diff = residual - QuantizedTensor.quantize(residual, fmt).dequantize()
+            errors[i, j] = float((importance * diff * diff).sum())
+            bar.update()
+    bar.close()
+
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({"errors": torch.from_numpy(errors)}, str(tmp), metadata={"names": json.dumps(names)})
+        os.replace(tmp, path)
+    return ErrorTable(names, formats, errors, costs, numel)
+
+
+def undominated(table: ErrorTable) -> list[int]:
+    """Columns not dominated: no other format costs no more on every matrix and errs no more on every one."""
+    keep = []
+    for c in range(len(table.formats)):
+        cheaper = np.all(table.costs <= table.costs[:, [c]], axis=0)
+        better = np.all(table.errors <= table.errors[:, [c]], axis=0)
+        strictly = np.any(table.costs < table.costs[:, [c]], axis=0) | np.any(table.errors < table.errors[:, [c]], axis=0)
+        dominated = cheaper & better & strictly
+        # of identical columns keep the first
+        same = cheaper & better & ~strictly
+        same[c:] = False
+        if not dominated.any() and not same.any():
+            keep.append(c)
+    return keep
+
+
+def pruned_grid(
+    weights: dict[str, torch.Tensor],
+    rank: int,
+    *,
+    fisher: dict[str, torch.Tensor] | None = None,
+    formats: list[str | Format] | None = None,
+    sample: int = 14,
+    seed: int = 0,
+    cache_dir: str | Path | None = None,
+    progress: bool = True,
+) -> list[Format]:
+    """The grid without the configurations dominated on an evenly spaced sample of matrices."""
+    formats = [get_format(f) for f in (formats or nf_grid())]
+    names = list(weights)
+    picks = [names[i] for i in np.linspace(0, len(names) - 1, min(sample, len(names))).round().astype(int)]
+    sub = {n: weights[n] for n in dict.fromkeys(picks)}
+    sub_fisher = None if fisher is None else {n: fisher[n] for n in sub}
+    table = error_table(sub, formats, rank, fisher=sub_fisher, seed=seed, cache_dir=cache_dir, progress=progress)
+    kept = [formats[c] for c in undominated(table)]
+    logger.info("%d of %d configurations survive dominance on %d matrices", len(kept), len(formats), len(sub))
+    return kept
+
+
+def allocate(table: ErrorTable, bits: float, *, solver: str = "auto", time_limit: float = 60.0) -> tuple[list[Format], Solution]:
+    """One format per matrix of ``table`` with average storage <= ``bits`` per parameter."""
+    total = float(table.numel.sum())
+    check_budget(table.costs, bits * total, per_unit=total, unit=" bits/param")
+    solution = solve(table.errors, table.costs, bits * total, solver=solver, time_limit=time_limit)
+    return [table.formats[c] for c in solution.choice], solution

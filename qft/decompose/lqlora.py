@@ -1,0 +1,119 @@
+"""LQ-LoRA: W ≈ Q + L1·L2, a quantized matrix plus a rank-r high-precision part.
+
+Start from a rank-r randomized SVD of W, then alternate
+    Q = quantize(W − L1·L2)   and   L1·L2 = SVD_r(W − Q),
+keep the best iterate, stop when the error stops improving. ``iters=1`` is
+LoftQ's one-step initialisation (PEFT's ``loftq_iter=1``).
+
+Data-aware variant: given an empirical diagonal Fisher F (same shape as W),
+the error is Σ F ⊙ (W − Q − L1L2)² and the SVD step is weighted by a rank-1
+approximation of F: F_ij ≈ r_i² c_j², so SVD(diag(r)·M·diag(c)) gives the
+weighted-optimal factors exactly for rank-1 weights. Rounding to the nearest
+code is already element-wise optimal for any positive weight, so Q's step is
+unchanged.
+
+Deterministic for a given seed: the randomized SVD draws from its own generator.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from qft.formats import Format, check_weight, get_format
+from qft.tensor import QuantizedTensor
+
+
+@dataclass
+class Decomposition:
+    qweight: QuantizedTensor
+    L1: torch.Tensor  # (out, rank): QLinear's lora_B
+    L2: torch.Tensor  # (rank, in): QLinear's lora_A
+    error: float  # Σ F ⊙ (W − Q − L1L2)² (F = 1 without Fisher)
+    history: list[float] = field(default_factory=list)  # error after each iteration
+
+    def relative_error(self, w: torch.Tensor, fisher: torch.Tensor | None = None) -> float:
+        weight = 1.0 if fisher is None else fisher
+        return (self.error / float((weight * w.float() ** 2).sum())) ** 0.5
+
+
+def randomized_svd(
+    m: torch.Tensor, rank: int, generator: torch.Generator, oversample: int = 8, power_iters: int = 2
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Top-``rank`` SVD of ``m`` (Halko et al.): U (rows, r), S (r,), V (cols, r)."""
+    rows, cols = m.shape
+    k = min(rank + oversample, rows, cols)
+    omega = torch.randn(cols, k, generator=generator, dtype=m.dtype, device=m.device)
+    y = m @ omega
+    for _ in range(power_iters):
+        y = m @ (m.t() @ torch.linalg.qr(y).Q)
+    q = torch.linalg.qr(y).Q
+    u, s, vh = torch.linalg.svd(q.t() @ m, full_matrices=False)
+    return (q @ u)[:, :rank], s[:rank], vh[:rank].t()
+
+
+def rank1_weights(fisher: torch.Tensor, floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column weights r, c with r_i² c_j² ≈ F_ij (means of F over columns and rows)."""
+    f = fisher.float().clamp(min=0)
+    mean = f.mean().clamp(min=1e-30)
+    rows = f.mean(dim=1).clamp(min=floor * mean)
+    cols = (f.mean(dim=0) / mean).clamp(min=floor)
+    return rows.sqrt(), cols.sqrt()
+
+
+def low_rank(
+    m: torch.Tensor, rank: int, generator: torch.Generator, weights: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """L1 (rows, r), L2 (r, cols) minimising ||diag(r)(m − L1L2)diag(c)||_F (plain SVD without weights)."""
+    if weights is None:
+        u, s, v = randomized_svd(m, rank, generator)
+        root = s.sqrt()
+        return u * root, (v * root).t()
+    r, c = weights
+    u, s, v = randomized_svd(r[:, None] * m * c[None, :], rank, generator)
+    root = s.sqrt()
+    return (u * root) / r[:, None], ((v * root) / c[:, None]).t()
+
+
+def lqlora(
+    w: torch.Tensor,
+    format: str | Format,
+    rank: int,
+    *,
+    fisher: torch.Tensor | None = None,
+    iters: int = 20,
+    tol: float = 1e-3,
+    seed: int = 0,
+) -> Decomposition:
+    """Decompose ``w`` into a quantized part and a rank-``rank`` part (see module docstring).
+
+    iters: at most this many Q/SVD alternations (1 = LoftQ); stops early once an
+    iteration improves the error by less than ``tol`` (relative).
+    """
+    w = check_weight(w)
+    fmt = get_format(format)
+    if fisher is not None and fisher.shape != w.shape:
+        raise ValueError(f"fisher must have the weight's shape {tuple(w.shape)}, got {tuple(fisher.shape)}")
+    if not 0 < rank <= min(w.shape):
+        raise ValueError(f"rank must be in [1, {min(w.shape)}] for a {tuple(w.shape)} weight, got {rank}")
+    if iters < 1:
+        raise ValueError(f"iters must be >= 1, got {iters}")
+    generator = torch.Generator().manual_seed(seed)
+    weights = None if fisher is None else rank1_weights(fisher)
+    importance = 1.0 if fisher is None else fisher.float()
+
+    l1, l2 = low_rank(w, rank, generator, weights)
+    best, history = None, []
+    for _ in range(iters):
+        qt = QuantizedTensor.quantize(w - l1 @ l2, fmt)
+        residual = w - qt.dequantize()
+        l1, l2 = low_rank(residual, rank, generator, weights)
+        error = float((importance * (residual - l1 @ l2) ** 2).sum())
+        history.append(error)
+        if best is not None and error > best.error * (1 - tol):
+            if error < best.error:
+                best = Decomposition(qt, l1, l2, error, history)
+            break
+        best = Decomposition(qt, l1, l2, error, history)
+    return best

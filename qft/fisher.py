@@ -1,0 +1,51 @@
+"""Empirical diagonal Fisher of the target weights over calibration text.
+
+F = mean over blocks of (∂ loss / ∂ W)², one block of tokens being one example;
+accumulated in place (never stored per example).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from qft.data import default_corpus, token_blocks
+
+
+def empirical_fisher(
+    model: nn.Module,
+    tokenizer,
+    targets: dict[str, nn.Linear],
+    texts: list[str] | None = None,
+    *,
+    block_size: int = 512,
+    max_blocks: int = 64,
+    progress: bool = True,
+) -> dict[str, torch.Tensor]:
+    """Fisher diagonal per target weight (float32, the weight's shape). Default text: the corpus's train split."""
+    if texts is None:
+        texts = default_corpus()["train"]["text"]
+    blocks = token_blocks(tokenizer, texts, block_size)[:max_blocks]
+    params = list(model.parameters())
+    saved = [p.requires_grad for p in params]
+    for p in params:
+        p.requires_grad_(False)
+    weights = {name: layer.weight for name, layer in targets.items()}
+    for w in weights.values():
+        w.requires_grad_(True)
+    fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
+    was_training = model.training
+    model.eval()
+    try:
+        for ids in tqdm(blocks, disable=not progress, desc="fisher", unit="block"):
+            ids = ids[None].to(weights[next(iter(weights))].device)
+            model(ids, labels=ids).loss.backward()
+            for name, w in weights.items():
+                fisher[name].add_(w.grad.float() ** 2)
+                w.grad = None
+    finally:
+        for p, flag in zip(params, saved):
+            p.requires_grad_(flag)
+        model.train(was_training)
+    return {name: f / len(blocks) for name, f in fisher.items()}

@@ -1,0 +1,65 @@
+import itertools
+
+import numpy as np
+import pytest
+
+from qft.solvers import InfeasibleBudget, lagrangian, solve
+
+
+def _table(rng, groups, options):
+    costs = np.sort(rng.uniform(1, 10, (groups, options)), axis=1) * rng.integers(1, 5, (groups, 1))
+    errors = np.sort(rng.uniform(0, 1, (groups, options)), axis=1)[:, ::-1] * rng.uniform(0.1, 3, (groups, 1))
+    return errors.copy(), costs
+
+
+def _brute_force(errors, costs, budget):
+    best = None
+    for choice in itertools.product(*[range(errors.shape[1])] * errors.shape[0]):
+        rows = np.arange(len(choice))
+        if costs[rows, choice].sum() <= budget:
+            e = errors[rows, choice].sum()
+            best = e if best is None or e < best else best
+    return best
+
+
+@pytest.mark.parametrize("solver", ["cbc", "scipy"])
+def test_ilp_finds_the_optimum(solver):
+    rng = np.random.default_rng(int.from_bytes(np.random.bytes(4), "little"))
+    for _ in range(5):
+        errors, costs = _table(rng, 5, 4)
+        budget = rng.uniform(costs.min(1).sum(), costs.max(1).sum())
+        sol = solve(errors, costs, budget, solver=solver)
+        assert sol.cost <= budget
+        assert sol.objective == pytest.approx(_brute_force(errors, costs, budget), rel=1e-9)
+        assert sol.status == "optimal" and sol.gap < 1e-5
+        assert sol.bound <= sol.objective + 1e-12
+
+
+def test_lagrangian_is_feasible_and_bounds_the_optimum():
+    rng = np.random.default_rng(int.from_bytes(np.random.bytes(4), "little"))
+    errors, costs = _table(rng, 6, 4)
+    budget = (costs.min(1).sum() + costs.max(1).sum()) / 2
+    choice, bound = lagrangian(errors, costs, budget)
+    rows = np.arange(6)
+    opt = _brute_force(errors, costs, budget)
+    assert costs[rows, choice].sum() <= budget
+    assert bound <= opt + 1e-9 <= errors[rows, choice].sum() + 1e-9
+
+
+def test_auto_solver_and_determinism():
+    rng = np.random.default_rng(0)
+    errors, costs = _table(rng, 40, 12)
+    budget = (costs.min(1).sum() + costs.max(1).sum()) / 3
+    a, b = solve(errors, costs, budget), solve(errors, costs, budget)
+    assert np.array_equal(a.choice, b.choice)
+    assert a.solver in ("highs", "cbc", "scipy") and a.cost <= budget
+
+
+def test_budget_outside_range_names_the_range():
+    errors, costs = np.ones((2, 2)), np.array([[1.0, 2.0], [3.0, 5.0]])
+    with pytest.raises(InfeasibleBudget, match=r"feasible range \[4.0000, 7.0000\]"):
+        solve(errors, costs, 3.9)
+    with pytest.raises(InfeasibleBudget, match="outside"):
+        solve(errors, costs, 7.5)
+    with pytest.raises(ValueError, match="same 2-D shape"):
+        solve(np.ones((2, 3)), costs, 5)
