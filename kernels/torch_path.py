@@ -16,7 +16,11 @@ from qft.packing import unpack
 
 def _grid(codes, codebook, zero, bits: int, cols: int, block: int) -> torch.Tensor:
     """codebook[code] - zero, as (rows, n_blocks, block) with the last block zero-padded."""
-    q = unpack(codes, bits, cols)
+    return _grid_unpacked(unpack(codes, bits, cols), codebook, zero, block)
+
+
+def _grid_unpacked(q: torch.Tensor, codebook, zero, block: int) -> torch.Tensor:
+    cols = q.shape[1]
     values = codebook.index_select(0, q.reshape(-1).int()).view(q.shape)
     values = F.pad(values, (0, -cols % block)).view(q.shape[0], -1, block)
     if zero is not None:
@@ -36,9 +40,19 @@ def dequantize(
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
     """Dense (rows, cols) weight: (codebook[code] - zero) * scale, blockwise."""
-    grid = _grid(codes, codebook, zero, bits, cols, block)
+    return _scaled(_grid(codes, codebook, zero, bits, cols, block), scale, cols).to(dtype)
+
+
+def dequantize_unpacked(
+    q: torch.Tensor, codebook: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, *, block: int
+) -> torch.Tensor:
+    """As :func:`dequantize`, from unpacked uint8 codes (rows, cols): skips packing when only values matter."""
+    return _scaled(_grid_unpacked(q, codebook, zero, block), scale, q.shape[1])
+
+
+def _scaled(grid: torch.Tensor, scale: torch.Tensor, cols: int) -> torch.Tensor:
     w = grid * scale.float().unsqueeze(-1)
-    return w.reshape(w.shape[0], -1)[:, :cols].to(dtype)
+    return w.reshape(w.shape[0], -1)[:, :cols]
 
 
 class DequantMatmul(torch.autograd.Function):
@@ -59,8 +73,7 @@ class DequantMatmul(torch.autograd.Function):
         grid = _grid(codes, codebook, zero, bits, cols, block)
         dx = dscale = None
         if ctx.needs_input_grad[0]:
-            w = (grid * scale.float().unsqueeze(-1)).reshape(grid.shape[0], -1)[:, :cols]
-            dx = dy @ w.to(dy.dtype)
+            dx = dy @ _scaled(grid, scale, cols).to(dy.dtype)
         if ctx.needs_input_grad[1]:
             dw = dy.reshape(-1, dy.shape[-1]).float().t() @ x.reshape(-1, cols).float()
             dw = F.pad(dw, (0, -cols % block)).view(grid.shape[0], -1, block)

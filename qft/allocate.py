@@ -6,7 +6,9 @@
 2. The error table (matrix x configuration). A full LQ-LoRA decomposition per
    cell is too slow, so each cell is estimated by quantizing one residual per
    matrix: R = W - SVD_r(W) (Fisher-weighted when given), error = Σ F (R - Q(R))².
-   That costs one quantization per cell and no SVD per configuration;
+   That costs one quantization per cell and no SVD per configuration. The
+   quantization error is further estimated on every ``row_stride``-th row
+   (default 4) and scaled up: errors are sums over many alike rows.
    benchmarks/lqlora.py measures how close its choices come to the full table's.
    Configurations dominated on a sample of matrices (another costs no more and
    is never worse) are dropped before the full table is filled.
@@ -30,10 +32,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from qft.decompose.lqlora import low_rank, rank1_weights
+from qft.decompose.lqlora import fake_quantize, low_rank, rank1_weights
 from qft.formats import Format, NormalFloat, get_format
 from qft.solvers import Solution, check_budget, solve
-from qft.tensor import QuantizedTensor
 
 logger = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def error_table(
     *,
     fisher: dict[str, torch.Tensor] | None = None,
     seed: int = 0,
+    row_stride: int = 4,
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> ErrorTable:
@@ -110,7 +112,8 @@ def error_table(
 
     path = None
     if cache_dir is not False:
-        path = Path(cache_dir or default_cache_dir()) / f"errors-{_cache_key(weights, fisher, formats, rank, seed)}.safetensors"
+        key = _cache_key(weights, fisher, formats, f"{rank}|{row_stride}", seed)
+        path = Path(cache_dir or default_cache_dir()) / f"errors-{key}.safetensors"
         if path.exists():
             stored = load_file(path)
             logger.info("error table from cache %s", path)
@@ -120,11 +123,12 @@ def error_table(
     bar = tqdm(total=len(names) * len(formats), disable=not progress, desc="error table", unit="cell")
     for i, name in enumerate(names):
         f = None if fisher is None else fisher[name].float()
-        residual = _residual(weights[name], rank, f, seed)
-        importance = 1.0 if f is None else f
+        residual = _residual(weights[name], rank, f, seed)[::row_stride]
+        importance = 1.0 if f is None else f[::row_stride]
+        upscale = weights[name].shape[0] / residual.shape[0]
         for j, fmt in enumerate(formats):
-            diff = residual - QuantizedTensor.quantize(residual, fmt).dequantize()
-            errors[i, j] = float((importance * diff * diff).sum())
+            diff = residual - fake_quantize(residual, fmt)
+            errors[i, j] = upscale * float((importance * diff * diff).sum())
             bar.update()
     bar.close()
 
@@ -160,6 +164,7 @@ def pruned_grid(
     formats: list[str | Format] | None = None,
     sample: int = 14,
     seed: int = 0,
+    row_stride: int = 4,
     cache_dir: str | Path | None = None,
     progress: bool = True,
 ) -> list[Format]:
@@ -169,7 +174,8 @@ def pruned_grid(
     picks = [names[i] for i in np.linspace(0, len(names) - 1, min(sample, len(names))).round().astype(int)]
     sub = {n: weights[n] for n in dict.fromkeys(picks)}
     sub_fisher = None if fisher is None else {n: fisher[n] for n in sub}
-    table = error_table(sub, formats, rank, fisher=sub_fisher, seed=seed, cache_dir=cache_dir, progress=progress)
+    table = error_table(sub, formats, rank, fisher=sub_fisher, seed=seed, row_stride=row_stride,
+                        cache_dir=cache_dir, progress=progress)
     kept = [formats[c] for c in undominated(table)]
     logger.info("%d of %d configurations survive dominance on %d matrices", len(kept), len(formats), len(sub))
     return kept

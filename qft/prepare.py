@@ -30,6 +30,7 @@ logger = logging.getLogger(__name__)
 
 # method -> LQ-LoRA iterations (None: no decomposition, PEFT-style LoRA init)
 METHODS = {"lqlora": "iterative", "loftq": 1, "qlora": None}
+INIT = {"lqlora": "svd", "loftq": "zero"}
 
 
 @dataclass
@@ -114,7 +115,7 @@ def quantize_and_prepare(
     bits: average bits per parameter of the quantized parts (the ILP picks one NF
       configuration per matrix), or a format name such as "nf4" or "nf3-b64-dq8b256"
       to use one format everywhere.
-    method: "lqlora" (iterative Q + L1L2), "loftq" (one iteration), "qlora"
+    method: "lqlora" (iterative Q + L1L2), "loftq" (PEFT's one-step LoftQ), "qlora"
       (plain quantization, LoRA factors initialised as PEFT does).
     fisher: weight errors by the empirical Fisher over ``calibration`` texts
       (default: the embedded corpus's train split); needs ``tokenizer``.
@@ -162,7 +163,7 @@ def quantize_and_prepare(
             diff = w.float() - qlinear.qweight.dequantize()
             error = float(((1.0 if f is None else f) * diff**2).sum())
         else:
-            d = lqlora(w, fmt, rank, fisher=f, iters=iterations, seed=seed)
+            d = lqlora(w, fmt, rank, fisher=f, iters=iterations, init=INIT[method], seed=seed)
             qlinear = QLinear(d.qweight, layer.bias, rank=rank, alpha=rank, lora_a=d.L2, lora_b=d.L1, seed=seed)
             error = d.error
         _set_module(model, name, qlinear.to(w.device))

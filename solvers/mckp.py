@@ -184,8 +184,9 @@ def _pulp(backend: str):
         import pulp
 
         prob = pulp.LpProblem("mckp", pulp.LpMinimize)
+        new_var = getattr(prob, "add_variable", None) or (lambda name, cat: pulp.LpVariable(name, cat=cat))
         x = {
-            (g, int(c)): pulp.LpVariable(f"x_{g}_{c}", cat="Binary")
+            (g, int(c)): new_var(f"x_{g}_{c}", cat="Binary")
             for g, options in enumerate(keep)
             for c in options
         }

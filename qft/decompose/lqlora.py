@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qft.formats import Format, check_weight, get_format
+from qft.kernels.torch_path import dequantize_unpacked
 from qft.tensor import QuantizedTensor
 
 
@@ -36,6 +37,13 @@ class Decomposition:
     def relative_error(self, w: torch.Tensor, fisher: torch.Tensor | None = None) -> float:
         weight = 1.0 if fisher is None else fisher
         return (self.error / float((weight * w.float() ** 2).sum())) ** 0.5
+
+
+def fake_quantize(w: torch.Tensor, fmt: Format) -> torch.Tensor:
+    """dequantize(quantize(w)) without packing the codes (when only the values matter)."""
+    codes, tensors = fmt.quantize(w)
+    scale, zero = fmt.decode_scales(tensors, *w.shape)
+    return dequantize_unpacked(codes, fmt.codebook(), scale, zero, block=fmt.block_size(*w.shape))
 
 
 def randomized_svd(
@@ -82,14 +90,18 @@ def lqlora(
     rank: int,
     *,
     fisher: torch.Tensor | None = None,
-    iters: int = 20,
+    iters: int = 10,
     tol: float = 1e-3,
+    init: str = "svd",
     seed: int = 0,
 ) -> Decomposition:
     """Decompose ``w`` into a quantized part and a rank-``rank`` part (see module docstring).
 
-    iters: at most this many Q/SVD alternations (1 = LoftQ); stops early once an
-    iteration improves the error by less than ``tol`` (relative).
+    iters: at most this many Q/SVD alternations; stops early once an iteration
+    improves the error by less than ``tol`` (relative).
+    init: "svd" starts from L1L2 = SVD_r(W) (LQ-LoRA); "zero" from L1L2 = 0, so
+    that ``iters=1`` is PEFT's LoftQ with ``loftq_iter=1``: Q = quantize(W),
+    L1L2 = SVD_r(W − Q).
     """
     w = check_weight(w)
     fmt = get_format(format)
@@ -99,21 +111,28 @@ def lqlora(
         raise ValueError(f"rank must be in [1, {min(w.shape)}] for a {tuple(w.shape)} weight, got {rank}")
     if iters < 1:
         raise ValueError(f"iters must be >= 1, got {iters}")
+    if init not in ("svd", "zero"):
+        raise ValueError(f"init must be 'svd' or 'zero', got {init!r}")
     generator = torch.Generator().manual_seed(seed)
     weights = None if fisher is None else rank1_weights(fisher)
     importance = 1.0 if fisher is None else fisher.float()
 
-    l1, l2 = low_rank(w, rank, generator, weights)
-    best, history = None, []
+    if init == "svd":
+        l1, l2 = low_rank(w, rank, generator, weights)
+    else:
+        l1, l2 = torch.zeros(w.shape[0], rank), torch.zeros(rank, w.shape[1])
+    best, history = None, []  # best: (error, target of Q, L1, L2)
     for _ in range(iters):
-        qt = QuantizedTensor.quantize(w - l1 @ l2, fmt)
-        residual = w - qt.dequantize()
+        target = w - l1 @ l2
+        residual = w - fake_quantize(target, fmt)
         l1, l2 = low_rank(residual, rank, generator, weights)
         error = float((importance * (residual - l1 @ l2) ** 2).sum())
         history.append(error)
-        if best is not None and error > best.error * (1 - tol):
-            if error < best.error:
-                best = Decomposition(qt, l1, l2, error, history)
-            break
-        best = Decomposition(qt, l1, l2, error, history)
-    return best
+        if best is None or error < best[0]:
+            previous = None if best is None else best[0]
+            best = (error, target, l1, l2)
+            if previous is None or error < previous * (1 - tol):
+                continue
+        break  # no longer improving by tol
+    error, target, l1, l2 = best
+    return Decomposition(QuantizedTensor.quantize(target, fmt), l1, l2, error, history)

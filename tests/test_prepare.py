@@ -1,0 +1,153 @@
+"""quantize_and_prepare, the allocator and the heat map on a tiny random Llama."""
+
+import pytest
+import torch
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import qft
+from qft.allocate import ErrorTable, allocate, error_table, nf_grid, undominated
+from qft.nn import QLinear
+from qft.plot import bits_heatmap
+from qft.prepare import quantize_and_prepare
+
+
+# a 48-format slice of the grid keeps these tests fast
+SMALL_GRID = [f for f in nf_grid() if f.scale_bits in (None, 8) and f.second_level == "fp32"]
+
+
+def tiny_llama(seed=0):
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)
+    return LlamaForCausalLM(config).eval()
+
+
+def test_grid_is_lqlora_shaped():
+    grid = nf_grid()
+    assert len(grid) == 300 and len(set(grid)) == 300
+    bits = sorted(f.nominal_bits(64, 64) for f in grid)
+    assert bits[0] == pytest.approx(2 + 2 / 64 + 16 / (64 * 256))
+
+
+def test_undominated_drops_only_dominated_columns():
+    import numpy as np
+
+    table = ErrorTable(["a", "b"], nf_grid()[:4], np.array([[1.0, 2, 1, 0.5], [1, 2, 1, 0.5]]),
+                       np.array([[1.0, 1, 1, 3], [1, 1, 1, 3]]), np.ones(2))
+    # column 1 is dominated by column 0; column 2 duplicates column 0; column 3 is dearer but better
+    assert undominated(table) == [0, 3]
+
+
+def test_allocation_meets_budget_and_is_reproducible(tmp_path):
+    a = quantize_and_prepare(tiny_llama(), bits=3.0, rank=4, formats=SMALL_GRID, cache_dir=tmp_path, progress=False)
+    b = quantize_and_prepare(tiny_llama(), bits=3.0, rank=4, formats=SMALL_GRID, cache_dir=False, progress=False)
+    ra, rb = a.qft_report, b.qft_report
+    assert ra.bits <= 3.0 and ra.bits > 2.5
+    assert [m.format for m in ra.matrices] == [m.format for m in rb.matrices]
+    assert len({m.format for m in ra.matrices}) > 1  # a mixed allocation
+    assert ra.solution.gap < 1e-4 and ra.solution.status in ("optimal", "feasible")
+    for (name, qa), (_, qb) in zip(a.named_modules(), b.named_modules()):
+        if isinstance(qa, QLinear):
+            assert torch.equal(qa.weight_codes, qb.weight_codes), name
+            assert torch.equal(qa.lora_A, qb.lora_A) and torch.equal(qa.lora_B, qb.lora_B)
+    assert list(tmp_path.glob("errors-*.safetensors"))  # the table was cached
+
+
+def test_prepared_model_trains_only_low_rank_factors():
+    model = tiny_llama()
+    ids = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        reference = model(ids).logits
+    quantize_and_prepare(model, bits="nf4", rank=8, progress=False)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    assert trainable and all(n.endswith(("lora_A", "lora_B")) for n in trainable)
+    assert sum(isinstance(m, QLinear) for m in model.modules()) == 2 * 7
+    assert isinstance(model.lm_head, nn.Linear) and not isinstance(model.lm_head, QLinear)
+    assert "lm_head" in model.qft_report.skipped
+    logits = model(ids).logits
+    assert (logits - reference).norm() / reference.norm() < 0.1  # 4-bit + rank 8 stays close (measured 0.053)
+    model(ids, labels=ids).loss.backward()
+    assert all(p.grad is not None for n, p in model.named_parameters() if p.requires_grad)
+
+
+def test_methods_order_reconstruction_error():
+    errors = {}
+    for method in ("qlora", "loftq", "lqlora"):
+        model = quantize_and_prepare(tiny_llama(), bits="nf2-b64-dq8b256", method=method, rank=8, progress=False)
+        errors[method] = model.qft_report.total_error
+    assert errors["lqlora"] <= errors["loftq"] < errors["qlora"]
+
+
+def test_report_bits_are_real_bytes():
+    model = quantize_and_prepare(tiny_llama(), bits="nf3-b64-dq8b256", rank=4, progress=False)
+    layers = [m for m in model.modules() if isinstance(m, QLinear)]
+    numel = sum(m.in_features * m.out_features for m in layers)
+    quant = sum(m.qweight.nbytes for m in layers) * 8
+    low_rank = sum((m.lora_A.numel() + m.lora_B.numel()) * 4 for m in layers) * 8
+    assert model.qft_report.bits == pytest.approx(quant / numel)
+    assert model.qft_report.bits_with_low_rank == pytest.approx((quant + low_rank) / numel)
+
+
+def test_unsupported_modules_are_listed_not_mangled():
+    class Conv1DLike(nn.Module):  # e.g. GPT-2's Conv1D: a 2-D weight, not an nn.Linear
+        def __init__(self):
+            super().__init__()
+            self.weight = nn.Parameter(torch.randn(64, 96))
+
+        def forward(self, x):
+            return x @ self.weight
+
+    model = tiny_llama()
+    model.model.layers[0].mlp.extra = Conv1DLike()
+    quantize_and_prepare(model, bits="nf4", rank=2, progress=False)
+    assert model.qft_report.skipped["model.layers.0.mlp.extra"] == "unsupported module type Conv1DLike"
+    assert isinstance(model.model.layers[0].mlp.extra, Conv1DLike)
+
+
+def test_bad_input():
+    with pytest.raises(ValueError, match=r"budget 1.5000 bits/param is outside the feasible range \[2\.\d+, \d+\.\d+\] bits/param"):
+        quantize_and_prepare(tiny_llama(), bits=1.5, rank=4, formats=SMALL_GRID, cache_dir=False, progress=False)
+    with pytest.raises(ValueError, match="unknown method"):
+        quantize_and_prepare(tiny_llama(), method="gptq")
+    with pytest.raises(ValueError, match="unknown format"):
+        quantize_and_prepare(tiny_llama(), bits="q4_0")
+    model = tiny_llama()
+    with torch.no_grad():
+        model.model.layers[1].self_attn.k_proj.weight[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="k_proj.weight holds NaN"):
+        quantize_and_prepare(model, bits="nf4")
+    with pytest.raises(ValueError, match="fisher=True needs the tokenizer"):
+        quantize_and_prepare(tiny_llama(), fisher=True)
+
+
+def test_fisher_variant_runs_on_calibration_text(tmp_path):
+    from transformers import AutoTokenizer
+
+    from qft.models import DEFAULT_GGUF, default_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF)
+    model = tiny_llama()
+    model.resize_token_embeddings(len(tokenizer))
+    texts = qft.default_corpus()["train"]["text"][:3]
+    quantize_and_prepare(model, bits=3.0, rank=4, fisher=True, tokenizer=tokenizer, calibration=texts, formats=SMALL_GRID,
+                         cache_dir=tmp_path, progress=False)
+    assert model.qft_report.fisher and model.qft_report.bits <= 3.0
+
+
+def test_heatmap(tmp_path):
+    model = quantize_and_prepare(tiny_llama(), bits=2.75, rank=4, formats=SMALL_GRID, cache_dir=False, progress=False)
+    path = bits_heatmap(model.qft_report, tmp_path / "bits.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
+
+
+def test_error_table_is_cached(tmp_path):
+    weights = {"a": torch.randn(32, 64), "b": torch.randn(16, 64)}
+    first = error_table(weights, nf_grid()[:5], 4, cache_dir=tmp_path, progress=False)
+    (cached,) = tmp_path.glob("*.safetensors")
+    again = error_table(weights, nf_grid()[:5], 4, cache_dir=tmp_path, progress=False)
+    assert (first.errors == again.errors).all()
+    other = error_table({**weights, "b": weights["b"] + 1e-3}, nf_grid()[:5], 4, cache_dir=tmp_path, progress=False)
+    assert len(list(tmp_path.glob("*.safetensors"))) == 2 and not (other.errors == first.errors).all()
+    formats, solution = allocate(first, 3.0)
+    assert len(formats) == 2 and solution.cost <= 3.0 * first.numel.sum()
