@@ -100,7 +100,7 @@ def quantize_and_prepare(
     rank: int = 64,
     *,
     calibration: list[str] | None = None,
-    fisher: bool = False,
+    fisher: bool | dict[str, torch.Tensor] = False,
     tokenizer=None,
     target_modules: list[str] | None = None,
     formats: list[str | Format] | None = None,
@@ -118,7 +118,8 @@ def quantize_and_prepare(
     method: "lqlora" (iterative Q + L1L2), "loftq" (PEFT's one-step LoftQ), "qlora"
       (plain quantization, LoRA factors initialised as PEFT does).
     fisher: weight errors by the empirical Fisher over ``calibration`` texts
-      (default: the embedded corpus's train split); needs ``tokenizer``.
+      (default: the embedded corpus's train split); needs ``tokenizer``. A dict
+      (name -> Fisher diagonal, as ``qft.fisher.empirical_fisher`` returns) is used as given.
     """
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
@@ -126,7 +127,7 @@ def quantize_and_prepare(
         raise ValueError(f"rank must be >= 0, got {rank}")
     if method != "qlora" and rank == 0:
         raise ValueError(f"method {method!r} needs rank >= 1 (use method='qlora' with rank=0 for plain quantization)")
-    if fisher and tokenizer is None:
+    if fisher is True and tokenizer is None:
         raise ValueError("fisher=True needs the tokenizer to read the calibration text")
     if not isinstance(bits, str) and not isinstance(bits, (int, float)):
         raise ValueError(f"bits must be a number (average budget) or a format name, got {bits!r}")
@@ -135,13 +136,15 @@ def quantize_and_prepare(
     for name, layer in targets.items():
         if not torch.isfinite(layer.weight).all():
             raise ValueError(f"{name}.weight holds NaN or Inf values; fix the model before quantizing")
-    report = Report(method, bits, rank, fisher)
+    report = Report(method, bits, rank, fisher is not False)
     report.skipped = _skipped_modules(model, targets, DEFAULT_SKIP)
     weights = {name: layer.weight.detach() for name, layer in targets.items()}
 
-    fisher_map = None
-    if fisher:
+    fisher_map = fisher if isinstance(fisher, dict) else None
+    if fisher is True:
         fisher_map = empirical_fisher(model, tokenizer, targets, calibration, progress=progress)
+    if fisher_map is not None and set(fisher_map) != set(targets):
+        raise ValueError(f"the Fisher dict must have one entry per target layer; missing {sorted(set(targets) - set(fisher_map))[:3]}")
 
     if isinstance(bits, str):
         chosen = [get_format(bits)] * len(weights)

@@ -1,0 +1,230 @@
+"""LQ-LoRA on the embedded SmolLM2-135M: perplexity, reconstruction, allocation, error table.
+
+    python benchmarks/lqlora.py ppl      # held-out perplexity before training, peers side by side
+    python benchmarks/lqlora.py recon    # reconstruction error: plain NF, LoftQ (1 step), LQ-LoRA
+    python benchmarks/lqlora.py ilp      # solver time and gap: real table, LLaMA-2-7B/70B-shaped tables
+    python benchmarks/lqlora.py table    # time to fill the error table; cheap vs full table choices
+
+Each part prints Markdown tables; the error tables are cached under benchmarks/out/cache.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import qft
+from qft.allocate import allocate, error_table, nf_grid, pruned_grid, undominated
+from qft.decompose.lqlora import lqlora
+from qft.evaluate import perplexity
+from qft.fisher import empirical_fisher
+from qft.prepare import quantize_and_prepare
+from qft.report import markdown_table
+from qft.solvers import solve
+from qft.tensor import QuantizedTensor
+
+OUT = Path(__file__).parent / "out"
+CACHE = OUT / "cache"
+BUDGETS = [2.5, 2.75, 3.0, 3.5]
+RANK = 64
+
+
+def header() -> None:
+    print(f"# {platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, "
+          f"{time.strftime('%Y-%m-%d %H:%M')}", flush=True)
+
+
+def target_weights(model) -> dict[str, torch.Tensor]:
+    return {n: m.weight.detach() for n, m in qft.find_target_linears(model).items()}
+
+
+def fisher_of(model, tokenizer):
+    path = CACHE / "fisher.safetensors"
+    if path.exists():
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    from safetensors.torch import save_file
+
+    fisher = empirical_fisher(model, tokenizer, qft.find_target_linears(model), progress=False)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in fisher.items()}, str(path))
+    return fisher
+
+
+def bnb_nf4_model(model):
+    """The model with every target weight replaced by bitsandbytes' NF4 (block 64, QLoRA's double quant)."""
+    import bitsandbytes.functional as bnbf
+
+    model = copy.deepcopy(model)
+    for layer in qft.find_target_linears(model).values():
+        packed, state = bnbf.quantize_4bit(layer.weight.data, quant_type="nf4", blocksize=64, compress_statistics=True)
+        layer.weight.data = bnbf.dequantize_4bit(packed, state)
+    return model
+
+
+def part_ppl(args) -> None:
+    model, tok = qft.default_model()
+    rows = []
+
+    def row(name, bits, m, seconds=0.0, extra=""):
+        start = time.perf_counter()
+        ppl = perplexity(m, tok, progress=False)
+        rows.append({"model": name, "bits/param": bits, "held-out ppl": ppl,
+                     "prepare s": seconds, "eval s": time.perf_counter() - start, "note": extra})
+        print(rows[-1], flush=True)
+
+    row("full precision (fp32)", "32", model)
+    row("bitsandbytes NF4, block 64 (QLoRA double quant)", f"{4 + 8 / 64 + 32 / (64 * 256):.3f}", bnb_nf4_model(model))
+    for name in ("nf3-b64-dq8b256", "nf2-b64-dq8b256"):
+        start = time.perf_counter()
+        m = quantize_and_prepare(copy.deepcopy(model), bits=name, method="qlora", rank=0, progress=False)
+        row(f"uniform {name} (qft)", f"{m.qft_report.bits:.3f}", m, time.perf_counter() - start)
+    fisher = fisher_of(model, tok) if args.fisher else None
+    for use_fisher in ([False, True] if args.fisher else [False]):
+        for bits in args.budgets:
+            start = time.perf_counter()
+            m = quantize_and_prepare(copy.deepcopy(model), bits=bits, rank=RANK, fisher=fisher if use_fisher else False,
+                                     cache_dir=CACHE, progress=False)
+            r = m.qft_report
+            row(f"qft LQ-LoRA {bits} bits, rank {RANK}" + (", Fisher" if use_fisher else ""),
+                f"{r.bits:.3f} (+{r.bits_with_low_rank - r.bits:.2f} low-rank)", m, time.perf_counter() - start,
+                f"{r.solution.solver} {r.solution.status}, gap {r.solution.gap:.1e}")
+            if args.heatmap and bits == 2.5:
+                from qft.plot import bits_heatmap
+
+                bits_heatmap(r, OUT / f"bits-{bits}{'-fisher' if use_fisher else ''}.png")
+    print(markdown_table(rows, ".3f"))
+
+
+def part_recon(args) -> None:
+    model, _ = qft.default_model()
+    weights = target_weights(model)
+    norm2 = sum(float(w.pow(2).sum()) for w in weights.values())
+    rows = []
+    for fmt in ("nf4-b64-dq8b256", "nf3-b64-dq8b256", "nf2-b64-dq8b256"):
+        results = {}
+        for method, kwargs in (("LoftQ, 1 step (as PEFT)", {"iters": 1, "init": "zero"}),
+                               ("LQ-LoRA (<= 10 iterations)", {"iters": 10, "init": "svd"})):
+            start, err2 = time.perf_counter(), 0.0
+            for w in weights.values():
+                err2 += lqlora(w, fmt, RANK, **kwargs).error
+            results[method] = (math.sqrt(err2 / norm2), time.perf_counter() - start)
+        plain = sum(float((QuantizedTensor.quantize(w, fmt).dequantize() - w).pow(2).sum()) for w in weights.values())
+        rows.append({"format": fmt, "plain NF": math.sqrt(plain / norm2),
+                     **{k: v[0] for k, v in results.items()},
+                     **{f"{k} s": v[1] for k, v in results.items()}})
+        print(rows[-1], flush=True)
+    print(f"relative Frobenius error ||W - Q - L1L2|| / ||W|| over all {len(weights)} matrices, rank {RANK}")
+    print(markdown_table(rows))
+
+
+def _llama_costs(layers: int, hidden: int, kv: int, inter: int, grid) -> tuple[np.ndarray, np.ndarray]:
+    shapes = [(hidden, hidden), (kv, hidden), (kv, hidden), (hidden, hidden), (inter, hidden), (inter, hidden),
+              (hidden, inter)] * layers
+    costs = np.array([[f.storage_bits(*s) for f in grid] for s in shapes], dtype=np.float64)
+    return costs, np.array([r * c for r, c in shapes], dtype=np.float64)
+
+
+def part_ilp(args) -> None:
+    model, _ = qft.default_model()
+    weights = target_weights(model)
+    grid = nf_grid()
+    table = error_table(weights, pruned_grid(weights, RANK, cache_dir=CACHE, progress=False), RANK,
+                        cache_dir=CACHE, progress=False)
+    rows = []
+
+    def run(name, errors, costs, numel, solver, bits):
+        sol = solve(errors, costs, bits * numel.sum(), solver=solver, time_limit=120)
+        rows.append({"table": name, "shape": f"{errors.shape[0]}x{errors.shape[1]}", "budget": bits,
+                     "solver": sol.solver, "status": sol.status, "seconds": sol.seconds, "gap": sol.gap,
+                     "bits": sol.cost / numel.sum()})
+        print(rows[-1], flush=True)
+
+    for bits in BUDGETS:
+        for solver in ("auto", "scipy", "lagrangian"):
+            run("SmolLM2 (pruned grid)", table.errors, table.costs, table.numel, solver, bits)
+
+    # Synthetic LLaMA-2 tables over the whole 300-format grid: the real per-format error
+    # profile (normalised per matrix) times a per-matrix scale and 5 % noise.
+    full = error_table(weights, grid, RANK, cache_dir=CACHE, progress=False) if args.full_grid else None
+    rng = np.random.default_rng(0)
+    profile = (full.errors / full.errors.mean(axis=1, keepdims=True)) if full is not None else None
+    for name, dims in (("LLaMA-2-7B", (32, 4096, 4096, 11008)), ("LLaMA-2-70B", (80, 8192, 1024, 28672))):
+        costs, numel = _llama_costs(*dims, grid)
+        if profile is None:
+            bits_per = costs / numel[:, None]
+            base = np.exp(-1.1 * bits_per)  # error ~ 2^(-1.6 b): a stand-in when the full table is not built
+        else:
+            base = profile[rng.integers(0, profile.shape[0], len(numel))]
+        errors = base * numel[:, None] * rng.lognormal(0, 1, (len(numel), 1)) * rng.uniform(0.95, 1.05, base.shape)
+        for bits in (2.5, 3.0):
+            for solver in ("auto", "lagrangian"):
+                run(name, errors, costs, numel, solver, bits)
+    print(markdown_table(rows, ".4g"))
+
+
+def part_table(args) -> None:
+    model, _ = qft.default_model()
+    weights = target_weights(model)
+    start = time.perf_counter()
+    cpu0 = time.process_time()
+    grid = pruned_grid(weights, RANK, cache_dir=False, progress=False)
+    t_prune = time.perf_counter() - start
+    table = error_table(weights, grid, RANK, cache_dir=False, progress=False)
+    wall = time.perf_counter() - start
+    print(f"error table, whole model: {len(nf_grid())} formats -> {len(grid)} after dominance on 14 matrices "
+          f"({t_prune:.0f} s); {len(weights)} x {len(grid)} table in {wall:.0f} s wall, "
+          f"{time.process_time() - cpu0:.0f} s CPU ({(time.process_time() - cpu0) / wall:.2f} cores busy)", flush=True)
+    print(f"undominated on the whole model: {len(undominated(table))} of {len(grid)}")
+
+    # cheap (row-strided residual) vs exact (row_stride=1) vs full LQ-LoRA decomposition, on one layer
+    layer = args.layer
+    sub = {n: w for n, w in weights.items() if f".{layer}." in n}
+    cols = [f for f in grid]
+    cheap = error_table(sub, cols, RANK, cache_dir=CACHE, progress=False)
+    exact_rows = error_table(sub, cols, RANK, row_stride=1, cache_dir=CACHE, progress=False)
+    start = time.perf_counter()
+    full = np.array([[lqlora(w, f, RANK, iters=args.iters).error for f in cols] for w in sub.values()])
+    print(f"full decomposition table for layer {layer}: {full.size} cells in {time.perf_counter() - start:.0f} s "
+          f"({args.iters} iterations at most)", flush=True)
+    full_table = copy.copy(cheap)
+    full_table.errors = full
+    rows = []
+    for bits in BUDGETS:
+        best_formats, best = allocate(full_table, bits)
+        for name, t in (("cheap (stride 4)", cheap), ("cheap (all rows)", exact_rows)):
+            formats, _ = allocate(t, bits)
+            picked = [cols.index(f) for f in formats]
+            true_error = float(full[np.arange(len(picked)), picked].sum())
+            rows.append({"budget": bits, "table": name,
+                         "same choice": f"{sum(a == b for a, b in zip(formats, best_formats))}/{len(formats)}",
+                         "full-table error of its choice vs optimum": true_error / best.objective - 1})
+            print(rows[-1], flush=True)
+    print(markdown_table(rows, ".4f"))
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=["ppl", "recon", "ilp", "table"])
+    parser.add_argument("--budgets", type=float, nargs="+", default=BUDGETS)
+    parser.add_argument("--fisher", action="store_true", help="ppl: also the Fisher-weighted runs")
+    parser.add_argument("--heatmap", action="store_true", help="ppl: draw the 2.5-bit allocation")
+    parser.add_argument("--full-grid", action="store_true", help="ilp: synthetic tables from the real 300-format table")
+    parser.add_argument("--layer", type=int, default=12, help="table: the layer compared against full decompositions")
+    parser.add_argument("--iters", type=int, default=10)
+    args = parser.parse_args()
+    OUT.mkdir(exist_ok=True)
+    header()
+    {"ppl": part_ppl, "recon": part_recon, "ilp": part_ilp, "table": part_table}[args.part](args)
+
+
+if __name__ == "__main__":
+    main()
