@@ -38,7 +38,7 @@ from qft.solvers import Solution, check_budget, solve
 
 logger = logging.getLogger(__name__)
 
-TABLE_VERSION = "1"
+TABLE_VERSION = "2"  # bump when the estimate changes
 
 
 def nf_grid() -> list[NormalFloat]:
@@ -74,7 +74,7 @@ def _residual(w, rank, fisher, seed) -> torch.Tensor:
     if rank == 0:
         return w
     weights = None if fisher is None else rank1_weights(fisher)
-    l1, l2 = low_rank(w, rank, torch.Generator().manual_seed(seed), weights)
+    l1, l2, _ = low_rank(w, rank, torch.Generator().manual_seed(seed), weights)
     return w - l1 @ l2
 
 
@@ -82,9 +82,10 @@ def _cache_key(weights, fisher, formats, rank, seed) -> str:
     h = hashlib.sha256(f"{TABLE_VERSION}|{rank}|{seed}|{[f.name for f in formats]}".encode())
     for name, w in weights.items():
         h.update(name.encode())
-        h.update(w.detach().float().contiguous().numpy().tobytes())
+        h.update(str(tuple(w.shape)).encode())
+        h.update(w.detach().float().cpu().contiguous().numpy().tobytes())
         if fisher is not None:
-            h.update(fisher[name].float().contiguous().numpy().tobytes())
+            h.update(fisher[name].float().cpu().contiguous().numpy().tobytes())
     return h.hexdigest()[:24]
 
 
@@ -115,9 +116,11 @@ def error_table(
         key = _cache_key(weights, fisher, formats, f"{rank}|{row_stride}", seed)
         path = Path(cache_dir or default_cache_dir()) / f"errors-{key}.safetensors"
         if path.exists():
-            stored = load_file(path)
-            logger.info("error table from cache %s", path)
-            return ErrorTable(names, formats, stored["errors"].numpy(), costs, numel)
+            stored = load_file(path)["errors"].numpy()
+            if stored.shape == costs.shape:
+                logger.info("error table from cache %s", path)
+                return ErrorTable(names, formats, stored, costs, numel)
+            logger.warning("ignoring cached table %s of the wrong shape %s", path, stored.shape)
 
     errors = np.zeros((len(names), len(formats)))
     bar = tqdm(total=len(names) * len(formats), disable=not progress, desc="error table", unit="cell")
@@ -134,7 +137,7 @@ def error_table(
 
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
         save_file({"errors": torch.from_numpy(errors)}, str(tmp), metadata={"names": json.dumps(names)})
         os.replace(tmp, path)
     return ErrorTable(names, formats, errors, costs, numel)

@@ -28,13 +28,15 @@ def perplexity(
     was_training = model.training
     model.eval()
     total, count = 0.0, 0
-    for start in tqdm(range(0, len(blocks), batch_size), disable=not progress, desc="perplexity", unit="batch"):
-        ids = blocks[start : start + batch_size].to(device)
-        logits = model(ids).logits[:, :-1].float()
-        nll = torch.nn.functional.cross_entropy(
-            logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
-        )
-        total += float(nll)
-        count += ids[:, 1:].numel()
-    model.train(was_training)
+    try:
+        for start in tqdm(range(0, len(blocks), batch_size), disable=not progress, desc="perplexity", unit="batch"):
+            ids = blocks[start : start + batch_size].to(device)
+            logits = model(ids).logits[:, :-1].float()
+            nll = torch.nn.functional.cross_entropy(
+                logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1), reduction="sum"
+            )
+            total += float(nll)
+            count += ids[:, 1:].numel()
+    finally:
+        model.train(was_training)
     return math.exp(total / count)

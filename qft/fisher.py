@@ -32,20 +32,25 @@ def empirical_fisher(
     for p in params:
         p.requires_grad_(False)
     weights = {name: layer.weight for name, layer in targets.items()}
+    saved_grads = {name: w.grad for name, w in weights.items()}
     for w in weights.values():
         w.requires_grad_(True)
+        w.grad = None
     fisher = {name: torch.zeros_like(w, dtype=torch.float32) for name, w in weights.items()}
     was_training = model.training
     model.eval()
     try:
-        for ids in tqdm(blocks, disable=not progress, desc="fisher", unit="block"):
-            ids = ids[None].to(weights[next(iter(weights))].device)
-            model(ids, labels=ids).loss.backward()
-            for name, w in weights.items():
-                fisher[name].add_(w.grad.float() ** 2)
-                w.grad = None
+        with torch.enable_grad():
+            for ids in tqdm(blocks, disable=not progress, desc="fisher", unit="block"):
+                ids = ids[None].to(weights[next(iter(weights))].device)
+                model(ids, labels=ids).loss.backward()
+                for name, w in weights.items():
+                    fisher[name].add_(w.grad.float() ** 2)
+                    w.grad = None
     finally:
         for p, flag in zip(params, saved):
             p.requires_grad_(flag)
+        for name, w in weights.items():
+            w.grad = saved_grads[name]
         model.train(was_training)
     return {name: f / len(blocks) for name, f in fisher.items()}

@@ -136,15 +136,21 @@ def quantize_and_prepare(
     for name, layer in targets.items():
         if not torch.isfinite(layer.weight).all():
             raise ValueError(f"{name}.weight holds NaN or Inf values; fix the model before quantizing")
-    report = Report(method, bits, rank, fisher is not False)
+    report = Report(method, bits, rank, fisher is True or isinstance(fisher, dict))
     report.skipped = _skipped_modules(model, targets, DEFAULT_SKIP)
     weights = {name: layer.weight.detach() for name, layer in targets.items()}
 
     fisher_map = fisher if isinstance(fisher, dict) else None
     if fisher is True:
         fisher_map = empirical_fisher(model, tokenizer, targets, calibration, progress=progress)
-    if fisher_map is not None and set(fisher_map) != set(targets):
-        raise ValueError(f"the Fisher dict must have one entry per target layer; missing {sorted(set(targets) - set(fisher_map))[:3]}")
+    if fisher_map is not None:
+        missing, extra = set(targets) - set(fisher_map), set(fisher_map) - set(targets)
+        if missing or extra:
+            raise ValueError(f"the Fisher dict must have one entry per target layer; "
+                             f"missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
+        for name, f in fisher_map.items():
+            if tuple(f.shape) != tuple(weights[name].shape):
+                raise ValueError(f"Fisher of {name} has shape {tuple(f.shape)}, its weight {tuple(weights[name].shape)}")
 
     if isinstance(bits, str):
         chosen = [get_format(bits)] * len(weights)

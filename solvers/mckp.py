@@ -137,32 +137,55 @@ def solve(
     check_budget(costs, budget)
     start = time.perf_counter()
     warm, bound = lagrangian(errors, costs, budget)
+    if costs[np.arange(len(warm)), warm].sum() > budget:  # rounding in the greedy fill
+        warm = costs.argmin(axis=1)
     if solver == "lagrangian":
         return _solution(errors, costs, warm, bound, "lagrangian", "lagrangian", start)
 
-    # Normalise so the solver sees numbers near 1.
-    e_scale = max(float(errors.min(axis=1).sum()), 1e-30)
-    c_scale = budget
+    # Errors are normalised so the solver sees numbers near 1. Whole-bit costs stay
+    # as they are: integers pass exactly through the LP file, so a choice that
+    # spends the budget to the bit stays feasible; other costs are scaled to the budget.
+    e_scale = float(np.abs(errors).max()) or 1.0
+    integral = bool(np.all(costs == np.round(costs))) and costs.max(axis=1).sum() < 1e12
+    c_scale = 1.0 if integral else budget
     keep = _pareto(errors, costs)
+    rows = np.arange(errors.shape[0])
     names = [solver] if solver != "auto" else ["highs", "cbc", "scipy"]
     for name in names:
         try:
-            # a hair under the budget: solvers accept violations up to their feasibility tolerance
-            result = _ILP[name](errors / e_scale, costs / c_scale, 1.0 - 1e-7, keep, warm, time_limit, gap)
-            if costs[np.arange(len(result[0])), result[0]].sum() > budget:
-                raise RuntimeError(f"{name}'s solution exceeds the budget")
+            choice, status, ilp_bound = _solve_within(
+                name, errors / e_scale, costs / c_scale, budget / c_scale, keep, warm, time_limit, gap, costs, budget
+            )
         except Exception as err:  # a missing or failing backend: try the next one
             if solver != "auto":
                 raise
             logger.info("solver %s unavailable (%s); trying the next", name, err)
             continue
-        choice, status, ilp_bound = result
-        if status == "optimal":
-            ilp_bound = float(errors[np.arange(len(choice)), choice].sum()) / e_scale
-        bound = max(bound, ilp_bound * e_scale * (1 - gap))
+        bound = max(bound, ilp_bound * e_scale)
+        if errors[rows, choice].sum() > errors[rows, warm].sum():  # never worse than the warm start
+            choice, status = warm, "feasible"
         return _solution(errors, costs, choice, bound, status, name, start)
     logger.warning("no ILP solver ran; using the Lagrangian solution")
     return _solution(errors, costs, warm, bound, "lagrangian", "lagrangian", start)
+
+
+def _solve_within(name, errors, costs, limit, keep, warm, time_limit, gap, raw_costs, budget):
+    """Run one ILP backend on the normalised problem and check its answer against the real budget.
+
+    Solvers accept violations up to their feasibility tolerance; if the answer
+    overshoots, solve again a hair under the budget. Returns (choice, status,
+    lower bound on the normalised objective).
+    """
+    rows = np.arange(errors.shape[0])
+    for tightened in (1.0, 1.0 - 1e-7):
+        choice, status, bound = _ILP[name](errors, costs, limit * tightened, keep, warm, time_limit, gap)
+        if raw_costs[rows, choice].sum() <= budget:
+            if status == "optimal" and tightened == 1.0:
+                bound = max(bound, float(errors[rows, choice].sum()) * (1 - gap))
+            elif tightened != 1.0:
+                bound = 0.0  # the tightened problem's optimum does not bound the original one
+            return choice, status, bound
+    raise RuntimeError(f"{name}'s solutions exceed the budget")
 
 
 def _solution(errors, costs, choice, bound, status, name, start) -> Solution:

@@ -151,3 +151,25 @@ def test_error_table_is_cached(tmp_path):
     assert len(list(tmp_path.glob("*.safetensors"))) == 2 and not (other.errors == first.errors).all()
     formats, solution = allocate(first, 3.0)
     assert len(formats) == 2 and solution.cost <= 3.0 * first.numel.sum()
+
+
+def test_fisher_ignores_and_keeps_existing_gradients():
+    from qft.fisher import empirical_fisher
+
+    class Chars:  # a character-level tokenizer for the tiny model
+        eos_token = None
+
+        def __call__(self, text, return_tensors=None, add_special_tokens=False):
+            return type("Enc", (), {"input_ids": torch.tensor([[ord(c) % 300 for c in text]])})()
+
+    model = tiny_llama()
+    targets = qft.find_target_linears(model)
+    texts = ["some calibration text " * 20]
+    clean = empirical_fisher(model, Chars(), targets, texts, block_size=32, progress=False)
+    first = next(iter(targets.values())).weight
+    first.grad = torch.ones_like(first)
+    with torch.no_grad():
+        again = empirical_fisher(model, Chars(), targets, texts, block_size=32, progress=False)
+    assert all(torch.allclose(clean[n], again[n]) for n in clean)
+    assert torch.equal(first.grad, torch.ones_like(first))  # the user's gradient is back
+    assert all(f.shape == targets[n].weight.shape and (f >= 0).all() and f.sum() > 0 for n, f in clean.items())

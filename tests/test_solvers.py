@@ -63,3 +63,26 @@ def test_budget_outside_range_names_the_range():
         solve(errors, costs, 7.5)
     with pytest.raises(ValueError, match="same 2-D shape"):
         solve(np.ones((2, 3)), costs, 5)
+
+
+@pytest.mark.parametrize("solver", ["auto", "cbc", "scipy"])
+def test_budget_met_exactly_is_allowed(solver):
+    # integer costs: the optimum spends the budget to the bit
+    errors = np.array([[8.28, 4.09, 5.5], [0.28, 7.54, 5.38], [3.3, 7.88, 3.03]])
+    costs = np.array([[3.0, 3, 1], [1, 3, 3], [1, 1, 3]])
+    sol = solve(errors, costs, 5.0, solver=solver)
+    assert sol.objective == pytest.approx(_brute_force(errors, costs, 5.0))
+    assert sol.cost <= 5.0 and sol.bound <= sol.objective + 1e-12
+    two = solve(np.array([[0.0, 5], [0, 5]]), np.array([[2.0, 1], [2, 1]]), 3.0, solver=solver)
+    assert two.objective == 5.0 and two.cost == 3.0
+
+
+def test_integer_costs_against_brute_force():
+    rng = np.random.default_rng(int.from_bytes(np.random.bytes(4), "little"))
+    for _ in range(10):
+        errors = rng.uniform(0, 10, (4, 3)).round(2)
+        costs = rng.integers(1, 4, (4, 3)).astype(float)
+        budget = float(rng.integers(costs.min(1).sum(), costs.max(1).sum() + 1))
+        sol = solve(errors, costs, budget)
+        assert sol.objective == pytest.approx(_brute_force(errors, costs, budget))
+        assert sol.bound <= sol.objective + 1e-9

@@ -47,18 +47,30 @@ def fake_quantize(w: torch.Tensor, fmt: Format) -> torch.Tensor:
 
 
 def randomized_svd(
-    m: torch.Tensor, rank: int, generator: torch.Generator, oversample: int = 8, power_iters: int = 2
+    m: torch.Tensor,
+    rank: int,
+    generator: torch.Generator,
+    oversample: int = 16,
+    power_iters: int = 4,
+    start: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Top-``rank`` SVD of ``m`` (Halko et al.): U (rows, r), S (r,), V (cols, r)."""
+    """Top-``rank`` SVD of ``m`` (Halko et al.): U (rows, r), S (r,), V (cols, k >= r).
+
+    V keeps all ``rank + oversample`` sketch directions so that the next call on
+    a nearby matrix can start from them (``start``): LQ-LoRA's residuals change
+    little between iterations, so the subspace iteration keeps converging
+    across them instead of restarting from noise.
+    """
     rows, cols = m.shape
     k = min(rank + oversample, rows, cols)
-    omega = torch.randn(cols, k, generator=generator, dtype=m.dtype, device=m.device)
-    y = m @ omega
+    if start is None:
+        start = torch.randn(cols, k, generator=generator, dtype=m.dtype).to(m.device)
+    y = m @ start
     for _ in range(power_iters):
-        y = m @ (m.t() @ torch.linalg.qr(y).Q)
+        y = m @ torch.linalg.qr(m.t() @ torch.linalg.qr(y).Q).Q
     q = torch.linalg.qr(y).Q
     u, s, vh = torch.linalg.svd(q.t() @ m, full_matrices=False)
-    return (q @ u)[:, :rank], s[:rank], vh[:rank].t()
+    return (q @ u)[:, :rank], s[:rank], vh.t()
 
 
 def rank1_weights(fisher: torch.Tensor, floor: float = 1e-6) -> tuple[torch.Tensor, torch.Tensor]:
@@ -71,17 +83,22 @@ def rank1_weights(fisher: torch.Tensor, floor: float = 1e-6) -> tuple[torch.Tens
 
 
 def low_rank(
-    m: torch.Tensor, rank: int, generator: torch.Generator, weights: tuple[torch.Tensor, torch.Tensor] | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """L1 (rows, r), L2 (r, cols) minimising ||diag(r)(m − L1L2)diag(c)||_F (plain SVD without weights)."""
-    if weights is None:
-        u, s, v = randomized_svd(m, rank, generator)
-        root = s.sqrt()
-        return u * root, (v * root).t()
-    r, c = weights
-    u, s, v = randomized_svd(r[:, None] * m * c[None, :], rank, generator)
+    m: torch.Tensor,
+    rank: int,
+    generator: torch.Generator,
+    weights: tuple[torch.Tensor, torch.Tensor] | None = None,
+    start: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """L1 (rows, r), L2 (r, cols) minimising ||diag(r)(m − L1L2)diag(c)||_F (plain SVD without weights),
+    and the sketch basis to ``start`` the next call from."""
+    r, c = weights if weights is not None else (None, None)
+    target = m if weights is None else r[:, None] * m * c[None, :]
+    u, s, v = randomized_svd(target, rank, generator, start=start)
     root = s.sqrt()
-    return (u * root) / r[:, None], ((v * root) / c[:, None]).t()
+    l1, l2 = u * root, (v[:, :rank] * root).t()
+    if weights is not None:
+        l1, l2 = l1 / r[:, None], l2 / c[None, :]
+    return l1, l2, v
 
 
 def lqlora(
@@ -117,15 +134,16 @@ def lqlora(
     weights = None if fisher is None else rank1_weights(fisher)
     importance = 1.0 if fisher is None else fisher.float()
 
+    basis = None
     if init == "svd":
-        l1, l2 = low_rank(w, rank, generator, weights)
+        l1, l2, _ = low_rank(w, rank, generator, weights)
     else:
-        l1, l2 = torch.zeros(w.shape[0], rank), torch.zeros(rank, w.shape[1])
+        l1, l2 = w.new_zeros(w.shape[0], rank), w.new_zeros(rank, w.shape[1])
     best, history = None, []  # best: (error, target of Q, L1, L2)
     for _ in range(iters):
         target = w - l1 @ l2
         residual = w - fake_quantize(target, fmt)
-        l1, l2 = low_rank(residual, rank, generator, weights)
+        l1, l2, basis = low_rank(residual, rank, generator, weights, start=basis)
         error = float((importance * (residual - l1 @ l2) ** 2).sum())
         history.append(error)
         if best is None or error < best[0]:
