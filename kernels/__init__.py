@@ -4,23 +4,33 @@ Installed as ``qft.kernels`` (never as a top-level ``kernels``). Knows nothing
 of models or formats: it takes packed codes (qft.packing layout), a codebook,
 blockwise scales and optional zero-points.
 
-Backends: ``"torch"`` (unpack + lookup + matmul; CPU and reference). Choose with
-the ``backend`` argument or the ``QFT_KERNEL_BACKEND`` environment variable;
-``"auto"`` (the default) picks the best backend available for the tensors' device.
+Backends: ``"triton"`` (kernels/triton_dequant.py; CUDA tensors, or CPU tensors
+under ``TRITON_INTERPRET=1``) and ``"torch"`` (unpack + lookup + matmul; CPU and
+the reference). ``"auto"`` (the default) takes Triton for CUDA tensors and
+torch otherwise. Force one with the ``backend`` argument or the
+``QFT_KERNEL_BACKEND`` environment variable.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import os
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from qft.kernels import torch_path
 from qft.kernels.torch_path import dequantize
 
 __all__ = ["BACKENDS", "dequant_matmul", "dequantize", "resolve_backend"]
 
-BACKENDS = ("auto", "torch")
+BACKENDS = ("auto", "torch", "triton")
+
+
+def _triton_usable(device: torch.device) -> bool:
+    if importlib.util.find_spec("triton") is None:
+        return False
+    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
 
 
 def resolve_backend(device: torch.device, backend: str | None = None) -> str:
@@ -28,7 +38,43 @@ def resolve_backend(device: torch.device, backend: str | None = None) -> str:
     choice = backend or os.environ.get("QFT_KERNEL_BACKEND", "auto")
     if choice not in BACKENDS:
         raise ValueError(f"unknown kernel backend {choice!r}; choose one of {list(BACKENDS)}")
-    return "torch"
+    if choice == "auto":
+        return "triton" if device.type == "cuda" and _triton_usable(device) else "torch"
+    if choice == "triton" and not _triton_usable(device):
+        raise ValueError(
+            f"the triton backend needs CUDA tensors and the triton package (got a {device.type} tensor); "
+            "use backend='torch', or set TRITON_INTERPRET=1 to run the kernels on CPU for testing"
+        )
+    return choice
+
+
+class _TritonDequantMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, codes, codebook, zero, bits, cols, block):
+        from qft.kernels import triton_dequant
+
+        x2d = x.reshape(-1, cols).contiguous()
+        y = triton_dequant.forward(x2d, codes, codebook, scale, zero, bits=bits, cols=cols, block=block)
+        ctx.save_for_backward(x if scale.requires_grad else None, scale, codes, codebook, zero)
+        ctx.meta = (bits, cols, block)
+        return y.reshape(*x.shape[:-1], codes.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        from qft.kernels import triton_dequant
+
+        x, scale, codes, codebook, zero = ctx.saved_tensors
+        bits, cols, block = ctx.meta
+        dx = dscale = None
+        if ctx.needs_input_grad[0]:
+            dy2d = dy.reshape(-1, dy.shape[-1]).contiguous()
+            dx = triton_dequant.input_grad(dy2d, codes, codebook, scale, zero, bits=bits, cols=cols, block=block)
+            dx = dx.reshape(*dy.shape[:-1], cols)
+        if ctx.needs_input_grad[1]:  # trainable scales: the torch path's reduction (a dense dW, backward only)
+            grid = torch_path._grid(codes, codebook, zero, bits, cols, block)
+            dscale = torch_path.scale_grad(x, dy, grid, scale, cols, block)
+        return dx, dscale, None, None, None, None, None, None
 
 
 def dequant_matmul(
@@ -44,5 +90,6 @@ def dequant_matmul(
     backend: str | None = None,
 ) -> torch.Tensor:
     """y = x @ W.T for W = (codebook[code] - zero) * scale, from the packed codes."""
-    resolve_backend(x.device, backend)
+    if resolve_backend(x.device, backend) == "triton":
+        return _TritonDequantMatmul.apply(x, scale, codes, codebook, zero, bits, cols, block)
     return torch_path.dequant_matmul(x, codes, codebook, scale, zero, bits=bits, cols=cols, block=block)

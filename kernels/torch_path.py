@@ -75,10 +75,15 @@ class DequantMatmul(torch.autograd.Function):
         if ctx.needs_input_grad[0]:
             dx = dy @ _scaled(grid, scale, cols).to(dy.dtype)
         if ctx.needs_input_grad[1]:
-            dw = dy.reshape(-1, dy.shape[-1]).float().t() @ x.reshape(-1, cols).float()
-            dw = F.pad(dw, (0, -cols % block)).view(grid.shape[0], -1, block)
-            dscale = (dw * grid).sum(-1).sum_to_size(scale.shape).to(scale.dtype)
+            dscale = scale_grad(x, dy, grid, scale, cols, block)
         return dx, dscale, None, None, None, None, None, None
+
+
+def scale_grad(x, dy, grid, scale, cols: int, block: int) -> torch.Tensor:
+    """dL/dscale[r, b] = Σ_{c in block b} dW[r, c] · (codebook[code] − zero), with dW = dyᵀ x."""
+    dw = dy.reshape(-1, dy.shape[-1]).float().t() @ x.reshape(-1, cols).float()
+    dw = F.pad(dw, (0, -cols % block)).view(grid.shape[0], -1, block)
+    return (dw * grid).sum(-1).sum_to_size(scale.shape).to(scale.dtype)
 
 
 def dequant_matmul(x, codes, codebook, scale, zero, *, bits: int, cols: int, block: int) -> torch.Tensor:

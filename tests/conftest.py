@@ -1,7 +1,13 @@
 import os
 
-import pytest
 import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors.
+# Set before any kernel is defined (kernels read it when decorated).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
 
 # Every format family, with odd block/group choices, used across the tests.
 ALL_FORMATS = [
