@@ -11,10 +11,11 @@ with zero-points). Accumulation is in fp32; fp32 activations use IEEE fp32
 dot products, fp16/bf16 ones the tensor cores (the weight tile is cast to the
 activations' dtype).
 
-Paths: batch <= 16 uses a 16-row tile and splits K across programs (fp32
-atomics) so that a memory-bound GEMV still fills the GPU; larger batches use
-bigger tiles without split-K. Block sizes are fixed heuristics: they have not
-been tuned on a GPU yet (see benchmarks/RESULTS.md).
+Paths: small batches (<= 32 rows) use 16- or 32-row tiles and split K across
+programs while the output tiles alone would leave the GPU half idle (partial
+sums in an fp32 buffer, added in a fixed order: deterministic); larger batches
+use 64-128 tiles without split-K. Block sizes are fixed heuristics: they have
+not been tuned on a GPU yet (see benchmarks/RESULTS.md).
 
 Runs on CUDA tensors, or on CPU tensors under ``TRITON_INTERPRET=1`` (tests).
 """
@@ -39,7 +40,7 @@ def _dequant_tile(
     bit = offs_k * BITS
     word = bit >> 5
     shift = (bit & 31).to(tl.uint32)
-    row = codes_ptr + offs_n[:, None] * words_per_row
+    row = codes_ptr + offs_n[:, None].to(tl.int64) * words_per_row
     lo = tl.load(row + word[None, :], mask=mask, other=0).to(tl.uint32, bitcast=True)
     bits = lo >> shift[None, :]
     if 32 % BITS != 0:  # a code may straddle two words
@@ -59,18 +60,20 @@ def _dequant_tile(
 @triton.jit
 def _forward_kernel(
     x_ptr, y_ptr, codes_ptr, words_per_row, codebook_ptr, scale_ptr, scale_sn, scale_sb, zero_ptr, zero_sn, zero_sb,
-    M, N, K, stride_xm, stride_ym, k_per_split,
-    BITS: tl.constexpr, BLOCK: tl.constexpr, HAS_ZERO: tl.constexpr, FP32_DOT: tl.constexpr, ATOMIC: tl.constexpr,
+    M, N, K, stride_xm, stride_ym, stride_ysplit, k_per_split,
+    BITS: tl.constexpr, BLOCK: tl.constexpr, HAS_ZERO: tl.constexpr, FP32_DOT: tl.constexpr,
     BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
 ):
+    """y[split] = x[:, split's K range] @ W[:, same range].T; with one split, y itself."""
     offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
     offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
-    k_start = tl.program_id(2) * k_per_split
+    split = tl.program_id(2)
+    k_start = split * k_per_split
     acc = tl.zeros((BM, BN), dtype=tl.float32)
-    for k0 in range(k_start, k_start + k_per_split, BK):
+    for k0 in range(k_start, tl.minimum(k_start + k_per_split, K), BK):
         offs_k = k0 + tl.arange(0, BK)
         x_mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-        x = tl.load(x_ptr + offs_m[:, None] * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
+        x = tl.load(x_ptr + offs_m[:, None].to(tl.int64) * stride_xm + offs_k[None, :], mask=x_mask, other=0.0)
         w = _dequant_tile(codes_ptr, words_per_row, codebook_ptr, scale_ptr, scale_sn, scale_sb,
                           zero_ptr, zero_sn, zero_sb, offs_n, offs_k, N, K, BITS, BLOCK, HAS_ZERO)
         if FP32_DOT:
@@ -78,11 +81,8 @@ def _forward_kernel(
         else:
             acc += tl.dot(x, tl.trans(w.to(x.dtype)))
     y_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-    y_ptrs = y_ptr + offs_m[:, None] * stride_ym + offs_n[None, :]
-    if ATOMIC:
-        tl.atomic_add(y_ptrs, acc, mask=y_mask)
-    else:
-        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
+    y_ptrs = y_ptr + split.to(tl.int64) * stride_ysplit + offs_m[:, None].to(tl.int64) * stride_ym + offs_n[None, :]
+    tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=y_mask)
 
 
 @triton.jit
@@ -98,7 +98,7 @@ def _input_grad_kernel(
     for n0 in range(0, N, BN):
         offs_n = n0 + tl.arange(0, BN)
         dy_mask = (offs_m[:, None] < M) & (offs_n[None, :] < N)
-        dy = tl.load(dy_ptr + offs_m[:, None] * stride_dym + offs_n[None, :], mask=dy_mask, other=0.0)
+        dy = tl.load(dy_ptr + offs_m[:, None].to(tl.int64) * stride_dym + offs_n[None, :], mask=dy_mask, other=0.0)
         w = _dequant_tile(codes_ptr, words_per_row, codebook_ptr, scale_ptr, scale_sn, scale_sb,
                           zero_ptr, zero_sn, zero_sb, offs_n, offs_k, N, K, BITS, BLOCK, HAS_ZERO)
         if FP32_DOT:
@@ -106,7 +106,8 @@ def _input_grad_kernel(
         else:
             acc += tl.dot(dy, w.to(dy.dtype))
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
-    tl.store(dx_ptr + offs_m[:, None] * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty), mask=mask)
+    tl.store(dx_ptr + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :], acc.to(dx_ptr.dtype.element_ty),
+             mask=mask)
 
 
 def _fp32_dot(dtype: torch.dtype) -> bool:
@@ -129,43 +130,61 @@ def _weight_args(codes, codebook, scale, zero):
     )
 
 
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 8
+
+
+def _check(out, shape, like):
+    if out is None:
+        return like.new_empty(shape)
+    if tuple(out.shape) != shape or not out.is_contiguous() or out.dtype != like.dtype:
+        raise ValueError(f"out must be a contiguous {like.dtype} tensor of shape {shape}")
+    return out
+
+
 def forward(x2d, codes, codebook, scale, zero, *, bits: int, cols: int, block: int, out=None) -> torch.Tensor:
-    """y (M, N) = x2d (M, K) @ dequant(Q).T, in x2d's dtype (written into ``out`` if given)."""
+    """y (M, N) = x2d (M, K) @ dequant(Q).T, in x2d's dtype (written into ``out`` if given).
+
+    The row tile grows with M; while the grid of output tiles is smaller than
+    twice the SM count, K is split across programs (the memory-bound small-batch
+    case). Split-K partial sums go to an fp32 buffer and are added in a fixed
+    order, so results are deterministic.
+    """
+    x2d, codes = x2d.contiguous(), codes.contiguous()
     m, k = x2d.shape
     n = codes.shape[0]
     fp32_dot = _fp32_dot(x2d.dtype)
-    if m <= 16:  # memory-bound: one 16-row tile, K split across programs to fill the GPU
-        bm, bn, bk = 16, 64, 64
-        k_blocks = triton.cdiv(k, bk)
-        split = max(1, min(k_blocks, 132 * 4 // max(1, triton.cdiv(n, bn))))
-        k_per_split = triton.cdiv(k_blocks, split) * bk
-        split = triton.cdiv(k, k_per_split)
-    else:
-        bm, bn, bk = (64, 64, 32) if fp32_dot else (128, 128, 32)
-        split, k_per_split = 1, triton.cdiv(k, bk) * bk
-    atomic = split > 1
-    out = x2d.new_empty(m, n) if out is None else out
-    target = torch.zeros(m, n, device=x2d.device, dtype=torch.float32) if atomic else out
+    bm = 16 if m <= 16 else 32 if m <= 32 else 64 if (m <= 64 or fp32_dot) else 128
+    bn, bk = (64, 64) if bm <= 32 else ((64, 32) if fp32_dot else (128, 32))
+    tiles = triton.cdiv(m, bm) * triton.cdiv(n, bn)
+    k_blocks = triton.cdiv(k, bk)
+    split = max(1, min(k_blocks, 2 * _sm_count(x2d.device) // tiles)) if bm <= 32 else 1
+    k_per_split = triton.cdiv(k_blocks, split) * bk
+    split = triton.cdiv(k, k_per_split)
+    out = _check(out, (m, n), x2d)
+    target = out if split == 1 else torch.empty(split, m, n, device=x2d.device, dtype=torch.float32)
     grid = (triton.cdiv(m, bm), triton.cdiv(n, bn), split)
     _forward_kernel[grid](
-        x2d, target, *_weight_args(codes, codebook, scale, zero), m, n, k, x2d.stride(0), target.stride(0),
-        k_per_split, BITS=bits, BLOCK=block, HAS_ZERO=zero is not None, FP32_DOT=fp32_dot, ATOMIC=atomic,
-        BM=bm, BN=bn, BK=bk,
+        x2d, target, *_weight_args(codes, codebook, scale, zero), m, n, k, x2d.stride(0), n, m * n,
+        k_per_split, BITS=bits, BLOCK=block, HAS_ZERO=zero is not None, FP32_DOT=fp32_dot,
+        BM=bm, BN=bn, BK=bk, num_warps=8 if bm * bn >= 128 * 64 else 4,
     )
-    if atomic:
-        out.copy_(target)
+    if split > 1:
+        out.copy_(target.sum(dim=0))
     return out
 
 
 def input_grad(dy2d, codes, codebook, scale, zero, *, bits: int, cols: int, block: int, out=None) -> torch.Tensor:
     """dx (M, K) = dy2d (M, N) @ dequant(Q), in dy2d's dtype (written into ``out`` if given)."""
+    dy2d, codes = dy2d.contiguous(), codes.contiguous()
     m, n = dy2d.shape
     fp32_dot = _fp32_dot(dy2d.dtype)
     bm, bn, bk = (16, 64, 64) if m <= 16 else ((64, 32, 64) if fp32_dot else (128, 32, 128))
-    dx = dy2d.new_empty(m, cols) if out is None else out
+    dx = _check(out, (m, cols), dy2d)
     grid = (triton.cdiv(m, bm), triton.cdiv(cols, bk))
     _input_grad_kernel[grid](
         dy2d, dx, *_weight_args(codes, codebook, scale, zero), m, n, cols, dy2d.stride(0), dx.stride(0),
         BITS=bits, BLOCK=block, HAS_ZERO=zero is not None, FP32_DOT=fp32_dot, BM=bm, BN=bn, BK=bk,
+        num_warps=8 if bm * bk >= 128 * 64 else 4,
     )
     return dx

@@ -12,11 +12,11 @@ from qft.tensor import QuantizedTensor
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FORMATS = [
     "nf2-b16", "nf3-b32", "nf4-b64", "nf8-b64", "nf4-b64-dq8b256", "nf3-b16-dq2b16-fp16",
-    "int2-g16", "int3-g32", "int4-g128", "int8-ch", "fp8-e4m3-row", "fp8-e5m2-tensor",
+    "int2-g16", "int3-g32", "int4-g128", "int5-g64", "int7-ch", "int8-ch", "fp8-e4m3-row", "fp8-e5m2-tensor",
 ]
 # METHOD.md: fp32 far under 1e-3; fp16/bf16 operands between 1e-3 and 1e-2.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
-SHAPES = [(1, 37, 70), (5, 70, 100), (16, 64, 33), (33, 37, 130)]  # (batch, out, in): both paths, odd sizes
+SHAPES = [(1, 37, 70), (5, 70, 100), (16, 64, 33), (20, 9, 300), (33, 37, 130)]  # (batch, out, in): all paths
 
 
 def _case(name, rows, cols, rng):
@@ -90,3 +90,15 @@ def test_dispatch_forces_either_backend(monkeypatch, rng):
     a = dequant_matmul(x, *args, **meta, backend="torch")
     b = dequant_matmul(x, *args, **meta, backend="triton")
     assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_forward_is_deterministic_and_rejects_bad_out(rng):
+    qt, args = _case("nf3-b64-dq8b256", 40, 700, rng)  # long K: split-K path
+    x = torch.randn(2, 700, generator=rng).to(DEVICE)
+    meta = dict(bits=3, cols=700, block=64)
+    a, b = triton_dequant.forward(x, *args, **meta), triton_dequant.forward(x, *args, **meta)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="contiguous"):
+        triton_dequant.forward(x, *args, **meta, out=torch.empty(40, 2, device=DEVICE).t())
+    xt = torch.randn(700, 2, generator=rng).to(DEVICE).t()  # a non-contiguous input is fine
+    assert torch.allclose(triton_dequant.forward(xt, *args, **meta), xt @ qt.dequantize().to(DEVICE).t(), rtol=1e-4, atol=1e-5)
