@@ -19,8 +19,8 @@ import argparse
 import time
 
 import torch
-
 from qft.kernels import triton_dequant
+
 from qft.tensor import QuantizedTensor
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from qft.solvers import solve
 
 import qft
 from qft.allocate import allocate, error_table, nf_grid, pruned_grid, undominated
@@ -27,7 +28,6 @@ from qft.evaluate import perplexity
 from qft.fisher import empirical_fisher
 from qft.prepare import quantize_and_prepare
 from qft.report import markdown_table
-from qft.solvers import solve
 from qft.tensor import QuantizedTensor
 
 OUT = Path(__file__).parent / "out"

@@ -17,10 +17,9 @@ import importlib.util
 import os
 
 import torch
-from torch.autograd.function import once_differentiable
-
 from qft.kernels import torch_path
 from qft.kernels.torch_path import dequantize
+from torch.autograd.function import once_differentiable
 
 __all__ = ["BACKENDS", "dequant_matmul", "dequantize", "resolve_backend"]
 

@@ -10,9 +10,9 @@ machine and run.
 from __future__ import annotations
 
 import zlib
+from typing import TYPE_CHECKING
 
 import torch
-from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
     from datasets import DatasetDict
@@ -20,8 +20,9 @@ if TYPE_CHECKING:
 
 def default_corpus(heldout_every: int = 10) -> DatasetDict:
     """The pydoc topics as a DatasetDict with "train" and "test" splits (columns: topic, text)."""
-    from datasets import Dataset, DatasetDict
     from pydoc_data.topics import topics
+
+    from datasets import Dataset, DatasetDict
 
     splits: dict[str, dict[str, list[str]]] = {
         "train": {"topic": [], "text": []},

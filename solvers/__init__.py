@@ -3,6 +3,13 @@
 Knows nothing of models: it takes a table of errors and costs (groups x options).
 """
 
-from qft.solvers.mckp import InfeasibleBudget, Solution, check_budget, feasible_range, lagrangian, solve
+from qft.solvers.mckp import (
+    InfeasibleBudget,
+    Solution,
+    check_budget,
+    feasible_range,
+    lagrangian,
+    solve,
+)
 
 __all__ = ["InfeasibleBudget", "Solution", "check_budget", "feasible_range", "lagrangian", "solve"]

@@ -1,5 +1,6 @@
 """kernels/ and solvers/ install as qft.kernels / qft.solvers, never as top-level names."""
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -23,9 +24,15 @@ def test_installed_package_maps_subpackages():
 
 @pytest.fixture(scope="module")
 def wheel(tmp_path_factory):
+    # build from a clean copy: a build/ folder left in the checkout would leak stale modules into the wheel
+    src = tmp_path_factory.mktemp("src")
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(ROOT / name, src / name)
+    for name in ("qft", "kernels", "solvers"):
+        shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(ROOT)],
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
         check=True,
     )
     return next(out.glob("qft-*.whl"))
@@ -34,6 +41,9 @@ def wheel(tmp_path_factory):
 def test_wheel_layout(wheel):
     names = zipfile.ZipFile(wheel).namelist()
     assert "qft/kernels/__init__.py" in names and "qft/solvers/__init__.py" in names
+    source = {str(p.relative_to(ROOT)) for d in ("qft", "kernels", "solvers") for p in (ROOT / d).rglob("*.py")}
+    packaged = {n.replace("qft/kernels/", "kernels/").replace("qft/solvers/", "solvers/") for n in names if n.endswith(".py")}
+    assert source <= packaged, f"modules missing from the wheel: {sorted(source - packaged)}"
     assert not any(n.startswith(("kernels/", "solvers/")) for n in names)
 
 
@@ -42,7 +52,7 @@ def test_wheel_imports(wheel, tmp_path):
         z.extractall(tmp_path)
     code = (
         f"import sys; sys.path.insert(0, {str(tmp_path)!r});"
-        "import importlib.util as u, qft.kernels, qft.solvers;"
+        "import importlib.util as u, qft, qft.kernels, qft.solvers;"
         f"assert qft.kernels.__file__.startswith({str(tmp_path)!r}), qft.kernels.__file__;"
         "assert u.find_spec('kernels') is None and u.find_spec('solvers') is None"
     )

@@ -11,7 +11,6 @@ from qft.nn import QLinear
 from qft.plot import bits_heatmap
 from qft.prepare import quantize_and_prepare
 
-
 # a 48-format slice of the grid keeps these tests fast
 SMALL_GRID = [f for f in nf_grid() if f.scale_bits in (None, 8) and f.second_level == "fp32"]
 

@@ -2,7 +2,6 @@ import itertools
 
 import numpy as np
 import pytest
-
 from qft.solvers import InfeasibleBudget, lagrangian, solve
 
 

@@ -4,8 +4,8 @@ import os
 
 import pytest
 import torch
-
 from qft.kernels import dequant_matmul, resolve_backend, triton_dequant
+
 from qft.nn import QLinear
 from qft.tensor import QuantizedTensor
 
