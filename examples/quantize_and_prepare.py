@@ -25,7 +25,7 @@ def main() -> None:
     progress = not args.quiet
     bits = args.bits if args.bits.startswith(("nf", "int", "fp")) else float(args.bits)
 
-    model, tokenizer = qft.default_model()
+    model, tokenizer = qft.default_model(progress=progress)
     before = qft.perplexity(model, tokenizer, progress=progress)
     qft.quantize_and_prepare(model, bits=bits, rank=args.rank, fisher=args.fisher, tokenizer=tokenizer,
                              progress=progress)

@@ -21,7 +21,7 @@ def main() -> None:
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
 
-    model, _ = qft.default_model()
+    model, _ = qft.default_model(progress=not args.quiet)
     weights = {name: layer.weight.detach() for name, layer in qft.find_target_linears(model).items()}
     print(f"SmolLM2-135M-Instruct: {len(weights)} projection matrices, "
           f"{sum(w.numel() for w in weights.values()) / 1e6:.1f}M weights")

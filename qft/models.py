@@ -26,15 +26,23 @@ def default_model_dir() -> str:
     return spec.submodule_search_locations[0]
 
 
-def default_model(dtype: torch.dtype = torch.float32):
-    """Return (model, tokenizer) for SmolLM2-135M-Instruct, in eval mode."""
+def default_model(dtype: torch.dtype = torch.float32, progress: bool = True):
+    """Return (model, tokenizer) for SmolLM2-135M-Instruct, in eval mode (``progress=False``: no loading bars)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers.utils import logging as hf_logging
 
     for package in ("gguf", "accelerate"):
         if importlib.util.find_spec(package) is None:
             raise ImportError(f"loading the default GGUF model needs the {package} package: {_INSTALL}")
     folder = default_model_dir()
     logger.info("loading %s from %s", DEFAULT_GGUF, folder)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=DEFAULT_GGUF)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEFAULT_GGUF, dtype=dtype)
+    bars = hf_logging.is_progress_bar_enabled()
+    if not progress:
+        hf_logging.disable_progress_bar()
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=DEFAULT_GGUF)
+        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEFAULT_GGUF, dtype=dtype)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
     return model.eval(), tokenizer
