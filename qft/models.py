@@ -7,7 +7,9 @@ a float Llama model.
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
+import io
 import logging
 
 import torch
@@ -36,12 +38,15 @@ def default_model(dtype: torch.dtype = torch.float32, progress: bool = True):
             raise ImportError(f"loading the default GGUF model needs the {package} package: {_INSTALL}")
     folder = default_model_dir()
     logger.info("loading %s from %s", DEFAULT_GGUF, folder)
+    # transformers' GGUF converter draws a tqdm bar of its own that no switch turns off
+    quiet = contextlib.redirect_stderr(io.StringIO()) if not progress else contextlib.nullcontext()
     bars = hf_logging.is_progress_bar_enabled()
     if not progress:
         hf_logging.disable_progress_bar()
     try:
-        tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=DEFAULT_GGUF)
-        model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEFAULT_GGUF, dtype=dtype)
+        with quiet:
+            tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=DEFAULT_GGUF)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEFAULT_GGUF, dtype=dtype)
     finally:
         if bars:
             hf_logging.enable_progress_bar()
