@@ -1,10 +1,10 @@
-"""Quantize the embedded SmolLM2-135M to an average bit budget with LQ-LoRA and
-compare held-out perplexity before and after (no training yet).
+"""Quantize the embedded SmolLM2-135M to an average bit budget with Fisher-weighted
+LQ-LoRA and compare held-out perplexity before and after (no training yet).
 
-    python examples/quantize_and_prepare.py [--bits 2.5] [--rank 64] [--fisher] [--quiet]
+    python examples/quantize_and_prepare.py [--bits 2.5] [--rank 64] [--no-fisher] [--quiet]
 
-The first run fills the error table (a few minutes on 2 CPU cores); it is cached
-in ~/.cache/qft (or $QFT_CACHE) for later runs.
+The first run measures the Fisher and fills the error table (several minutes on
+2 CPU cores); the table is cached in ~/.cache/qft (or $QFT_CACHE) for later runs.
 """
 
 import argparse
@@ -17,7 +17,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--bits", default="2.5", help="average bits per parameter, or a format name such as nf4")
     parser.add_argument("--rank", type=int, default=64)
-    parser.add_argument("--fisher", action="store_true", help="weight errors by the empirical Fisher")
+    parser.add_argument("--no-fisher", dest="fisher", action="store_false",
+                        help="plain LQ-LoRA: do not weight errors by the empirical Fisher")
     parser.add_argument("--heatmap", default="bits.png", help="where to draw the allocation")
     parser.add_argument("--quiet", action="store_true", help="no progress bars or log lines")
     args = parser.parse_args()
