@@ -62,12 +62,6 @@ class ErrorTable:
     costs: np.ndarray  # (matrices, formats): exact storage bits
     numel: np.ndarray  # (matrices,)
 
-    def subset(self, columns) -> ErrorTable:
-        columns = list(columns)
-        return ErrorTable(
-            self.names, [self.formats[c] for c in columns], self.errors[:, columns], self.costs[:, columns], self.numel
-        )
-
 
 def _residual(w, rank, fisher, seed) -> torch.Tensor:
     w = w.detach().float()

@@ -34,10 +34,6 @@ class Decomposition:
     error: float  # Σ F ⊙ (W − Q − L1L2)² (F = 1 without Fisher)
     history: list[float] = field(default_factory=list)  # error after each iteration
 
-    def relative_error(self, w: torch.Tensor, fisher: torch.Tensor | None = None) -> float:
-        weight = 1.0 if fisher is None else fisher
-        return (self.error / float((weight * w.float() ** 2).sum())) ** 0.5
-
 
 def fake_quantize(w: torch.Tensor, fmt: Format) -> torch.Tensor:
     """dequantize(quantize(w)) without packing the codes (when only the values matter)."""
