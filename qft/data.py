@@ -1,4 +1,4 @@
-"""Text data: the embedded default corpus.
+"""Text data: the embedded default corpus, user datasets, and fixed-length token blocks.
 
 The default corpus is the Python documentation's topic pages that ship with
 every CPython (``pydoc_data.topics``, about 465k characters of real English
@@ -9,6 +9,7 @@ machine and run.
 
 from __future__ import annotations
 
+import os
 import zlib
 from typing import TYPE_CHECKING
 
@@ -43,3 +44,68 @@ def token_blocks(tokenizer, texts: list[str], block_size: int = 512) -> torch.Te
     if n == 0:
         raise ValueError(f"the text holds {ids.numel()} tokens, fewer than one block of {block_size}")
     return ids[: n * block_size].view(n, block_size)
+
+
+_FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+
+
+def _heldout(text: str, every: int) -> bool:
+    return zlib.crc32(text.encode()) % every == 0
+
+
+def load_texts(
+    source: str | os.PathLike | None = None,
+    split: str = "train",
+    *,
+    tokenizer=None,
+    text_field: str = "text",
+    messages_field: str = "messages",
+    heldout_every: int = 10,
+) -> list[str]:
+    """The texts of one split of a dataset, through ``datasets``.
+
+    source: None (the embedded corpus), a folder written by ``Dataset.save_to_disk``
+    (a DatasetDict's split is used when it has one), or a .txt / .json / .jsonl /
+    .parquet file. Records carry a ``text_field`` string or ``messages_field`` chat
+    messages (rendered with ``tokenizer``'s chat template). A file or a dataset
+    without the asked split is split by a stable hash of each text: one in
+    ``heldout_every`` goes to "test", the rest to "train".
+    """
+    import datasets
+
+    if split not in ("train", "test"):
+        raise ValueError(f"split must be 'train' or 'test', got {split!r}")
+    if source is None:
+        return list(default_corpus(heldout_every)[split]["text"])
+    path = os.fspath(source)
+    if os.path.isdir(path):
+        data = datasets.load_from_disk(path)
+        if isinstance(data, datasets.DatasetDict):
+            if split in data:
+                return _render(data[split], path, tokenizer, text_field, messages_field)
+            if "train" not in data:
+                raise ValueError(f"{path} has splits {list(data)}; qft reads 'train' (and 'test' if present)")
+            data = data["train"]
+    elif os.path.isfile(path):
+        ext = os.path.splitext(path)[1].lower()
+        if ext not in _FILE_BUILDERS:
+            raise ValueError(f"cannot read {path}: use a .txt, .json, .jsonl or .parquet file, or a save_to_disk folder")
+        kwargs = {"sample_by": "document"} if ext == ".txt" else {}
+        data = datasets.load_dataset(_FILE_BUILDERS[ext], data_files=path, split="train", **kwargs)
+    else:
+        raise FileNotFoundError(f"no dataset at {path}")
+    texts = _render(data, path, tokenizer, text_field, messages_field)
+    return [t for t in texts if _heldout(t, heldout_every) == (split == "test")]
+
+
+def _render(data, path: str, tokenizer, text_field: str, messages_field: str) -> list[str]:
+    if text_field in data.column_names:
+        return [t for t in data[text_field] if t]
+    if messages_field in data.column_names:
+        if tokenizer is None or getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError(f"{path} holds chat messages; pass a tokenizer that has a chat template")
+        return [tokenizer.apply_chat_template(m, tokenize=False) for m in data[messages_field]]
+    raise ValueError(
+        f"{path} has columns {data.column_names}; name the text column with text_field= "
+        f"or the chat column with messages_field="
+    )

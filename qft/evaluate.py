@@ -14,16 +14,22 @@ from qft.data import default_corpus, token_blocks
 def perplexity(
     model,
     tokenizer,
-    texts: list[str] | None = None,
+    texts: list[str] | torch.Tensor | None = None,
     *,
     block_size: int = 512,
     batch_size: int = 4,
+    max_blocks: int | None = None,
     progress: bool = True,
 ) -> float:
-    """exp(mean next-token NLL) over non-overlapping blocks (default: the corpus's held-out split)."""
+    """exp(mean next-token NLL) over non-overlapping blocks (default: the corpus's held-out split).
+
+    texts: strings, or token blocks already cut (a LongTensor (n, block_size)).
+    max_blocks: evaluate only the first blocks (a quicker, still deterministic, estimate).
+    """
     if texts is None:
         texts = default_corpus()["test"]["text"]
-    blocks = token_blocks(tokenizer, texts, block_size)
+    blocks = texts if isinstance(texts, torch.Tensor) else token_blocks(tokenizer, texts, block_size)
+    blocks = blocks[:max_blocks]
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()

@@ -2,24 +2,14 @@
 
 import pytest
 import torch
+from helpers import SMALL_GRID, tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import qft
 from qft.allocate import ErrorTable, allocate, error_table, nf_grid, undominated
 from qft.nn import QLinear
 from qft.plot import bits_heatmap
 from qft.prepare import quantize_and_prepare
-
-# a 48-format slice of the grid keeps these tests fast
-SMALL_GRID = [f for f in nf_grid() if f.scale_bits in (None, 8) and f.second_level == "fp32"]
-
-
-def tiny_llama(seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)
-    return LlamaForCausalLM(config).eval()
 
 
 def test_grid_is_lqlora_shaped():

@@ -1,0 +1,257 @@
+"""qft's own training loop: only the parameters that require grad change.
+
+Causal-LM loss on fixed-length token blocks, AdamW, linear warm-up then cosine
+decay, gradient accumulation and clipping, optional gradient checkpointing,
+held-out perplexity every ``eval_every`` steps. The batch order is a pure
+function of (seed, step), so a run resumed from a checkpoint (trainable
+weights, AdamW moments, RNG state, step) ends with the same weights, bit for
+bit, as one that never stopped. Checkpoints are safetensors + JSON, written
+to a temporary folder and renamed.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from qft.atomic import atomic_dir
+from qft.data import load_texts, token_blocks
+from qft.evaluate import perplexity
+
+logger = logging.getLogger(__name__)
+
+CHECKPOINT_VERSION = 1
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+
+
+@dataclass
+class TrainConfig:
+    steps: int = 100
+    batch_size: int = 4
+    grad_accum: int = 1
+    block_size: int = 256
+    lr: float = 2e-4
+    warmup: int = 10  # steps of linear warm-up, then cosine decay to min_lr_ratio * lr
+    min_lr_ratio: float = 0.0
+    weight_decay: float = 0.0
+    max_grad_norm: float | None = 1.0
+    gradient_checkpointing: bool = False
+    eval_every: int = 0  # 0: evaluate only before and after
+    eval_blocks: int | None = None  # held-out blocks per evaluation (None: all)
+    save_every: int = 0  # 0: no checkpoints during training
+    keep: int = 2  # checkpoints kept on disk
+    seed: int = 0
+
+    def lr_at(self, step: int) -> float:
+        """Learning rate of optimizer step ``step`` (0-based)."""
+        if step < self.warmup:
+            return self.lr * (step + 1) / self.warmup
+        progress = (step - self.warmup) / max(1, self.steps - self.warmup)
+        cosine = 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+        return self.lr * (self.min_lr_ratio + (1 - self.min_lr_ratio) * cosine)
+
+
+@dataclass
+class TrainResult:
+    steps: int
+    tokens: int
+    seconds: float  # wall time of the steps run in this call (evaluation excluded)
+    trainable_parameters: int
+    losses: list[float] = field(default_factory=list)  # mean loss per step, whole run
+    evals: list[tuple[int, float]] = field(default_factory=list)  # (step, held-out perplexity)
+    steps_run: int = 0  # steps run in this call (fewer than steps after a resume)
+
+    @property
+    def seconds_per_step(self) -> float:
+        return self.seconds / max(1, self.steps_run)
+
+
+def _batch_indices(n_blocks: int, config: TrainConfig, step: int, micro: int) -> torch.Tensor:
+    """Blocks of one micro-batch: a fresh permutation per epoch, seeded by (seed, epoch)."""
+    first = (step * config.grad_accum + micro) * config.batch_size
+    picks = []
+    for i in range(first, first + config.batch_size):
+        epoch, pos = divmod(i, n_blocks)
+        perm = torch.randperm(n_blocks, generator=torch.Generator().manual_seed(config.seed * 1_000_003 + epoch))
+        picks.append(int(perm[pos]))
+    return torch.tensor(picks)
+
+
+def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
+    params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+    if not params:
+        raise ValueError("the model has no parameter that requires grad; call qft.quantize_and_prepare(model) first")
+    return params
+
+
+def latest_checkpoint(output_dir: str | Path) -> Path | None:
+    """The complete checkpoint with the highest step in ``output_dir`` (None if there is none)."""
+    output_dir = Path(output_dir)
+    found = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))]
+    return max(found)[1] if found else None
+
+
+def _save_checkpoint(output_dir: Path, step: int, params, optimizer, config, result: TrainResult) -> Path:
+    names = {id(p): n for n, p in params.items()}
+    moments = {}
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            for key, value in optimizer.state.get(p, {}).items():
+                moments[f"{names[id(p)]}.{key}"] = value.detach().reshape(-1) if value.dim() == 0 else value.detach()
+    moments["__rng__"] = torch.get_rng_state()
+    target = output_dir / f"checkpoint-{step}"
+    with atomic_dir(target) as tmp:
+        save_file({n: p.detach().contiguous() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
+        save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / "optimizer.safetensors"))
+        state = {"version": CHECKPOINT_VERSION, "step": step, "config": asdict(config),
+                 "losses": result.losses, "evals": result.evals, "tokens": result.tokens}
+        (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    old = sorted((int(m.group(1)), p) for p in output_dir.glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name)))
+    for _, path in old[: max(0, len(old) - config.keep)]:
+        shutil.rmtree(path)
+    return target
+
+
+def _load_checkpoint(path: Path, params, optimizer, config: TrainConfig, result: TrainResult) -> int:
+    state = json.loads((path / "trainer_state.json").read_text())
+    if state.get("version") != CHECKPOINT_VERSION:
+        raise ValueError(f"{path} is a version {state.get('version')} checkpoint; this qft reads version {CHECKPOINT_VERSION}")
+    saved = {k: v for k, v in state["config"].items() if k not in ("eval_every", "eval_blocks", "save_every", "keep")}
+    now = {k: v for k, v in asdict(config).items() if k in saved}
+    if saved != now:
+        diff = {k: (saved[k], now[k]) for k in saved if saved[k] != now[k]}
+        raise ValueError(f"{path} was written with other settings (saved, now): {diff}; resume with the same ones")
+    weights = load_file(str(path / "trainable.safetensors"))
+    if weights.keys() != params.keys():
+        raise ValueError(f"{path} holds other trainable parameters than this model "
+                         f"(missing {sorted(params.keys() - weights.keys())[:3]}, extra {sorted(weights.keys() - params.keys())[:3]})")
+    with torch.no_grad():
+        for n, p in params.items():
+            if weights[n].shape != p.shape:
+                raise ValueError(f"{path}: {n} has shape {tuple(weights[n].shape)}, the model's {tuple(p.shape)}")
+            p.copy_(weights[n])
+    moments = load_file(str(path / "optimizer.safetensors"))
+    torch.set_rng_state(moments.pop("__rng__"))
+    for n, p in params.items():
+        entry = {key.rsplit(".", 1)[1]: v for key, v in moments.items() if key.rsplit(".", 1)[0] == n}
+        if entry:
+            entry["step"] = entry["step"].reshape(())
+            optimizer.state[p] = entry
+    result.losses, result.tokens = state["losses"], state["tokens"]
+    result.evals = [tuple(e) for e in state["evals"]]
+    return state["step"]
+
+
+def train(
+    model: torch.nn.Module,
+    tokenizer,
+    data=None,
+    eval_data=None,
+    *,
+    config: TrainConfig | None = None,
+    output_dir: str | Path | None = None,
+    resume: bool | str | Path = False,
+    progress: bool = True,
+    **overrides,
+) -> TrainResult:
+    """Fine-tune the parameters of ``model`` that require grad (after ``quantize_and_prepare``: the
+    low-rank factors) with a causal-LM loss.
+
+    data / eval_data: a list of texts, a LongTensor of token blocks, or anything
+      ``qft.data.load_texts`` reads (None: the embedded corpus's train / test split).
+    config: a TrainConfig; keyword ``overrides`` (steps=, lr=, ...) change single fields.
+    output_dir: where checkpoints go (every ``save_every`` steps, and at the end).
+    resume: True to continue from the latest checkpoint in ``output_dir`` (or a path to one).
+    """
+    config = TrainConfig(**{**asdict(config or TrainConfig()), **overrides})
+    if config.steps < 1 or config.batch_size < 1 or config.grad_accum < 1:
+        raise ValueError("steps, batch_size and grad_accum must be >= 1")
+    if (config.save_every or resume) and output_dir is None:
+        raise ValueError("checkpoints need output_dir=")
+    blocks = _blocks(data, "train", tokenizer, config.block_size)
+    eval_blocks = _blocks(eval_data, "test", tokenizer, config.block_size)[: config.eval_blocks]
+    params = _trainable(model)
+    device = next(iter(params.values())).device
+    optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay, foreach=False)
+    result = TrainResult(0, 0, 0.0, sum(p.numel() for p in params.values()))
+
+    torch.manual_seed(config.seed)
+    start_step = 0
+    if resume:
+        path = Path(resume) if not isinstance(resume, bool) else latest_checkpoint(output_dir)
+        if path is None:
+            logger.info("no checkpoint in %s; starting from step 0", output_dir)
+        else:
+            start_step = _load_checkpoint(path, params, optimizer, config, result)
+            logger.info("resumed from %s at step %d", path, start_step)
+
+    if config.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    was_training = model.training
+
+    def evaluate(step: int) -> None:
+        ppl = perplexity(model, tokenizer, eval_blocks, block_size=config.block_size,
+                         batch_size=config.batch_size, progress=False)
+        result.evals.append((step, ppl))
+        logger.info("step %d: held-out perplexity %.3f", step, ppl)
+
+    if start_step == 0 and not result.evals:
+        evaluate(0)
+    model.train()
+    bar = tqdm(range(start_step, config.steps), disable=not progress, desc="train", unit="step",
+               initial=start_step, total=config.steps)
+    try:
+        for step in bar:
+            t0 = time.perf_counter()
+            lr = config.lr_at(step)
+            for group in optimizer.param_groups:
+                group["lr"] = lr
+            total = 0.0
+            for micro in range(config.grad_accum):
+                ids = blocks[_batch_indices(len(blocks), config, step, micro)].to(device)
+                loss = model(input_ids=ids, labels=ids).loss
+                (loss / config.grad_accum).backward()
+                total += float(loss.detach()) / config.grad_accum
+                result.tokens += ids.numel()
+            if config.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(params.values(), config.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            result.seconds += time.perf_counter() - t0
+            result.steps_run += 1
+            result.losses.append(total)
+            bar.set_postfix(loss=f"{total:.3f}", lr=f"{lr:.2e}")
+            done = step + 1
+            if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+                evaluate(done)
+                model.train()
+            if output_dir is not None and (done == config.steps or (config.save_every and done % config.save_every == 0)):
+                _save_checkpoint(Path(output_dir), done, params, optimizer, config, result)
+    finally:
+        bar.close()
+        model.train(was_training)
+        if config.gradient_checkpointing:
+            model.gradient_checkpointing_disable()
+    if not result.evals or result.evals[-1][0] != config.steps:
+        evaluate(config.steps)
+    result.steps = config.steps
+    return result
+
+
+def _blocks(data, split: str, tokenizer, block_size: int) -> torch.Tensor:
+    if isinstance(data, torch.Tensor):
+        if data.dim() != 2 or data.dtype != torch.long:
+            raise ValueError(f"token blocks must be a 2-D LongTensor, got {data.dtype} {tuple(data.shape)}")
+        return data
+    texts = data if isinstance(data, list) else load_texts(data, split, tokenizer=tokenizer)
+    return token_blocks(tokenizer, texts, block_size)

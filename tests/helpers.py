@@ -1,0 +1,17 @@
+"""Small models shared by the tests."""
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from qft.allocate import nf_grid
+
+# a 48-format slice of the grid keeps allocation tests fast
+SMALL_GRID = [f for f in nf_grid() if f.scale_bits in (None, 8) and f.second_level == "fp32"]
+
+
+def tiny_llama(seed: int = 0, vocab_size: int = 300) -> LlamaForCausalLM:
+    """A 2-layer random Llama (hidden 64), in eval mode."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=128)
+    return LlamaForCausalLM(config).eval()
