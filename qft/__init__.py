@@ -2,7 +2,9 @@
 
 import logging
 
-from qft.data import default_corpus
+from qft import hf_quantizer  # noqa: F401  (registers quant_method "qft" with transformers)
+from qft.checkpoint import load_quantized, save_quantized
+from qft.data import default_corpus, load_texts
 from qft.evaluate import perplexity
 from qft.fisher import empirical_fisher
 from qft.formats import FP8, Format, NormalFloat, UniformInt, get_format
@@ -13,6 +15,7 @@ from qft.prepare import quantize_and_prepare
 from qft.report import quantization_error_table
 from qft.targets import find_target_linears
 from qft.tensor import QuantizedTensor
+from qft.train import TrainConfig, train
 
 __version__ = "0.1.0"
 
@@ -24,6 +27,7 @@ __all__ = [
     "NormalFloat",
     "QLinear",
     "QuantizedTensor",
+    "TrainConfig",
     "UniformInt",
     "bits_heatmap",
     "default_corpus",
@@ -31,7 +35,11 @@ __all__ = [
     "empirical_fisher",
     "find_target_linears",
     "get_format",
+    "load_quantized",
+    "load_texts",
     "perplexity",
     "quantization_error_table",
     "quantize_and_prepare",
+    "save_quantized",
+    "train",
 ]

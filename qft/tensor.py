@@ -39,6 +39,15 @@ class QuantizedTensor:
         codes, tensors = fmt.quantize(w)
         return cls(fmt, tuple(w.shape), pack(codes, fmt.bits), tensors)
 
+    @classmethod
+    def empty(cls, format: str | Format, shape: tuple[int, int], device=None) -> QuantizedTensor:
+        """A zero-filled tensor of the right layout, to be filled by loading a checkpoint."""
+        fmt = get_format(format)
+        rows, cols = shape
+        codes = torch.zeros(rows, words_per_row(cols, fmt.bits), dtype=torch.int32, device=device)
+        tensors = {n: torch.zeros(s, dtype=d, device=device) for n, (s, d) in fmt.stored_layout(rows, cols).items()}
+        return cls(fmt, (rows, cols), codes, tensors)
+
     @property
     def rows(self) -> int:
         return self.shape[0]

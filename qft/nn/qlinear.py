@@ -79,7 +79,9 @@ class QLinear(nn.Module):
                 f"low-rank factors must be A {want_a} and B {want_b}, "
                 f"got A {tuple(a.shape)} and B {tuple(b.shape)}"
             )
-        return a.detach().float().clone(), b.detach().float().clone()
+        # contiguous: a checkpoint stores them so, and a matmul on another layout may round differently
+        return (a.detach().float().clone(memory_format=torch.contiguous_format),
+                b.detach().float().clone(memory_format=torch.contiguous_format))
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, format, **kwargs) -> QLinear:
