@@ -195,8 +195,12 @@ def train(
             start_step = _load_checkpoint(path, params, optimizer, config, result)
             logger.info("resumed from %s at step %d", path, start_step)
 
-    if config.gradient_checkpointing:
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.gradient_checkpointing:  # transformers 5 renamed it; older releases have only the old name
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        if enable is not None:
+            enable(activation_checkpointing_kwargs={"use_reentrant": False})
+        else:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     was_training = model.training
 
     def evaluate(step: int) -> None:
@@ -241,7 +245,7 @@ def train(
         bar.close()
         model.train(was_training)
         if config.gradient_checkpointing:
-            model.gradient_checkpointing_disable()
+            getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
     if not result.evals or result.evals[-1][0] != config.steps:
         evaluate(config.steps)
     result.steps = config.steps

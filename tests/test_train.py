@@ -1,0 +1,149 @@
+"""qft.train on a tiny Llama: what changes, resuming, the schedule; and transformers.Trainer."""
+
+import json
+import math
+
+import pytest
+import torch
+from helpers import tiny_llama
+
+import qft
+from qft.nn import QLinear
+from qft.train import TrainConfig, latest_checkpoint
+
+SETTINGS = dict(steps=6, batch_size=2, block_size=16, lr=5e-3, warmup=2, seed=3)
+
+
+def prepared(seed=0):
+    model = tiny_llama(seed)
+    return qft.quantize_and_prepare(model, bits="nf4", method="loftq", rank=4, progress=False)
+
+
+def data(n=12, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 300, (n, 16), generator=gen), torch.randint(0, 300, (3, 16), generator=gen)
+
+
+def trainable_state(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_only_high_precision_parts_change_and_loss_falls():
+    model = prepared()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    train_blocks, eval_blocks = data(n=4)
+    result = qft.train(model, None, train_blocks, eval_blocks, progress=False,
+                       **{**SETTINGS, "steps": 30, "lr": 2e-2})
+    after = model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed and all(k.endswith(("lora_A", "lora_B")) for k in changed)
+    assert len(changed) == 2 * 14  # every factor of every layer moved
+    assert result.losses[-1] < result.losses[0] - 0.5  # it memorises four blocks
+    assert [s for s, _ in result.evals] == [0, 30]
+    assert result.tokens == 30 * 2 * 16 and result.trainable_parameters == sum(
+        p.numel() for n, p in model.named_parameters() if n.endswith(("lora_A", "lora_B")))
+
+
+def test_same_seed_same_weights():
+    runs = []
+    for _ in range(2):
+        model = prepared()
+        qft.train(model, None, *data(), progress=False, **SETTINGS)
+        runs.append(trainable_state(model))
+    assert all(torch.equal(runs[0][k], runs[1][k]) for k in runs[0])
+
+
+def test_resumed_run_ends_with_the_same_weights(tmp_path):
+    straight = prepared()
+    qft.train(straight, None, *data(), progress=False, grad_accum=2, **SETTINGS)
+
+    class Interrupt(Exception):
+        pass
+
+    interrupted = prepared()
+    calls = {"n": 0}
+    original_forward = interrupted.forward
+
+    def forward_then_stop(*args, **kwargs):  # dies in the middle of step 4 (after checkpoint-3 was written)
+        calls["n"] += 1
+        if calls["n"] == 2 + 3 * 2 + 2:  # evaluation (2 batches), 3 steps of 2 micro-batches, then one more
+            raise Interrupt
+        return original_forward(*args, **kwargs)
+
+    interrupted.forward = forward_then_stop
+    with pytest.raises(Interrupt):
+        qft.train(interrupted, None, *data(), progress=False, grad_accum=2, output_dir=tmp_path, save_every=3,
+                  **SETTINGS)
+    assert latest_checkpoint(tmp_path).name == "checkpoint-3"
+
+    resumed = prepared()  # a fresh process would start from the untrained model, too
+    result = qft.train(resumed, None, *data(), progress=False, grad_accum=2, output_dir=tmp_path, save_every=3,
+                       resume=True, **SETTINGS)
+    assert result.steps_run == 3 and len(result.losses) == 6
+    a, b = trainable_state(straight), trainable_state(resumed)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert latest_checkpoint(tmp_path).name == "checkpoint-6"
+    state = json.loads((tmp_path / "checkpoint-6" / "trainer_state.json").read_text())
+    assert state["step"] == 6
+
+
+def test_resume_refuses_other_settings(tmp_path):
+    model = prepared()
+    qft.train(model, None, *data(), progress=False, output_dir=tmp_path, **SETTINGS)
+    with pytest.raises(ValueError, match="other settings"):
+        qft.train(prepared(), None, *data(), progress=False, output_dir=tmp_path, resume=True,
+                  **{**SETTINGS, "lr": 1e-3})
+
+
+def test_checkpoints_are_pruned_and_complete(tmp_path):
+    qft.train(prepared(), None, *data(), progress=False, output_dir=tmp_path, save_every=1, keep=2, **SETTINGS)
+    names = sorted(p.name for p in tmp_path.iterdir())
+    assert names == ["checkpoint-5", "checkpoint-6"]
+    assert {p.name for p in (tmp_path / "checkpoint-6").iterdir()} == {
+        "trainable.safetensors", "optimizer.safetensors", "trainer_state.json"}
+
+
+def test_schedule_warms_up_then_decays_to_the_floor():
+    config = TrainConfig(steps=100, lr=1.0, warmup=10, min_lr_ratio=0.1)
+    lrs = [config.lr_at(s) for s in range(100)]
+    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0)
+    assert all(a >= b for a, b in zip(lrs[9:], lrs[10:]))
+    assert lrs[55] == pytest.approx(0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * 0.5)))
+    assert lrs[-1] > 0.1 and config.lr_at(100) == pytest.approx(0.1)
+
+
+def test_gradient_checkpointing_gives_the_same_weights():
+    runs = []
+    for checkpointing in (False, True):
+        model = prepared()
+        qft.train(model, None, *data(), progress=False, gradient_checkpointing=checkpointing, **SETTINGS)
+        runs.append(trainable_state(model))
+    assert all(torch.allclose(runs[0][k], runs[1][k], atol=1e-6) for k in runs[0])
+
+
+def test_unprepared_model_is_refused():
+    model = tiny_llama()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    with pytest.raises(ValueError, match="quantize_and_prepare"):
+        qft.train(model, None, *data(), progress=False, **SETTINGS)
+
+
+def test_transformers_trainer_trains_a_loaded_checkpoint(tmp_path):
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
+
+    qft.save_quantized(prepared(), tmp_path / "ckpt")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "ckpt")
+    frozen = {k: v.clone() for k, v in model.state_dict().items() if not k.endswith(("lora_A", "lora_B"))}
+    lora = trainable_state(model)
+    blocks, _ = data()
+    dataset = Dataset.from_dict({"input_ids": blocks.tolist(), "labels": blocks.tolist()})
+    args = TrainingArguments(output_dir=str(tmp_path / "hf"), max_steps=3, per_device_train_batch_size=2,
+                             learning_rate=1e-2, report_to=[], save_strategy="no", use_cpu=True,
+                             disable_tqdm=True, seed=0)
+    Trainer(model=model, args=args, train_dataset=dataset).train()
+    after = model.state_dict()
+    assert all(torch.equal(frozen[k], after[k]) for k in frozen)
+    assert any(not torch.equal(lora[k], dict(model.named_parameters())[k]) for k in lora)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, QLinear)
