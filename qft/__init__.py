@@ -6,6 +6,7 @@ from qft import hf_quantizer  # noqa: F401  (registers quant_method "qft" with t
 from qft.checkpoint import load_quantized, save_quantized
 from qft.data import default_corpus, load_texts
 from qft.evaluate import perplexity
+from qft.export import export_merged, load_merged
 from qft.fisher import empirical_fisher
 from qft.formats import FP8, Format, NormalFloat, UniformInt, get_format
 from qft.models import default_model
@@ -33,8 +34,10 @@ __all__ = [
     "default_corpus",
     "default_model",
     "empirical_fisher",
+    "export_merged",
     "find_target_linears",
     "get_format",
+    "load_merged",
     "load_quantized",
     "load_texts",
     "perplexity",

@@ -82,7 +82,7 @@ def swap_in_empty_layers(model: nn.Module, specs: dict[str, dict]) -> None:
         setattr(model.get_submodule(parent) if parent else model, child, empty_qlinear(spec))
 
 
-def _shared_keys(state: dict[str, torch.Tensor]) -> set[str]:
+def shared_keys(state: dict[str, torch.Tensor]) -> set[str]:
     """Keys whose tensor is the same storage as an earlier key's (tied embeddings)."""
     seen, shared = {}, set()
     for k, t in state.items():
@@ -112,7 +112,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
     if not specs:
         raise ValueError("the model has no QLinear layer; call qft.quantize_and_prepare(model) before saving")
     state = model.state_dict()
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items() if k not in _shared_keys(state)}
+    state = {k: v.detach().contiguous().cpu() for k, v in state.items() if k not in shared_keys(state)}
     config = model.config.to_dict()
     config["quantization_config"] = quantization_config(model)
     with atomic_dir(directory) as tmp:
@@ -191,7 +191,7 @@ def load_quantized(directory: str | os.PathLike, device: str | torch.device = "c
     model = AutoModelForCausalLM.from_config(config)
     swap_in_empty_layers(model, qconfig["modules"])
     expected = model.state_dict()
-    check_tensors(found, expected, _shared_keys(expected), qconfig["modules"], directory / WEIGHTS)
+    check_tensors(found, expected, shared_keys(expected), qconfig["modules"], directory / WEIGHTS)
     with safe_open(str(directory / WEIGHTS), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
     model.load_state_dict(state, strict=False, assign=True)  # assign: every tensor keeps the file's dtype

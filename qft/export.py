@@ -1,0 +1,191 @@
+"""Export for serving: merge each QLinear into one matrix and write compressed-tensors int4.
+
+    W = dequant(Q) + (alpha / r) · B · A      then symmetric int4, one scale per group
+
+The folder is what compressed-tensors (llm-compressor's W4A16, format
+"pack-quantized") writes, so vLLM and transformers with compressed-tensors can
+serve it: per layer ``weight_packed`` (int32, eight 4-bit codes per word, column
+8k+j in bits 4j..4j+3, stored as q + 8), ``weight_scale`` (out, in/group) in the
+model dtype, ``weight_shape`` (int64). Scales are absmax / 7.5 and codes
+round(w / scale) clamped to [-8, 7], as compressed-tensors computes them.
+compressed-tensors needs the group to divide the input width; a layer where
+``group_size`` does not (SmolLM2's 576) gets the largest power-of-two group
+that does, in its own config group.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import nn
+
+from qft.atomic import atomic_dir
+from qft.checkpoint import CheckpointError, shared_keys
+from qft.kernels import dequantize
+from qft.nn import QLinear
+
+logger = logging.getLogger(__name__)
+
+COMPRESSED_TENSORS_VERSION = "0.12.2"  # the config layout written (newer releases read it)
+
+
+def merged_weight(layer: QLinear) -> torch.Tensor:
+    """dequant(Q) + scaling · B·A as one float32 matrix (trainable scales, if any, included)."""
+    qt = layer.qweight
+    scale, zero = qt.scales()
+    if layer.scale is not None:
+        scale = layer.scale.detach().float()
+    w = dequantize(qt.codes, layer.codebook, scale, zero, bits=qt.format.bits, cols=qt.cols, block=qt.block)
+    if layer.rank:
+        w = w + layer.scaling * (layer.lora_B.detach().float() @ layer.lora_A.detach().float())
+    return w
+
+
+def group_for(in_features: int, group_size: int) -> int:
+    """group_size if it divides in_features, else the largest power of two below it that does."""
+    g = group_size
+    while in_features % g:
+        g //= 2
+    return g
+
+
+def quantize_int4(w: torch.Tensor, group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int4 per group: (int8 codes in [-8, 7], scales in ``dtype``), as compressed-tensors."""
+    rows, cols = w.shape
+    blocks = w.float().reshape(rows, cols // group, group)
+    scale = (blocks.abs().amax(dim=-1) / 7.5).to(dtype)
+    scale = torch.where(scale == 0, torch.finfo(dtype).eps, scale)
+    q = torch.round(blocks / scale.float()[..., None]).clamp(-8, 7).to(torch.int8)
+    return q.reshape(rows, cols), scale
+
+
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """compressed-tensors' pack_to_int32 for 4 bits: column 8k+j into word k at bits 4j, as q + 8."""
+    rows, cols = q.shape
+    u = (q.to(torch.int64) + 8).clamp(0, 15)
+    pad = -cols % 8
+    u = torch.nn.functional.pad(u, (0, pad)).reshape(rows, -1, 8)
+    words = (u << (4 * torch.arange(8))).sum(-1)
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+
+
+def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_int4`: int8 codes in [-8, 7], (rows, cols)."""
+    words = packed.to(torch.int64) & 0xFFFFFFFF
+    nibbles = (words[..., None] >> (4 * torch.arange(8))) & 0xF
+    return (nibbles.reshape(packed.shape[0], -1)[:, :cols] - 8).to(torch.int8)
+
+
+def _targets(groups: dict[int, list[str]]) -> dict[int, list[str]]:
+    """Config-group targets: one regex per layer kind when kinds don't straddle groups, else names."""
+    kinds = {g: {n.rsplit(".", 1)[-1] for n in names} for g, names in groups.items()}
+    disjoint = sum(len(k) for k in kinds.values()) == len(set().union(*kinds.values()))
+    if disjoint:
+        return {g: [f"re:.*\\.{re.escape(k)}$" for k in sorted(ks)] for g, ks in kinds.items()}
+    return {g: sorted(names) for g, names in groups.items()}
+
+
+def compressed_tensors_config(groups: dict[int, list[str]], ignore: list[str]) -> dict:
+    config_groups = {}
+    for i, (group, targets) in enumerate(sorted(_targets(groups).items(), reverse=True)):
+        config_groups[f"group_{i}"] = {
+            "format": "pack-quantized",
+            "input_activations": None,
+            "output_activations": None,
+            "targets": targets,
+            "weights": {"actorder": None, "block_structure": None, "dynamic": False, "group_size": group,
+                        "num_bits": 4, "observer": "minmax", "observer_kwargs": {}, "strategy": "group",
+                        "symmetric": True, "type": "int"},
+        }
+    return {
+        "config_groups": config_groups, "format": "pack-quantized", "global_compression_ratio": None,
+        "ignore": ignore, "kv_cache_scheme": None, "quant_method": "compressed-tensors",
+        "quantization_status": "compressed", "sparsity_config": {}, "transform_config": {},
+        "version": COMPRESSED_TENSORS_VERSION,
+    }
+
+
+def export_merged(
+    model: nn.Module,
+    directory: str | os.PathLike,
+    tokenizer=None,
+    *,
+    group_size: int = 128,
+    dtype: torch.dtype = torch.bfloat16,
+) -> Path:
+    """Write ``model`` with every QLinear merged and re-quantized to int4 (compressed-tensors layout)."""
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
+    if not layers:
+        raise ValueError("the model has no QLinear layer; export_merged writes models prepared or loaded by qft")
+    state = model.state_dict()
+    shared = shared_keys(state)
+    out: dict[str, torch.Tensor] = {}
+    groups: dict[int, list[str]] = {}
+    for key, value in state.items():
+        module = key.rpartition(".")[0]
+        if key in shared or module in layers:
+            continue
+        out[key] = value.to(dtype) if value.is_floating_point() else value
+    for name, layer in layers.items():
+        group = group_for(layer.in_features, group_size)
+        groups.setdefault(group, []).append(name)
+        q, scale = quantize_int4(merged_weight(layer), group, dtype)
+        out[f"{name}.weight_packed"] = pack_int4(q)
+        out[f"{name}.weight_scale"] = scale
+        out[f"{name}.weight_shape"] = torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)
+        if layer.bias is not None:
+            out[f"{name}.bias"] = layer.bias.to(dtype)
+    if len(groups) > 1 or group_size not in groups:
+        logger.warning("group size %d does not divide every input width; groups used: %s",
+                       group_size, {g: len(n) for g, n in groups.items()})
+    config = model.config.to_dict()
+    config["dtype"] = str(dtype).removeprefix("torch.")
+    config["quantization_config"] = compressed_tensors_config(groups, ["lm_head"])
+    with atomic_dir(directory) as tmp:
+        save_file({k: v.detach().contiguous().cpu() for k, v in out.items()}, str(tmp / "model.safetensors"),
+                  metadata={"format": "pt"})
+        (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(directory)
+
+
+def load_merged(directory: str | os.PathLike) -> nn.Module:
+    """Read an int4 pack-quantized export back into a plain float model (to evaluate it without
+    compressed-tensors): every packed layer becomes an nn.Linear holding the dequantized weight."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    directory = Path(directory)
+    config = json.loads((directory / "config.json").read_text())
+    qconfig = config.get("quantization_config") or {}
+    if qconfig.get("quant_method") != "compressed-tensors" or qconfig.get("format") != "pack-quantized":
+        raise CheckpointError(f"{directory} is not a compressed-tensors pack-quantized export")
+    hf_config = AutoConfig.from_pretrained(directory)
+    del hf_config.quantization_config
+    dtype = getattr(torch, config.get("dtype") or "float32")
+    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    for key in [k for k in state if k.endswith(".weight_packed")]:
+        name = key.removesuffix(".weight_packed")
+        rows, cols = state.pop(f"{name}.weight_shape").tolist()
+        scale = state.pop(f"{name}.weight_scale")
+        q = unpack_int4(state.pop(key), cols)
+        group = cols // scale.shape[1]
+        w = (q.reshape(rows, -1, group).to(scale.dtype) * scale[..., None]).reshape(rows, cols)
+        state[f"{name}.weight"] = w
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in shared_keys(model.state_dict())]
+    if missing or unexpected:
+        raise CheckpointError(f"{directory}: missing {missing[:5]}, unexpected {unexpected[:5]}")
+    model.tie_weights()
+    return model.eval()
