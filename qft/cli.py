@@ -1,0 +1,207 @@
+"""The ``qft`` command: quantize, train, eval, export, info.
+
+    qft quantize --bits 2.5 --out smol-2.5          # the embedded SmolLM2 unless --model is given
+    qft train smol-2.5 --out smol-2.5-tuned --steps 100
+    qft eval smol-2.5-tuned                         # held-out perplexity (embedded corpus unless --data)
+    qft export smol-2.5-tuned --merged --out smol-int4
+    qft info smol-2.5-tuned
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+logger = logging.getLogger("qft.cli")
+
+
+def _load_base(model: str | None, progress: bool):
+    """(model, tokenizer): the embedded default, or a Hugging Face model folder."""
+    if model is None:
+        from qft.models import default_model
+
+        return default_model(progress=progress)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    return AutoModelForCausalLM.from_pretrained(model).eval(), AutoTokenizer.from_pretrained(model)
+
+
+def _load_any(path: str | None, progress: bool):
+    """(model, tokenizer) from a qft checkpoint, a merged int4 export, or (None) the embedded default."""
+    if path is None:
+        return _load_base(None, progress)
+    from transformers import AutoTokenizer
+
+    from qft.checkpoint import CheckpointError, load_quantized
+    from qft.export import load_merged
+
+    config = Path(path) / "config.json"
+    if not config.is_file():
+        raise CheckpointError(f"{path} has no config.json: give a folder written by `qft quantize`, `train` or `export`")
+    method = (json.loads(config.read_text()).get("quantization_config") or {}).get("quant_method")
+    model = load_merged(path) if method == "compressed-tensors" else load_quantized(path)
+    return model, AutoTokenizer.from_pretrained(path)
+
+
+def cmd_quantize(args) -> None:
+    from qft.checkpoint import save_quantized
+    from qft.prepare import quantize_and_prepare
+
+    model, tokenizer = _load_base(args.model, args.progress)
+    bits = args.bits if not args.bits.replace(".", "", 1).isdigit() else float(args.bits)
+    quantize_and_prepare(model, bits=bits, method=args.method, rank=args.rank, fisher=args.fisher,
+                         tokenizer=tokenizer, iters=args.iters, seed=args.seed, progress=args.progress)
+    print(model.qft_report.summary())
+    save_quantized(model, args.out, tokenizer)
+    print(f"saved to {args.out}")
+
+
+def cmd_train(args) -> None:
+    from qft.checkpoint import save_quantized
+    from qft.train import train
+
+    model, tokenizer = _load_any(args.checkpoint, args.progress)
+    checkpoints = args.checkpoints or f"{args.out.rstrip('/')}-checkpoints"
+    result = train(model, tokenizer, args.data, args.eval_data, output_dir=checkpoints, resume=args.resume,
+                   progress=args.progress, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
+                   block_size=args.block_size, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every,
+                   eval_blocks=args.eval_blocks, save_every=args.save_every, seed=args.seed,
+                   gradient_checkpointing=args.gradient_checkpointing)
+    for step, ppl in result.evals:
+        print(f"step {step}: held-out perplexity {ppl:.3f}")
+    print(f"{result.steps_run} steps, {result.seconds_per_step:.2f} s/step, "
+          f"{result.trainable_parameters:,} trainable parameters")
+    save_quantized(model, args.out, tokenizer)
+    print(f"saved to {args.out}")
+
+
+def cmd_eval(args) -> None:
+    from qft.data import load_texts
+    from qft.evaluate import perplexity
+
+    model, tokenizer = _load_any(args.checkpoint, args.progress)
+    texts = load_texts(args.data, "test", tokenizer=tokenizer)
+    ppl = perplexity(model, tokenizer, texts, block_size=args.block_size, max_blocks=args.max_blocks,
+                     progress=args.progress)
+    print(f"held-out perplexity {ppl:.3f}")
+
+
+def cmd_export(args) -> None:
+    import torch
+
+    from qft.checkpoint import save_quantized
+    from qft.export import export_merged
+
+    model, tokenizer = _load_any(args.checkpoint, args.progress)
+    if args.merged:
+        export_merged(model, args.out, tokenizer, group_size=args.group_size, dtype=getattr(torch, args.dtype))
+    else:
+        save_quantized(model, args.out, tokenizer)
+    print(f"saved to {args.out}")
+
+
+def cmd_info(args) -> None:
+    from qft.checkpoint import checkpoint_sizes, read_config
+    from qft.formats import get_format
+    from qft.report import markdown_table
+
+    qconfig = read_config(args.checkpoint)["quantization_config"]
+    sizes = checkpoint_sizes(args.checkpoint)
+    rows = [{"module": name, "shape": "x".join(map(str, s["shape"])), "format": s["format"],
+             "bits/param": get_format(s["format"]).storage_bits(*s["shape"]) / (s["shape"][0] * s["shape"][1]),
+             "rank": s["rank"]}
+            for name, s in qconfig["modules"].items()]
+    print(markdown_table(rows, ".3f"))
+    n = sizes["parameters_quantized"]
+    formats = {}
+    for s in qconfig["modules"].values():
+        formats[s["format"]] = formats.get(s["format"], 0) + 1
+    print(f"\n{len(rows)} quantized matrices, {n:,} parameters; formats: "
+          + ", ".join(f"{f} x{c}" for f, c in sorted(formats.items(), key=lambda x: -x[1])))
+    print(f"quantized weights: {sizes['quantized']:,} bytes = {8 * sizes['quantized'] / n:.4f} bits/param")
+    print(f"low-rank factors:  {sizes['low_rank']:,} bytes = {8 * sizes['low_rank'] / n:.4f} bits/param")
+    print(f"everything else:   {sizes['other']:,} bytes; model.safetensors {sizes['file']:,} bytes")
+    if "report" in qconfig:
+        r = qconfig["report"]
+        print(f"reported at quantization: {r['bits']:.4f} bits/param ({r['bits_with_low_rank']:.4f} with low-rank), "
+              f"method {r['method']}, budget {r['budget']}, rank {r['rank']}" + (", Fisher" if r["fisher"] else ""))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="qft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("quantize", parents=[common], help="quantize a model and save a qft checkpoint")
+    p.add_argument("--model", help="Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--bits", default="2.5", help="average bits per parameter, or a format name such as nf4")
+    p.add_argument("--method", default="lqlora", choices=["lqlora", "loftq", "qlora"])
+    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--fisher", action="store_true", help="weight errors by the empirical Fisher (needs text)")
+    p.add_argument("--iters", type=int, default=10, help="LQ-LoRA iterations per matrix")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="folder to write")
+    p.set_defaults(run=cmd_quantize)
+
+    p = sub.add_parser("train", parents=[common], help="fine-tune a qft checkpoint's high-precision parts")
+    p.add_argument("checkpoint", help="a folder written by `qft quantize` (or `qft train`)")
+    p.add_argument("--out", required=True, help="folder for the trained model")
+    p.add_argument("--checkpoints", help="folder for training checkpoints (default: OUT-checkpoints)")
+    p.add_argument("--resume", action="store_true", help="continue from the latest training checkpoint")
+    p.add_argument("--data", help=".txt/.json/.jsonl/.parquet file or save_to_disk folder (default: embedded corpus)")
+    p.add_argument("--eval-data", help="held-out data (default: the test split of --data)")
+    p.add_argument("--steps", type=int, default=100)
+    p.add_argument("--batch-size", type=int, default=4)
+    p.add_argument("--grad-accum", type=int, default=1)
+    p.add_argument("--block-size", type=int, default=256)
+    p.add_argument("--lr", type=float, default=2e-4)
+    p.add_argument("--warmup", type=int, default=10)
+    p.add_argument("--eval-every", type=int, default=0, help="steps between evaluations (0: before and after)")
+    p.add_argument("--eval-blocks", type=int, help="held-out blocks per evaluation (default: all)")
+    p.add_argument("--save-every", type=int, default=0, help="steps between training checkpoints")
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(run=cmd_train)
+
+    p = sub.add_parser("eval", parents=[common], help="held-out perplexity of a checkpoint or export")
+    p.add_argument("checkpoint", nargs="?", help="qft checkpoint or merged export (default: the embedded model)")
+    p.add_argument("--data", help="data file or folder (its test split; default: the embedded corpus)")
+    p.add_argument("--block-size", type=int, default=512)
+    p.add_argument("--max-blocks", type=int, help="evaluate only the first blocks")
+    p.set_defaults(run=cmd_eval)
+
+    p = sub.add_parser("export", parents=[common], help="write a checkpoint for serving")
+    p.add_argument("checkpoint")
+    p.add_argument("--out", required=True)
+    p.add_argument("--merged", action="store_true",
+                   help="merge Q + low-rank and re-quantize to int4 (compressed-tensors pack-quantized)")
+    p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.set_defaults(run=cmd_export)
+
+    p = sub.add_parser("info", parents=[common], help="a checkpoint's allocation and sizes")
+    p.add_argument("checkpoint")
+    p.set_defaults(run=cmd_info)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    args.progress = not args.quiet
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+    from qft.checkpoint import CheckpointError
+
+    try:
+        args.run(args)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        print(f"qft {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

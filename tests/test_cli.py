@@ -1,0 +1,69 @@
+"""The qft command, end to end on a tiny Llama that uses SmolLM2's tokenizer."""
+
+import json
+
+import pytest
+from helpers import tiny_llama
+
+from qft.cli import build_parser, main
+
+COMMANDS = ["quantize", "train", "eval", "export", "info"]
+
+
+@pytest.mark.parametrize("command", COMMANDS)
+def test_every_command_has_help(command, capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main([command, "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: qft {command}") and "--quiet" in out
+
+
+def test_help_lists_the_commands(capsys):
+    build_parser().print_help()
+    out = capsys.readouterr().out
+    assert all(c in out for c in COMMANDS)
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    from transformers import AutoTokenizer
+
+    from qft.models import DEFAULT_GGUF, default_model_dir
+
+    folder = tmp_path_factory.mktemp("base")
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF)
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def test_quantize_train_eval_export_info(base, tmp_path, capsys):
+    data = tmp_path / "notes.jsonl"
+    data.write_text("".join(json.dumps({"text": f"note {i}: the quick brown fox jumps over the lazy dog. " * 8}) + "\n"
+                            for i in range(40)))
+    q, t, m = tmp_path / "q", tmp_path / "t", tmp_path / "m"
+    assert main(["quantize", "-q", "--model", str(base), "--bits", "nf4", "--method", "loftq", "--rank", "2",
+                 "--out", str(q)]) == 0
+    assert (q / "config.json").is_file() and (q / "tokenizer.json").is_file()
+    assert main(["train", "-q", str(q), "--out", str(t), "--data", str(data), "--steps", "2", "--batch-size", "1",
+                 "--block-size", "32", "--eval-blocks", "2", "--save-every", "1", "--warmup", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "step 0: held-out perplexity" in out and "step 2: held-out perplexity" in out
+    assert (tmp_path / "t-checkpoints" / "checkpoint-2").is_dir()
+    assert main(["eval", "-q", str(t), "--data", str(data), "--block-size", "32", "--max-blocks", "2"]) == 0
+    assert "held-out perplexity" in capsys.readouterr().out
+    assert main(["export", "-q", str(t), "--merged", "--out", str(m)]) == 0
+    assert json.loads((m / "config.json").read_text())["quantization_config"]["format"] == "pack-quantized"
+    assert main(["eval", "-q", str(m), "--data", str(data), "--block-size", "32", "--max-blocks", "2"]) == 0
+    assert "held-out perplexity" in capsys.readouterr().out
+    assert main(["info", str(t)]) == 0
+    out = capsys.readouterr().out
+    assert "14 quantized matrices" in out and "nf4-b64 x14" in out and "bits/param" in out
+
+
+def test_errors_are_one_clear_line(tmp_path, capsys):
+    assert main(["info", str(tmp_path)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("qft info: error:") and "no config.json" in err
+    assert main(["eval", "-q", str(tmp_path / "missing")]) == 2
