@@ -118,7 +118,7 @@ def one_run(args) -> dict:
         "s/step": result.seconds_per_step,
         "trainable params": result.trainable_parameters,
         "peak RSS training GB": rss.peak / 1e9,
-        "peak RSS process GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6,
+        "peak RSS process GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,  # KiB on Linux
         "prepare s": prepare_s,
     }
 

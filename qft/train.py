@@ -47,7 +47,7 @@ class TrainConfig:
     max_grad_norm: float | None = 1.0
     gradient_checkpointing: bool = False
     eval_every: int = 0  # 0: evaluate only before and after
-    eval_blocks: int | None = None  # held-out blocks per evaluation (None: all)
+    eval_blocks: int | None = None  # held-out blocks per evaluation (None: all, 0: no evaluation)
     save_every: int = 0  # 0: no checkpoints during training
     keep: int = 2  # checkpoints kept on disk
     seed: int = 0
@@ -204,6 +204,8 @@ def train(
     was_training = model.training
 
     def evaluate(step: int) -> None:
+        if config.eval_blocks == 0:
+            return
         ppl = perplexity(model, tokenizer, eval_blocks, block_size=config.block_size,
                          batch_size=config.batch_size, progress=False)
         result.evals.append((step, ppl))
