@@ -27,7 +27,8 @@ def main() -> None:
     parser.add_argument("--bits", type=float, default=2.5)
     parser.add_argument("--rank", type=int, default=64)
     parser.add_argument("--iters", type=int, default=3, help="LQ-LoRA iterations per matrix")
-    parser.add_argument("--no-fisher", action="store_true")
+    parser.add_argument("--fisher-blocks", type=int, default=16,
+                        help="calibration blocks of 512 tokens for the Fisher (0: no Fisher weighting)")
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--block-size", type=int, default=256)
@@ -52,8 +53,12 @@ def main() -> None:
     model, tokenizer = qft.default_model(progress=progress)
     evaluate("full precision", model)
 
-    qft.quantize_and_prepare(model, bits=args.bits, rank=args.rank, fisher=not args.no_fisher, tokenizer=tokenizer,
-                             iters=args.iters, seed=0, progress=progress)
+    fisher = False
+    if args.fisher_blocks:
+        fisher = qft.empirical_fisher(model, tokenizer, qft.find_target_linears(model), max_blocks=args.fisher_blocks,
+                                      progress=progress)
+    qft.quantize_and_prepare(model, bits=args.bits, rank=args.rank, fisher=fisher, iters=args.iters, seed=0,
+                             progress=progress)
     print(model.qft_report.summary())
     evaluate(f"quantized, {args.bits} bits", model)
 

@@ -103,6 +103,11 @@ def quantization_config(model: nn.Module) -> dict:
         config["report"] = {"method": report.method, "budget": report.budget, "rank": report.rank,
                             "fisher": report.fisher, "bits": report.bits,
                             "bits_with_low_rank": report.bits_with_low_rank}
+    else:  # a loaded checkpoint keeps the report it was written with
+        loaded = getattr(model.config, "quantization_config", None)
+        loaded = loaded.to_dict() if hasattr(loaded, "to_dict") else loaded or {}
+        if loaded.get("quant_method") == QUANT_METHOD and "report" in loaded:
+            config["report"] = loaded["report"]
     return config
 
 

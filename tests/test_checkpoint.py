@@ -50,6 +50,15 @@ def test_transformers_from_pretrained_reads_qft_checkpoints(prepared, saved):
     assert torch.equal(logits(loaded), logits(prepared))
 
 
+@pytest.mark.parametrize("loader", [qft.load_quantized, AutoModelForCausalLM.from_pretrained])
+def test_a_loaded_model_saves_again_unchanged(prepared, saved, tmp_path, loader):
+    qft.save_quantized(loader(saved), tmp_path / "again")
+    assert load_file(tmp_path / "again" / "model.safetensors").keys() == load_file(saved / "model.safetensors").keys()
+    first, second = (json.loads((d / "config.json").read_text())["quantization_config"] for d in (saved, tmp_path / "again"))
+    assert first == second  # the modules and the quantization report survive the round trip
+    assert torch.equal(logits(qft.load_quantized(tmp_path / "again")), logits(prepared))
+
+
 def test_tied_embeddings_are_saved_once_and_tied_again(tmp_path):
     model = tiny_llama()
     model.config.tie_word_embeddings = True
