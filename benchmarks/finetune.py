@@ -27,7 +27,6 @@ import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import torch
 from lqlora import CACHE, OUT, header

@@ -1,4 +1,4 @@
-"""Write a whole folder or file so that a crash never leaves a half-written one.
+"""Write a whole folder so that a crash never leaves a half-written one.
 
 Everything goes to a temporary name next to the target and is renamed into
 place only when complete; a folder that already exists is swapped out and
@@ -37,17 +37,3 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
 
-
-def atomic_write_text(path: str | os.PathLike, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.tmp-", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

@@ -10,11 +10,21 @@ loader leaves uninitialised). The model stays trainable (Trainer accepts it).
 
 from __future__ import annotations
 
-from transformers.quantizers import HfQuantizer, register_quantization_config, register_quantizer
+from transformers.quantizers import (
+    HfQuantizer,
+    register_quantization_config,
+    register_quantizer,
+)
 from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from qft.checkpoint import QUANT_METHOD, check_quantization_config, check_tensors, swap_in_empty_layers, tensor_layout
+from qft.checkpoint import (
+    QUANT_METHOD,
+    check_quantization_config,
+    check_tensors,
+    swap_in_empty_layers,
+    tensor_layout,
+)
 from qft.nn import QLinear
 
 

@@ -8,7 +8,15 @@ from helpers import tiny_llama
 from safetensors.torch import load_file
 
 import qft
-from qft.export import export_merged, group_for, load_merged, merged_weight, pack_int4, quantize_int4, unpack_int4
+from qft.export import (
+    export_merged,
+    group_for,
+    load_merged,
+    merged_weight,
+    pack_int4,
+    quantize_int4,
+    unpack_int4,
+)
 from qft.nn import QLinear
 
 
