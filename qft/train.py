@@ -168,7 +168,8 @@ def train(
     low-rank factors) with a causal-LM loss.
 
     data / eval_data: a list of texts, a LongTensor of token blocks, or anything
-      ``qft.data.load_texts`` reads (None: the embedded corpus's train / test split).
+      ``qft.data.load_texts`` reads (None: the embedded corpus); a source's "train"
+      split trains and, unless ``eval_data`` is given, its "test" split evaluates.
     config: a TrainConfig; keyword ``overrides`` (steps=, lr=, ...) change single fields.
     output_dir: where checkpoints go (every ``save_every`` steps, and at the end).
     resume: True to continue from the latest checkpoint in ``output_dir`` (or a path to one).
@@ -179,6 +180,8 @@ def train(
     if (config.save_every or resume) and output_dir is None:
         raise ValueError("checkpoints need output_dir=")
     blocks = _blocks(data, "train", tokenizer, config.block_size)
+    if eval_data is None and not isinstance(data, (list, torch.Tensor)):
+        eval_data = data  # its own held-out split
     eval_blocks = _blocks(eval_data, "test", tokenizer, config.block_size)[: config.eval_blocks]
     params = _trainable(model)
     device = next(iter(params.values())).device
