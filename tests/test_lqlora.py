@@ -52,6 +52,17 @@ def test_fisher_weighting_lowers_the_weighted_error(rng):
     assert weighted.error < plain_weighted_error
 
 
+@pytest.mark.parametrize("scale", [1e-8, 1.0, 1e4])
+def test_fisher_factors_are_balanced(rng, scale):
+    # Fisher values are tiny on real models; the factors must still be of one scale, or AdamW
+    # (a per-element step) moves the small factor by a large fraction and training diverges.
+    w = _lowrank_plus_noise(rng)
+    fisher = scale * torch.rand(w.shape, generator=rng) ** 4
+    d = lqlora(w, "nf3-b64", 8, fisher=fisher, iters=3)
+    assert torch.allclose(d.L1.norm(dim=0), d.L2.norm(dim=1), rtol=1e-4)
+    assert 0.01 < float(d.L1.abs().mean() / d.L2.abs().mean()) < 100
+
+
 def test_bad_arguments(rng):
     w = torch.randn(16, 32, generator=rng)
     with pytest.raises(ValueError, match="rank must be in"):

@@ -94,6 +94,10 @@ def low_rank(
     l1, l2 = u * root, (v[:, :rank] * root).t()
     if weights is not None:
         l1, l2 = l1 / r[:, None], l2 / c[None, :]
+        # Undoing the Fisher weights leaves the factors far apart in scale (|L1| ~ 1/sqrt(F)); equal
+        # norms per component keep the product and let AdamW's per-element steps treat both alike.
+        balance = (l2.norm(dim=1) / l1.norm(dim=0).clamp_min(1e-30)).sqrt()
+        l1, l2 = l1 * balance[None, :], l2 / balance[:, None]
     return l1, l2, v
 
 
