@@ -30,7 +30,7 @@ def main() -> None:
     parser.add_argument("--fisher-blocks", type=int, default=16,
                         help="calibration blocks of 512 tokens for the Fisher (0: no Fisher weighting)")
     parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--block-size", type=int, default=256)
     parser.add_argument("--lr", type=float, default=3e-4)
     parser.add_argument("--eval-blocks", type=int, default=12,
