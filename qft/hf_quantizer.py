@@ -10,6 +10,7 @@ loader leaves uninitialised). The model stays trainable (Trainer accepts it).
 
 from __future__ import annotations
 
+import torch
 from transformers.quantizers import (
     HfQuantizer,
     register_quantization_config,
@@ -46,7 +47,10 @@ class QftHfQuantizer(HfQuantizer):
         check_quantization_config(self.quantization_config.to_dict(), "this checkpoint")
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        swap_in_empty_layers(model, self.quantization_config.modules)
+        # transformers builds the model under torch.device("meta"); the new layers' codebooks are
+        # computed, not loaded, so they (and the small empty buffers) are made on the CPU
+        with torch.device("cpu"):
+            swap_in_empty_layers(model, self.quantization_config.modules)
         found = {}
         for path in checkpoint_files or []:
             if str(path).endswith(".safetensors"):

@@ -1,6 +1,8 @@
 """save_quantized / load_quantized / AutoModelForCausalLM.from_pretrained on a tiny Llama."""
 
 import json
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -48,6 +50,17 @@ def test_transformers_from_pretrained_reads_qft_checkpoints(prepared, saved):
     loaded = AutoModelForCausalLM.from_pretrained(saved)
     assert isinstance(loaded.model.layers[1].mlp.down_proj, QLinear)
     assert torch.equal(logits(loaded), logits(prepared))
+
+
+def test_from_pretrained_in_a_fresh_process(prepared, saved):
+    # nothing cached yet (codebooks are computed while transformers builds on the meta device)
+    code = ("import sys, torch, qft; from transformers import AutoModelForCausalLM; "
+            "m = AutoModelForCausalLM.from_pretrained(sys.argv[1]); "
+            "print(m(torch.arange(12).view(1, 12)).logits.sum().item())")
+    out = subprocess.run([sys.executable, "-c", code, str(saved)], capture_output=True, text=True, check=True)
+    with torch.no_grad():
+        expected = prepared(torch.arange(12).view(1, 12)).logits.sum().item()
+    assert float(out.stdout.strip().splitlines()[-1]) == expected
 
 
 @pytest.mark.parametrize("loader", [qft.load_quantized, AutoModelForCausalLM.from_pretrained])
