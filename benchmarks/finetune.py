@@ -33,6 +33,7 @@ from lqlora import CACHE, OUT, header
 
 import qft
 from qft.report import markdown_table
+from qft.targets import set_module
 from qft.train import train
 
 RUNS = ["lora", "qlora-bnb", "qft-nf4", "lqlora-2.5", "lqlora-3.0"]
@@ -76,8 +77,7 @@ def bnb_nf4_linears(model):
                               compute_dtype=torch.float32, compress_statistics=True, quant_type="nf4")
         q.weight = bnb.nn.Params4bit(layer.weight.data.clone(), requires_grad=False, quant_type="nf4",
                                      blocksize=64, compress_statistics=True)
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, q.to("cpu"))
+        set_module(model, name, q.to("cpu"))
     return model
 
 

@@ -26,6 +26,7 @@ from torch import nn
 
 from qft.atomic import atomic_dir
 from qft.nn import QLinear
+from qft.targets import set_module
 from qft.tensor import QuantizedTensor
 
 logger = logging.getLogger(__name__)
@@ -78,8 +79,7 @@ def swap_in_empty_layers(model: nn.Module, specs: dict[str, dict]) -> None:
         if getattr(old, "in_features", None) is not None and [old.out_features, old.in_features] != spec["shape"]:
             raise CheckpointError(f"{name} is {[old.out_features, old.in_features]} in the model, "
                                   f"{spec['shape']} in the checkpoint")
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, empty_qlinear(spec))
+        set_module(model, name, empty_qlinear(spec))
 
 
 def shared_keys(state: dict[str, torch.Tensor]) -> set[str]:

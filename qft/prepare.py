@@ -23,7 +23,7 @@ from qft.fisher import empirical_fisher
 from qft.formats import Format, get_format
 from qft.nn import QLinear
 from qft.solvers import Solution
-from qft.targets import DEFAULT_SKIP, find_target_linears
+from qft.targets import DEFAULT_SKIP, find_target_linears, set_module
 from qft.tensor import QuantizedTensor
 
 logger = logging.getLogger(__name__)
@@ -86,11 +86,6 @@ def _skipped_modules(model: nn.Module, targets: dict[str, nn.Linear], skip) -> d
         else:
             skipped[name] = f"unsupported module type {type(module).__name__}"
     return skipped
-
-
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
 
 
 def quantize_and_prepare(
@@ -175,7 +170,7 @@ def quantize_and_prepare(
             d = lqlora(w, fmt, rank, fisher=f, iters=iterations, init=INIT[method], seed=seed)
             qlinear = QLinear(d.qweight, layer.bias, rank=rank, alpha=rank, lora_a=d.L2, lora_b=d.L1, seed=seed)
             error = d.error
-        _set_module(model, name, qlinear.to(w.device))
+        set_module(model, name, qlinear.to(w.device))
         qt: QuantizedTensor = qlinear.qweight
         quant_bits += 8 * qt.nbytes
         low_rank_bits += sum(8 * p.numel() * p.element_size() for p in (qlinear.lora_A, qlinear.lora_B) if p is not None)

@@ -30,3 +30,9 @@ def find_target_linears(
             "check the names with [n for n, _ in model.named_modules()]"
         )
     return found
+
+
+def set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    """Put ``module`` at the qualified ``name`` (e.g. "model.layers.0.mlp.up_proj") of ``model``."""
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)

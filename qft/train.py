@@ -94,11 +94,16 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return params
 
 
+def _checkpoints(output_dir: str | Path) -> list[Path]:
+    """Complete checkpoints in ``output_dir``, oldest first (temporary folders do not match)."""
+    found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))]
+    return [p for _, p in sorted(found)]
+
+
 def latest_checkpoint(output_dir: str | Path) -> Path | None:
     """The complete checkpoint with the highest step in ``output_dir`` (None if there is none)."""
-    output_dir = Path(output_dir)
-    found = [(int(m.group(1)), p) for p in output_dir.glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))]
-    return max(found)[1] if found else None
+    found = _checkpoints(output_dir)
+    return found[-1] if found else None
 
 
 def _save_checkpoint(output_dir: Path, step: int, params, optimizer, config, result: TrainResult) -> Path:
@@ -116,8 +121,8 @@ def _save_checkpoint(output_dir: Path, step: int, params, optimizer, config, res
         state = {"version": CHECKPOINT_VERSION, "step": step, "config": asdict(config),
                  "losses": result.losses, "evals": result.evals, "tokens": result.tokens}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
-    old = sorted((int(m.group(1)), p) for p in output_dir.glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name)))
-    for _, path in old[: max(0, len(old) - config.keep)]:
+    old = _checkpoints(output_dir)
+    for path in old[: max(0, len(old) - config.keep)]:
         shutil.rmtree(path)
     return target
 
@@ -135,18 +140,21 @@ def _load_checkpoint(path: Path, params, optimizer, config: TrainConfig, result:
     if weights.keys() != params.keys():
         raise ValueError(f"{path} holds other trainable parameters than this model "
                          f"(missing {sorted(params.keys() - weights.keys())[:3]}, extra {sorted(weights.keys() - params.keys())[:3]})")
+    for n, p in params.items():  # every check before the first copy: never a half-restored model
+        if weights[n].shape != p.shape:
+            raise ValueError(f"{path}: {n} has shape {tuple(weights[n].shape)}, the model's {tuple(p.shape)}")
+    moments = load_file(str(path / "optimizer.safetensors"))
     with torch.no_grad():
         for n, p in params.items():
-            if weights[n].shape != p.shape:
-                raise ValueError(f"{path}: {n} has shape {tuple(weights[n].shape)}, the model's {tuple(p.shape)}")
             p.copy_(weights[n])
-    moments = load_file(str(path / "optimizer.safetensors"))
     torch.set_rng_state(moments.pop("__rng__"))
-    for n, p in params.items():
-        entry = {key.rsplit(".", 1)[1]: v for key, v in moments.items() if key.rsplit(".", 1)[0] == n}
-        if entry:
-            entry["step"] = entry["step"].reshape(())
-            optimizer.state[p] = entry
+    entries: dict[str, dict[str, torch.Tensor]] = {}
+    for key, value in moments.items():
+        name, _, field_name = key.rpartition(".")
+        entries.setdefault(name, {})[field_name] = value
+    for n, entry in entries.items():
+        entry["step"] = entry["step"].reshape(())
+        optimizer.state[params[n]] = entry
     result.losses, result.tokens = state["losses"], state["tokens"]
     result.evals = [tuple(e) for e in state["evals"]]
     return state["step"]
@@ -182,7 +190,9 @@ def train(
     blocks = _blocks(data, "train", tokenizer, config.block_size)
     if eval_data is None and not isinstance(data, (list, torch.Tensor)):
         eval_data = data  # its own held-out split
-    eval_blocks = _blocks(eval_data, "test", tokenizer, config.block_size)[: config.eval_blocks]
+    eval_blocks = None
+    if config.eval_blocks != 0:
+        eval_blocks = _blocks(eval_data, "test", tokenizer, config.block_size)[: config.eval_blocks]
     params = _trainable(model)
     device = next(iter(params.values())).device
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay, foreach=False)
@@ -207,7 +217,7 @@ def train(
     was_training = model.training
 
     def evaluate(step: int) -> None:
-        if config.eval_blocks == 0:
+        if eval_blocks is None:
             return
         ppl = perplexity(model, tokenizer, eval_blocks, block_size=config.block_size,
                          batch_size=config.batch_size, progress=False)
