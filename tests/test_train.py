@@ -95,6 +95,18 @@ def test_resume_refuses_other_settings(tmp_path):
                   **{**SETTINGS, "lr": 1e-3})
 
 
+def test_resume_with_other_shapes_changes_nothing(tmp_path):
+    qft.train(prepared(), None, *data(), progress=False, output_dir=tmp_path, **SETTINGS)
+    other = prepared()
+    last = other.model.layers[1].mlp.down_proj  # only the last layer differs: the others would be copied first
+    other.model.layers[1].mlp.down_proj = QLinear(last.qweight, rank=2)
+    before = trainable_state(other)
+    with pytest.raises(ValueError, match="has shape"):
+        qft.train(other, None, *data(), progress=False, output_dir=tmp_path, resume=True, **SETTINGS)
+    after = trainable_state(other)
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
 def test_checkpoints_are_pruned_and_complete(tmp_path):
     qft.train(prepared(), None, *data(), progress=False, output_dir=tmp_path, save_every=1, keep=2, **SETTINGS)
     names = sorted(p.name for p in tmp_path.iterdir())
