@@ -58,6 +58,8 @@ class QftHfQuantizer(HfQuantizer):
             else:
                 raise ValueError(f"{path}: qft checkpoints are read from safetensors files only")
         expected = model.state_dict()
+        # the rest of the model is still on the meta device, where every tensor has data_ptr 0, so
+        # checkpoint.shared_keys cannot tell tied tensors apart: the config says which one is tied
         tied = {k for k in expected if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
         check_tensors(found, expected, tied, self.quantization_config.modules, "the checkpoint")
 
