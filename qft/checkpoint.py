@@ -1,12 +1,13 @@
 """qft checkpoints: a Hugging Face model folder whose quantized layers stay packed.
 
     folder/config.json          the model's config + quantization_config {"quant_method": "qft", ...}
-    folder/model.safetensors    packed codes, stored scales, low-rank factors, everything else as is
+    folder/model.safetensors    packed codes, stored scales, adapters, everything else
+                                (or model-0000k-of-0000n.safetensors + model.safetensors.index.json)
     folder/tokenizer*, generation_config.json
 
-``quantization_config["modules"]`` lists every QLinear (format, shape, rank,
-bias, trainable scales), which is all it takes to rebuild empty layers that the
-file then fills. Loading checks the whole file against that list before it
+``quantization_config["modules"]`` lists every QLinear (format, shape, logical
+dtype, rank, alpha, bias, trainable scales, and the dtype of every stored
+tensor), which is all it takes to rebuild empty layers that the files then fill. Loading checks the whole file against that list before it
 touches the model, so a truncated file, a missing tensor or a checkpoint of
 another format version is an error, never a half-loaded model. The folder is
 written under a temporary name and renamed.
@@ -25,15 +26,15 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qft.atomic import atomic_dir
-from qft.nn import QLinear
+from qft.nn import QLinear, mark_trainable
 from qft.targets import set_module
-from qft.tensor import QuantizedTensor
 
 logger = logging.getLogger(__name__)
 
 QUANT_METHOD = "qft"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: per-tensor dtypes recorded, alpha in the config, the weight as one QuantizedTensor
 WEIGHTS = "model.safetensors"
+INDEX = "model.safetensors.index.json"
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
            "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8, "F64": torch.float64}
 
@@ -43,43 +44,33 @@ class CheckpointError(ValueError):
 
 
 def module_specs(model: nn.Module) -> dict[str, dict]:
-    """What it takes to rebuild each QLinear of ``model`` as an empty layer."""
-    specs = {}
-    for name, m in model.named_modules():
+    """What it takes to rebuild each QLinear of ``model`` as an empty layer (a layer that sits at
+    several places, tied, is described once and the others say ``same_as``)."""
+    specs, first = {}, {}
+    for name, m in model.named_modules(remove_duplicate=False):
         if isinstance(m, QLinear):
-            specs[name] = {
-                "format": m.format.name,
-                "shape": [m.out_features, m.in_features],
-                "rank": m.rank,
-                "bias": None if m.bias is None else str(m.bias.dtype).removeprefix("torch."),
-                "train_scales": m.scale is not None,
-            }
+            if id(m) in first:
+                specs[name] = {"same_as": first[id(m)]}
+            else:
+                first[id(m)] = name
+                specs[name] = m.spec()
     return specs
 
 
-def empty_qlinear(spec: dict) -> QLinear:
-    """A QLinear with the layout ``spec`` describes and zeros everywhere (a checkpoint fills it)."""
-    out_features, in_features = spec["shape"]
-    rank = spec["rank"]
-    bias = None if spec["bias"] is None else torch.zeros(out_features, dtype=getattr(torch, spec["bias"]))
-    return QLinear(
-        QuantizedTensor.empty(spec["format"], (out_features, in_features)), bias, rank=rank,
-        lora_a=torch.zeros(rank, in_features) if rank else None,
-        lora_b=torch.zeros(out_features, rank) if rank else None,
-        train_scales=spec["train_scales"],
-    )
-
-
 def swap_in_empty_layers(model: nn.Module, specs: dict[str, dict]) -> None:
+    """Put an empty QLinear (on the current default device) at every place ``specs`` lists."""
     for name, spec in specs.items():
         try:
             old = model.get_submodule(name)
         except AttributeError:
             raise CheckpointError(f"the checkpoint quantizes {name}, which this model does not have") from None
+        if "same_as" in spec:
+            set_module(model, name, model.get_submodule(spec["same_as"]))
+            continue
         if getattr(old, "in_features", None) is not None and [old.out_features, old.in_features] != spec["shape"]:
             raise CheckpointError(f"{name} is {[old.out_features, old.in_features]} in the model, "
                                   f"{spec['shape']} in the checkpoint")
-        set_module(model, name, empty_qlinear(spec))
+        set_module(model, name, QLinear.empty(spec))
 
 
 def shared_keys(state: dict[str, torch.Tensor]) -> set[str]:
@@ -93,6 +84,12 @@ def shared_keys(state: dict[str, torch.Tensor]) -> set[str]:
     return shared
 
 
+def tied_layer_keys(state: dict, specs: dict[str, dict]) -> set[str]:
+    """State keys of layers that are another layer (``same_as``): stored once, under the first name."""
+    prefixes = tuple(f"{n}." for n, s in specs.items() if "same_as" in s)
+    return {k for k in state if prefixes and k.startswith(prefixes)}
+
+
 def quantization_config(model: nn.Module) -> dict:
     from qft import __version__
 
@@ -102,7 +99,7 @@ def quantization_config(model: nn.Module) -> dict:
     if report is not None:
         config["report"] = {"method": report.method, "budget": report.budget, "rank": report.rank,
                             "fisher": report.fisher, "bits": report.bits,
-                            "bits_with_low_rank": report.bits_with_low_rank}
+                            "bits_with_adapters": report.bits_with_adapters}
     else:  # a loaded checkpoint keeps the report it was written with
         loaded = getattr(model.config, "quantization_config", None)
         loaded = loaded.to_dict() if hasattr(loaded, "to_dict") else loaded or {}
@@ -111,17 +108,66 @@ def quantization_config(model: nn.Module) -> dict:
     return config
 
 
-def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=None) -> Path:
-    """Write ``model`` (with its QLinear layers packed) and ``tokenizer`` to ``directory``."""
+def _shards(state: dict[str, torch.Tensor], max_shard_size: int | None) -> list[dict[str, torch.Tensor]]:
+    if max_shard_size is None:
+        return [state]
+    shards, size = [{}], 0
+    for k, t in state.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_size:
+            shards.append({})
+            size = 0
+        shards[-1][k] = t
+        size += nbytes
+    return shards
+
+
+def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=None, *,
+                   dtype: torch.dtype | None = None, max_shard_size: int | None = None) -> Path:
+    """Write ``model`` (with its QLinear layers packed) and ``tokenizer`` to ``directory``.
+
+    dtype: store the float tensors that are not quantized (embeddings, norms, the output head) and the
+      low-rank factors in this dtype (e.g. torch.bfloat16: a low-bit checkpoint is then small); default
+      as they are. Packed codes and stored scales are always kept exactly.
+    max_shard_size: bytes per file; above it the tensors go into several files plus an index,
+      as ``save_pretrained`` writes them.
+    """
     specs = module_specs(model)
     if not specs:
         raise ValueError("the model has no QLinear layer; call qft.quantize_and_prepare(model) before saving")
     state = model.state_dict()
-    state = {k: v.detach().contiguous().cpu() for k, v in state.items() if k not in shared_keys(state)}
+    drop = shared_keys(state) | tied_layer_keys(state, specs)
+    quantized = {n for n, s in specs.items() if "same_as" not in s}
+    out = {}
+    for k, v in state.items():
+        if k in drop:
+            continue
+        module, _, leaf = k.rpartition(".")
+        castable = v.is_floating_point() and (module not in quantized or leaf in ("lora_A", "lora_B"))
+        out[k] = (v.to(dtype) if dtype is not None and castable else v).detach().contiguous().cpu()
+    for name, spec in specs.items():  # the spec records what is stored
+        for leaf in spec.get("dtypes", {}):
+            if f"{name}.{leaf}" in out:
+                spec["dtypes"][leaf] = str(out[f"{name}.{leaf}"].dtype).removeprefix("torch.")
     config = model.config.to_dict()
+    if dtype is not None:
+        config["dtype"] = str(dtype).removeprefix("torch.")
+    config["architectures"] = [type(model).__name__]
     config["quantization_config"] = quantization_config(model)
+    config["quantization_config"]["modules"] = specs
+    shards = _shards(out, max_shard_size)
+    metadata = {"format": "pt", "qft_format_version": str(FORMAT_VERSION)}
     with atomic_dir(directory) as tmp:
-        save_file(state, str(tmp / WEIGHTS), metadata={"format": "pt", "qft_format_version": str(FORMAT_VERSION)})
+        if len(shards) == 1:
+            save_file(shards[0], str(tmp / WEIGHTS), metadata=metadata)
+        else:
+            weight_map = {}
+            for i, shard in enumerate(shards, 1):
+                file = f"model-{i:05d}-of-{len(shards):05d}.safetensors"
+                save_file(shard, str(tmp / file), metadata=metadata)
+                weight_map.update(dict.fromkeys(shard, file))
+            total = sum(t.numel() * t.element_size() for t in out.values())
+            (tmp / INDEX).write_text(json.dumps({"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
@@ -129,6 +175,20 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
             tokenizer.save_pretrained(tmp)
     logger.info("saved %d quantized layers to %s", len(specs), directory)
     return Path(directory)
+
+
+def weight_files(directory: str | os.PathLike) -> list[Path]:
+    """The safetensors files of a checkpoint folder: one file, or the shards its index lists."""
+    directory = Path(directory)
+    if (directory / INDEX).is_file():
+        weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
+        files = [directory / f for f in dict.fromkeys(weight_map.values())]
+    else:
+        files = [directory / WEIGHTS]
+    for f in files:
+        if not f.is_file():
+            raise CheckpointError(f"{f} is missing; copy the whole checkpoint folder again")
+    return files
 
 
 def read_config(directory: str | os.PathLike) -> dict:
@@ -181,29 +241,25 @@ def check_tensors(found: dict, expected: dict[str, torch.Tensor], optional: set[
 
 
 def load_quantized(directory: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild a model written by :func:`save_quantized`: same tensors, same logits bit for bit.
+    """Rebuild a model written by :func:`save_quantized`: same tensors and dtypes, same logits bit for bit.
 
-    The low-rank factors (and trainable scales) require grad, everything else is frozen;
-    the model is in eval mode. The tokenizer: ``AutoTokenizer.from_pretrained(directory)``.
+    The model is built on the meta device by transformers (the registered "qft" quantizer swaps in
+    empty QLinear layers and checks every file before anything is loaded). The adapters require
+    grad, everything else is frozen; the model is in eval mode. The tokenizer:
+    ``AutoTokenizer.from_pretrained(directory)``.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    import transformers
 
     directory = Path(directory)
-    qconfig = read_config(directory)["quantization_config"]
-    found = tensor_layout(directory / WEIGHTS)
-    config = AutoConfig.from_pretrained(directory)
-    del config.quantization_config  # the model is built plain, then its layers are swapped
-    model = AutoModelForCausalLM.from_config(config)
-    swap_in_empty_layers(model, qconfig["modules"])
-    expected = model.state_dict()
-    check_tensors(found, expected, shared_keys(expected), qconfig["modules"], directory / WEIGHTS)
-    with safe_open(str(directory / WEIGHTS), framework="pt") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
-    model.load_state_dict(state, strict=False, assign=True)  # assign: every tensor keeps the file's dtype
-    model.tie_weights()
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.endswith(("lora_A", "lora_B", ".scale")))
-    model.config.quantization_config = qconfig
+    config = read_config(directory)
+    for f in weight_files(directory):
+        tensor_layout(f)  # a truncated file fails here, with qft's message
+    architecture = (config.get("architectures") or [None])[0]
+    cls = getattr(transformers, architecture, None) if architecture else None
+    if cls is None:
+        cls = transformers.AutoModelForCausalLM
+    model = cls.from_pretrained(directory, dtype="auto")
+    mark_trainable(model)
     return model.to(device).eval()
 
 
@@ -211,8 +267,13 @@ def checkpoint_sizes(directory: str | os.PathLike) -> dict[str, int]:
     """Bytes on disk by part: quantized weights (codes + scales), low-rank factors, the rest, the file."""
     directory = Path(directory)
     modules = read_config(directory)["quantization_config"]["modules"]
+    modules = {n: s for n, s in modules.items() if "same_as" not in s}
     sizes = {"quantized": 0, "low_rank": 0, "other": 0, "parameters_quantized": 0}
-    for name, (dtype, shape) in tensor_layout(directory / WEIGHTS).items():
+    files = weight_files(directory)
+    layout = {}
+    for f in files:
+        layout.update(tensor_layout(f))
+    for name, (dtype, shape) in layout.items():
         nbytes = dtype.itemsize * int(torch.Size(shape).numel())
         module, _, leaf = name.rpartition(".")
         if module in modules and leaf.startswith("weight_") and leaf not in ("weight_shape", "weight_format"):
@@ -222,5 +283,5 @@ def checkpoint_sizes(directory: str | os.PathLike) -> dict[str, int]:
         else:
             sizes["other"] += nbytes
     sizes["parameters_quantized"] = sum(s["shape"][0] * s["shape"][1] for s in modules.values())
-    sizes["file"] = (directory / WEIGHTS).stat().st_size
+    sizes["file"] = sum(f.stat().st_size for f in files)
     return sizes

@@ -10,7 +10,11 @@ model dtype, ``weight_shape`` (int64). Scales are absmax / 7.5 and codes
 round(w / scale) clamped to [-8, 7], as compressed-tensors computes them.
 compressed-tensors needs the group to divide the input width; a layer where
 ``group_size`` does not (SmolLM2's 576) gets the largest power-of-two group
-that does, in its own config group.
+down to 16 that does, and a layer that not even 16 divides is written per
+channel (``weight_scale`` (out, 1)); each group size has its own config group.
+Config groups target the exported layers by full module name (compressed-tensors
+and vLLM match a plain target to a name only by equality), and ``ignore`` lists
+every other Linear of the model.
 """
 
 from __future__ import annotations
@@ -18,13 +22,13 @@ from __future__ import annotations
 import json
 import logging
 import os
-import re
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from transformers.pytorch_utils import Conv1D
 
 from qft.atomic import atomic_dir
 from qft.checkpoint import CheckpointError, shared_keys
@@ -34,6 +38,7 @@ from qft.nn import QLinear
 logger = logging.getLogger(__name__)
 
 COMPRESSED_TENSORS_VERSION = "0.12.2"  # the config layout written (newer releases read it)
+MIN_GROUP = 16  # smaller groups cost more than a bit per weight in scales: such layers go per channel
 
 
 def merged_weight(layer: QLinear) -> torch.Tensor:
@@ -48,12 +53,15 @@ def merged_weight(layer: QLinear) -> torch.Tensor:
     return w
 
 
-def group_for(in_features: int, group_size: int) -> int:
-    """group_size if it divides in_features, else the largest power of two below it that does."""
+def group_for(in_features: int, group_size: int) -> int | None:
+    """The largest power of two from ``group_size`` down to MIN_GROUP that divides ``in_features``,
+    or None (per channel) when none does."""
     g = group_size
-    while in_features % g:
+    while g >= MIN_GROUP:
+        if in_features % g == 0:
+            return g
         g //= 2
-    return g
+    return None
 
 
 def quantize_int4(w: torch.Tensor, group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
@@ -72,37 +80,29 @@ def pack_int4(q: torch.Tensor) -> torch.Tensor:
     u = (q.to(torch.int64) + 8).clamp(0, 15)
     pad = -cols % 8
     u = torch.nn.functional.pad(u, (0, pad)).reshape(rows, -1, 8)
-    words = (u << (4 * torch.arange(8))).sum(-1)
+    words = (u << (4 * torch.arange(8, device=q.device))).sum(-1)
     return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
     """Inverse of :func:`pack_int4`: int8 codes in [-8, 7], (rows, cols)."""
     words = packed.to(torch.int64) & 0xFFFFFFFF
-    nibbles = (words[..., None] >> (4 * torch.arange(8))) & 0xF
+    nibbles = (words[..., None] >> (4 * torch.arange(8, device=packed.device))) & 0xF
     return (nibbles.reshape(packed.shape[0], -1)[:, :cols] - 8).to(torch.int8)
 
 
-def _targets(groups: dict[int, list[str]]) -> dict[int, list[str]]:
-    """Config-group targets: one regex per layer kind when kinds don't straddle groups, else names."""
-    kinds = {g: {n.rsplit(".", 1)[-1] for n in names} for g, names in groups.items()}
-    disjoint = sum(len(k) for k in kinds.values()) == len(set().union(*kinds.values()))
-    if disjoint:
-        return {g: [f"re:.*\\.{re.escape(k)}$" for k in sorted(ks)] for g, ks in kinds.items()}
-    return {g: sorted(names) for g, names in groups.items()}
-
-
-def compressed_tensors_config(groups: dict[int, list[str]], ignore: list[str]) -> dict:
+def compressed_tensors_config(groups: dict[int | None, list[str]], ignore: list[str]) -> dict:
+    """The quantization_config: one config group per group size (None: per channel), largest first."""
     config_groups = {}
-    for i, (group, targets) in enumerate(sorted(_targets(groups).items(), reverse=True)):
+    for i, group in enumerate(sorted(groups, key=lambda g: -(g or 0))):
         config_groups[f"group_{i}"] = {
             "format": "pack-quantized",
             "input_activations": None,
             "output_activations": None,
-            "targets": targets,
+            "targets": groups[group],
             "weights": {"actorder": None, "block_structure": None, "dynamic": False, "group_size": group,
-                        "num_bits": 4, "observer": "minmax", "observer_kwargs": {}, "strategy": "group",
-                        "symmetric": True, "type": "int"},
+                        "num_bits": 4, "observer": "minmax", "observer_kwargs": {},
+                        "strategy": "channel" if group is None else "group", "symmetric": True, "type": "int"},
         }
     return {
         "config_groups": config_groups, "format": "pack-quantized", "global_compression_ratio": None,
@@ -120,14 +120,20 @@ def export_merged(
     group_size: int = 128,
     dtype: torch.dtype = torch.bfloat16,
 ) -> Path:
-    """Write ``model`` with every QLinear merged and re-quantized to int4 (compressed-tensors layout)."""
+    """Write ``model`` with every QLinear merged and re-quantized to int4 (compressed-tensors layout).
+
+    ``group_size`` (a power of two, at least MIN_GROUP) is the largest group used; see group_for.
+    """
+    if group_size < MIN_GROUP or group_size & (group_size - 1):
+        raise ValueError(f"group_size={group_size}: use a power of two of at least {MIN_GROUP} (e.g. 128)")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
     if not layers:
         raise ValueError("the model has no QLinear layer; export_merged writes models prepared or loaded by qft")
+    ignore = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and n not in layers]
     state = model.state_dict()
     shared = shared_keys(state)
     out: dict[str, torch.Tensor] = {}
-    groups: dict[int, list[str]] = {}
+    groups: dict[int | None, list[str]] = {}
     for key, value in state.items():
         module = key.rpartition(".")[0]
         if key in shared or module in layers:
@@ -136,18 +142,23 @@ def export_merged(
     for name, layer in layers.items():
         group = group_for(layer.in_features, group_size)
         groups.setdefault(group, []).append(name)
-        q, scale = quantize_int4(merged_weight(layer), group, dtype)
+        q, scale = quantize_int4(merged_weight(layer), group or layer.in_features, dtype)
         out[f"{name}.weight_packed"] = pack_int4(q)
         out[f"{name}.weight_scale"] = scale
         out[f"{name}.weight_shape"] = torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)
         if layer.bias is not None:
             out[f"{name}.bias"] = layer.bias.to(dtype)
-    if len(groups) > 1 or group_size not in groups:
-        logger.warning("group size %d does not divide every input width; groups used: %s",
-                       group_size, {g: len(n) for g, n in groups.items()})
+    smaller = {g: len(names) for g, names in groups.items() if g not in (group_size, None)}
+    if smaller:
+        logger.info("group size %d does not divide every input width; layers per smaller group: %s",
+                    group_size, smaller)
+    if None in groups:
+        logger.warning("no power of two from %d down to %d divides the input width of %s; "
+                       "these layers are written per channel (one scale per output row)",
+                       group_size, MIN_GROUP, groups[None])
     config = model.config.to_dict()
     config["dtype"] = str(dtype).removeprefix("torch.")
-    config["quantization_config"] = compressed_tensors_config(groups, ["lm_head"])
+    config["quantization_config"] = compressed_tensors_config(groups, ignore)
     with atomic_dir(directory) as tmp:
         save_file({k: v.detach().contiguous().cpu() for k, v in out.items()}, str(tmp / "model.safetensors"),
                   metadata={"format": "pt"})
@@ -180,7 +191,10 @@ def load_merged(directory: str | os.PathLike) -> nn.Module:
         rows, cols = state.pop(f"{name}.weight_shape").tolist()
         scale = state.pop(f"{name}.weight_scale")
         q = unpack_int4(state.pop(key), cols)
-        group = cols // scale.shape[1]
+        if scale.shape[0] != rows or cols % scale.shape[1]:
+            raise CheckpointError(f"{directory}: {name}.weight_scale has shape {tuple(scale.shape)}, "
+                                  f"which does not fit a ({rows}, {cols}) weight; re-export the model")
+        group = cols // scale.shape[1]  # cols when per channel
         w = (q.reshape(rows, -1, group).to(scale.dtype) * scale[..., None]).reshape(rows, cols)
         state[f"{name}.weight"] = w
     missing, unexpected = model.load_state_dict(state, strict=False)

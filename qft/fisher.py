@@ -11,19 +11,21 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qft.data import default_corpus, token_blocks
+from qft.nn.qlinear import is_conv1d
 
 
 def empirical_fisher(
     model: nn.Module,
     tokenizer,
-    targets: dict[str, nn.Linear],
+    targets: dict[str, nn.Module],
     texts: list[str] | None = None,
     *,
     block_size: int = 512,
     max_blocks: int = 64,
     progress: bool = True,
 ) -> dict[str, torch.Tensor]:
-    """Fisher diagonal per target weight (float32, the weight's shape). Default text: the corpus's train split."""
+    """Fisher diagonal per target weight: float32, (out_features, in_features) (a Conv1D's is transposed
+    to match). Default text: the corpus's train split."""
     if texts is None:
         texts = default_corpus()["train"]["text"]
     blocks = token_blocks(tokenizer, texts, block_size)[:max_blocks]
@@ -44,6 +46,10 @@ def empirical_fisher(
             for ids in tqdm(blocks, disable=not progress, desc="fisher", unit="block"):
                 ids = ids[None].to(weights[next(iter(weights))].device)
                 model(ids, labels=ids).loss.backward()
+                unreached = [name for name, w in weights.items() if w.grad is None]
+                if unreached:
+                    raise ValueError(f"the model's forward never uses {unreached[:3]} (no gradient reached them); "
+                                     "leave them out with target_modules= or skip_modules=")
                 for name, w in weights.items():
                     fisher[name].add_(w.grad.float() ** 2)
                     w.grad = None
@@ -53,4 +59,4 @@ def empirical_fisher(
         for name, w in weights.items():
             w.grad = saved_grads[name]
         model.train(was_training)
-    return {name: f / len(blocks) for name, f in fisher.items()}
+    return {name: (f.t() if is_conv1d(targets[name]) else f) / len(blocks) for name, f in fisher.items()}

@@ -2,10 +2,11 @@
 
 Importing qft registers quant_method "qft". Before transformers loads the
 weights (on the meta device), the quantizer swaps the listed Linear layers for
-empty QLinear layers and checks every checkpoint file against them, so a
-truncated or incomplete checkpoint fails instead of loading random weights.
-After loading it rebuilds the codebooks (non-persistent buffers that the
-loader leaves uninitialised). The model stays trainable (Trainer accepts it).
+empty QLinear layers (on the meta device too) and checks every checkpoint file
+against them, so a truncated or incomplete checkpoint fails instead of loading
+random weights. The loader then sets each flat tensor (``weight_codes``,
+``lora_A``, ...) on its QLinear, which puts it in place. Afterwards only the
+adapters train (Trainer accepts the model).
 """
 
 from __future__ import annotations
@@ -25,8 +26,9 @@ from qft.checkpoint import (
     check_tensors,
     swap_in_empty_layers,
     tensor_layout,
+    tied_layer_keys,
 )
-from qft.nn import QLinear
+from qft.nn import mark_trainable
 
 
 class QftConfig(QuantizationConfigMixin):
@@ -47,9 +49,7 @@ class QftHfQuantizer(HfQuantizer):
         check_quantization_config(self.quantization_config.to_dict(), "this checkpoint")
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
-        # transformers builds the model under torch.device("meta"); the new layers' codebooks are
-        # computed, not loaded, so they (and the small empty buffers) are made on the CPU
-        with torch.device("cpu"):
+        with torch.device("meta"):
             swap_in_empty_layers(model, self.quantization_config.modules)
         found = {}
         for path in checkpoint_files or []:
@@ -61,14 +61,11 @@ class QftHfQuantizer(HfQuantizer):
         # the rest of the model is still on the meta device, where every tensor has data_ptr 0, so
         # checkpoint.shared_keys cannot tell tied tensors apart: the config says which one is tied
         tied = {k for k in expected if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
+        tied |= tied_layer_keys(expected, self.quantization_config.modules)
         check_tensors(found, expected, tied, self.quantization_config.modules, "the checkpoint")
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        for module in model.modules():
-            if isinstance(module, QLinear):
-                module.codebook = module.format.codebook().to(module.weight_codes.device)
-        for name, p in model.named_parameters():
-            p.requires_grad_(name.endswith(("lora_A", "lora_B", ".scale")))
+        mark_trainable(model)
         return model
 
     def is_serializable(self, **kwargs) -> bool:

@@ -1,10 +1,10 @@
 """quantize_and_prepare: the one front door.
 
 Finds the target Linear layers, optionally measures the Fisher, picks one
-format per matrix under the bit budget (or uses one fixed format), decomposes
-each weight, swaps nn.Linear for QLinear and freezes all but the low-rank
-factors. The model is changed in place and returned; ``model.qft_report``
-says what was done.
+format per matrix under the bit budget (or uses one fixed format), lets the
+method (``qft.decompose``) build a QLinear for each matrix, swaps it in and
+leaves only the layers' adapters trainable. The model is changed in place and
+returned; ``model.qft_report`` says what was done.
 """
 
 from __future__ import annotations
@@ -18,19 +18,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qft.allocate import allocate, error_table, pruned_grid
-from qft.decompose.lqlora import lqlora
+from qft.decompose import MethodOptions, get_method
 from qft.fisher import empirical_fisher
 from qft.formats import Format, get_format
-from qft.nn import QLinear
+from qft.nn import QLinear, dense_weight, mark_trainable
 from qft.solvers import Solution
-from qft.targets import DEFAULT_SKIP, find_target_linears, set_module
-from qft.tensor import QuantizedTensor
+from qft.targets import find_target_linears, is_linear, output_head_names, set_module
 
 logger = logging.getLogger(__name__)
-
-# method -> LQ-LoRA iterations (None: no decomposition, PEFT-style LoRA init)
-METHODS = {"lqlora": "iterative", "loftq": 1, "qlora": None}
-INIT = {"lqlora": "svd", "loftq": "zero"}
 
 
 @dataclass
@@ -39,7 +34,7 @@ class MatrixReport:
     shape: tuple[int, int]
     format: str
     bits: float  # real bits per parameter of the quantized part
-    error: float  # ||W - Q - L1L2||² (Fisher-weighted when used)
+    error: float  # ||W - W_layer||² at initialisation (Fisher-weighted when used)
     relative_error: float
 
 
@@ -51,8 +46,10 @@ class Report:
     fisher: bool
     matrices: list[MatrixReport] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # module name -> reason
+    tied: dict[str, str] = field(default_factory=dict)  # module name -> the module whose weight it shares
+    notes: list[str] = field(default_factory=list)
     bits: float = 0.0  # average real bits per target parameter, quantized part only
-    bits_with_low_rank: float = 0.0  # ... plus the low-rank factors as stored (fp32)
+    bits_with_adapters: float = 0.0  # ... plus the adapters (low-rank factors, trained scales) as stored
     total_error: float = 0.0
     solution: Solution | None = None
     seconds: float = 0.0
@@ -61,31 +58,44 @@ class Report:
         lines = [
             f"qft {self.method}: {len(self.matrices)} matrices, budget {self.budget}, rank {self.rank}"
             + (", Fisher-weighted" if self.fisher else ""),
-            f"  average bits/param: {self.bits:.4f} (quantized), {self.bits_with_low_rank:.4f} (with low-rank factors)",
+            f"  average bits/param: {self.bits:.4f} (quantized), {self.bits_with_adapters:.4f} (with adapters)",
             f"  total error {self.total_error:.6g}, {self.seconds:.0f} s",
         ]
         if self.solution is not None:
             s = self.solution
             lines.append(f"  allocation: {s.solver} {s.status}, gap {s.gap:.2e}, {s.seconds:.2f} s")
-        for name, reason in self.skipped.items():
-            lines.append(f"  skipped {name}: {reason}")
+        lines += [f"  note: {n}" for n in self.notes]
+        lines += [f"  {name} shares the weight of {first}: quantized once" for name, first in self.tied.items()]
+        lines += [f"  skipped {name}: {reason}" for name, reason in self.skipped.items()]
         return "\n".join(lines)
 
 
-def _skipped_modules(model: nn.Module, targets: dict[str, nn.Linear], skip) -> dict[str, str]:
+def _skipped_modules(model: nn.Module, targets: dict[str, nn.Module], skip_modules) -> dict[str, str]:
     """Weight-bearing modules left as they are, and why."""
+    heads = output_head_names(model) if skip_modules is None else set()
     skipped = {}
     for name, module in model.named_modules():
         weight = getattr(module, "weight", None)
         if name in targets or not isinstance(weight, torch.Tensor) or weight.dim() != 2:
             continue
-        if isinstance(module, nn.Embedding) or any(s in name for s in skip):
-            skipped[name] = "excluded by default (embeddings and output head)"
-        elif isinstance(module, nn.Linear):
-            skipped[name] = "not in target_modules"
+        if isinstance(module, nn.Embedding) or name in heads:
+            skipped[name] = "excluded by default (embeddings and output head; skip_modules=[] quantizes the head)"
+        elif is_linear(module):
+            skipped[name] = "not in target_modules, or in skip_modules"
         else:
             skipped[name] = f"unsupported module type {type(module).__name__}"
     return skipped
+
+
+def _check_weights(targets: dict[str, nn.Module]) -> None:
+    for name, layer in targets.items():
+        if layer.weight.is_meta:
+            raise ValueError(
+                f"{name}.weight is on the meta device (offloaded, or not loaded yet); load the model with its "
+                "weights in memory (from_pretrained without device_map offloading) before quantizing"
+            )
+        if not torch.isfinite(layer.weight).all():
+            raise ValueError(f"{name}.weight holds NaN or Inf values; fix the model before quantizing")
 
 
 def quantize_and_prepare(
@@ -94,10 +104,12 @@ def quantize_and_prepare(
     method: str = "lqlora",
     rank: int = 64,
     *,
+    alpha: float | None = None,
     calibration: list[str] | None = None,
     fisher: bool | dict[str, torch.Tensor] = False,
     tokenizer=None,
     target_modules: list[str] | None = None,
+    skip_modules: list[str] | None = None,
     formats: list[str | Format] | None = None,
     iters: int = 10,
     seed: int = 0,
@@ -105,85 +117,100 @@ def quantize_and_prepare(
     cache_dir=None,
     progress: bool = True,
 ) -> nn.Module:
-    """Quantize ``model``'s projections and leave only high-precision parts trainable.
+    """Quantize ``model``'s projections and leave only the adapters trainable.
 
     bits: average bits per parameter of the quantized parts (the ILP picks one NF
       configuration per matrix), or a format name such as "nf4" or "nf3-b64-dq8b256"
       to use one format everywhere.
-    method: "lqlora" (iterative Q + L1L2), "loftq" (PEFT's one-step LoftQ), "qlora"
-      (plain quantization, LoRA factors initialised as PEFT does).
+    method: a registered method (``qft.decompose.METHODS``): "lqlora" (iterative
+      Q + L1L2), "loftq" (PEFT's one-step LoftQ), "qlora" (plain quantization,
+      LoRA factors initialised as PEFT does; alpha defaults to rank).
     fisher: weight errors by the empirical Fisher over ``calibration`` texts
       (default: the embedded corpus's train split); needs ``tokenizer``. A dict
       (name -> Fisher diagonal, as ``qft.fisher.empirical_fisher`` returns) is used as given.
+    target_modules / skip_modules: which Linear (or Conv1D) layers to quantize (name or
+      name suffix); the output head is skipped unless ``skip_modules`` says otherwise.
     """
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; choose one of {list(METHODS)}")
+    spec = get_method(method)
     if rank < 0:
         raise ValueError(f"rank must be >= 0, got {rank}")
-    if method != "qlora" and rank == 0:
+    if spec.needs_rank and rank == 0:
         raise ValueError(f"method {method!r} needs rank >= 1 (use method='qlora' with rank=0 for plain quantization)")
     if fisher is True and tokenizer is None:
         raise ValueError("fisher=True needs the tokenizer to read the calibration text")
-    if not isinstance(bits, str) and not isinstance(bits, (int, float)):
+    if not isinstance(bits, (str, int, float)):
         raise ValueError(f"bits must be a number (average budget) or a format name, got {bits!r}")
     start = time.perf_counter()
-    targets = find_target_linears(model, target_modules)
-    for name, layer in targets.items():
-        if not torch.isfinite(layer.weight).all():
-            raise ValueError(f"{name}.weight holds NaN or Inf values; fix the model before quantizing")
+    targets = find_target_linears(model, target_modules, skip_modules)
+    _check_weights(targets)
     report = Report(method, bits, rank, fisher is True or isinstance(fisher, dict))
-    report.skipped = _skipped_modules(model, targets, DEFAULT_SKIP)
-    weights = {name: layer.weight.detach() for name, layer in targets.items()}
+    report.skipped = _skipped_modules(model, targets, skip_modules)
+
+    owner: dict[int, str] = {}  # id(weight parameter) -> the first target holding it
+    for name, layer in targets.items():
+        first = owner.setdefault(id(layer.weight), name)
+        if first != name:
+            report.tied[name] = first
+    unique = {name: layer for name, layer in targets.items() if name not in report.tied}
+    weights = {name: dense_weight(layer) for name, layer in unique.items()}
 
     fisher_map = fisher if isinstance(fisher, dict) else None
     if fisher is True:
-        fisher_map = empirical_fisher(model, tokenizer, targets, calibration, progress=progress)
+        fisher_map = empirical_fisher(model, tokenizer, unique, calibration, progress=progress)
     if fisher_map is not None:
-        missing, extra = set(targets) - set(fisher_map), set(fisher_map) - set(targets)
-        if missing or extra:
-            raise ValueError(f"the Fisher dict must have one entry per target layer; "
-                             f"missing {sorted(missing)[:3]}, unexpected {sorted(extra)[:3]}")
-        for name, f in fisher_map.items():
-            if tuple(f.shape) != tuple(weights[name].shape):
-                raise ValueError(f"Fisher of {name} has shape {tuple(f.shape)}, its weight {tuple(weights[name].shape)}")
+        missing = set(weights) - set(fisher_map)
+        if missing:
+            raise ValueError(f"the Fisher dict must have one entry per target layer; missing {sorted(missing)[:3]}")
+        for name in weights:
+            if tuple(fisher_map[name].shape) != tuple(weights[name].shape):
+                raise ValueError(f"Fisher of {name} has shape {tuple(fisher_map[name].shape)}, "
+                                 f"its weight (out, in) {tuple(weights[name].shape)}")
 
     if isinstance(bits, str):
         chosen = [get_format(bits)] * len(weights)
     else:
-        decomposed_rank = rank if method != "qlora" else 0
-        grid = pruned_grid(weights, decomposed_rank, fisher=fisher_map, formats=formats, seed=seed,
+        table_rank = spec.table_rank(rank)
+        grid = pruned_grid(weights, table_rank, fisher=fisher_map, formats=formats, seed=seed,
                            cache_dir=cache_dir, progress=progress)
-        table = error_table(weights, grid, decomposed_rank, fisher=fisher_map, seed=seed,
+        table = error_table(weights, grid, table_rank, fisher=fisher_map, seed=seed,
                             cache_dir=cache_dir, progress=progress)
-        chosen, report.solution = allocate(table, float(bits), solver=solver)
+        dearest = float(table.costs.max(axis=1).sum() / table.numel.sum())
+        budget = float(bits)
+        if budget > dearest:
+            note = (f"budget {budget:g} bits/param is above the dearest candidate allocation ({dearest:.4f}): "
+                    "every matrix gets its most precise candidate format")
+            logger.warning("%s", note)
+            report.notes.append(note)
+            budget = dearest
+        chosen, report.solution = allocate(table, budget, solver=solver)
 
-    iterations = {"iterative": iters, 1: 1, None: None}[METHODS[method]]
-    quant_bits = low_rank_bits = numel = 0
-    for (name, layer), fmt in tqdm(list(zip(targets.items(), chosen)), disable=not progress, desc=method, unit="matrix"):
-        w = weights[name]
-        f = None if fisher_map is None else fisher_map[name]
-        if iterations is None:
-            qlinear = QLinear.from_linear(layer, fmt, rank=rank, seed=seed)
-            diff = w.float() - qlinear.qweight.dequantize()
-            error = float(((1.0 if f is None else f) * diff**2).sum())
-        else:
-            d = lqlora(w, fmt, rank, fisher=f, iters=iterations, init=INIT[method], seed=seed)
-            qlinear = QLinear(d.qweight, layer.bias, rank=rank, alpha=rank, lora_a=d.L2, lora_b=d.L1, seed=seed)
-            error = d.error
-        set_module(model, name, qlinear.to(w.device))
-        qt: QuantizedTensor = qlinear.qweight
+    generator = torch.Generator().manual_seed(seed)  # one stream for every layer's random init
+    quant_bits = adapter_bits = numel = 0
+    built: dict[str, QLinear] = {}
+    for (name, layer), fmt in tqdm(list(zip(unique.items(), chosen)), disable=not progress, desc=method,
+                                   unit="matrix"):
+        w = weights[name].float()
+        f = None if fisher_map is None else fisher_map[name].to(w.device)
+        options = MethodOptions(rank, alpha, f, seed, generator, iters, layer.weight.dtype)
+        result = spec.build(w, layer.bias, fmt, options)
+        qlinear = result.layer.to(w.device)
+        built[name] = qlinear
+        set_module(model, name, qlinear)
+        qt = qlinear.weight
         quant_bits += 8 * qt.nbytes
-        low_rank_bits += sum(8 * p.numel() * p.element_size() for p in (qlinear.lora_A, qlinear.lora_B) if p is not None)
-        numel += qt.numel
-        norm = float(((1.0 if f is None else f) * w.float() ** 2).sum())
-        report.matrices.append(MatrixReport(name, qt.shape, fmt.name, 8 * qt.nbytes / qt.numel, error,
-                                            (error / max(norm, 1e-30)) ** 0.5))
-        report.total_error += error
+        adapter_bits += sum(8 * p.numel() * p.element_size() for n, p in qlinear.adapters().items() if n != "scale")
+        numel += qt.numel()
+        importance = 1.0 if f is None else f
+        norm = float((importance * w**2).sum())
+        report.matrices.append(MatrixReport(name, tuple(qt.shape), fmt.name, 8 * qt.nbytes / qt.numel(),
+                                            result.error, (result.error / max(norm, 1e-30)) ** 0.5))
+        report.total_error += result.error
+    for name, first in report.tied.items():
+        set_module(model, name, built[first])  # one layer object at both places: still tied
 
-    for pname, p in model.named_parameters():
-        p.requires_grad_(pname.endswith(("lora_A", "lora_B")))
+    mark_trainable(model)
     report.bits = quant_bits / numel
-    report.bits_with_low_rank = (quant_bits + low_rank_bits) / numel
+    report.bits_with_adapters = (quant_bits + adapter_bits) / numel
     report.seconds = time.perf_counter() - start
     model.qft_report = report
     logger.info("%s", report.summary())

@@ -1,33 +1,55 @@
-"""Which Linear layers of a model get quantized."""
+"""Which Linear-like layers of a model get quantized."""
 
 from __future__ import annotations
 
 from torch import nn
 
-DEFAULT_SKIP = ("lm_head", "embed")
+from qft.nn.qlinear import QLinear, is_conv1d
+
+
+def is_linear(module: nn.Module) -> bool:
+    """nn.Linear, or transformers' Conv1D (GPT-2 style: the same map with the weight stored transposed)."""
+    return isinstance(module, nn.Linear) or is_conv1d(module)
+
+
+def _matches(name: str, patterns) -> bool:
+    return any(name == p or name.endswith("." + p) for p in patterns)
+
+
+def output_head_names(model: nn.Module) -> set[str]:
+    """Names of the module(s) that are the model's output embeddings (lm_head, embed_out, ...)."""
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    names = {n for n, m in model.named_modules(remove_duplicate=False) if head is not None and m is head}
+    return names | {n for n, _ in model.named_modules() if _matches(n, ("lm_head",))}
 
 
 def find_target_linears(
     model: nn.Module,
     target_modules: list[str] | None = None,
-    skip: tuple[str, ...] = DEFAULT_SKIP,
-) -> dict[str, nn.Linear]:
-    """nn.Linear layers by qualified name.
+    skip_modules: list[str] | None = None,
+) -> dict[str, nn.Module]:
+    """Linear-like layers by qualified name.
 
-    ``target_modules``: keep only layers whose name ends with one of these
-    (e.g. ["q_proj", "v_proj"]); default all. Layers whose name contains one of
-    ``skip`` (embeddings and the output head by default) are left alone.
+    target_modules: keep only layers whose name is, or ends with ".", one of these
+      (e.g. ["q_proj", "v_proj"]); default all.
+    skip_modules: leave these alone (same matching). Default: the output head
+      (the model's output embeddings); pass [] to quantize it too.
     """
+    done = [n for n, m in model.named_modules() if isinstance(m, QLinear)]
+    if done:
+        raise ValueError(f"the model is already quantized by qft ({len(done)} QLinear layers, e.g. {done[0]}); "
+                         "quantize_and_prepare takes the original float model (reload it to quantize again)")
+    skip = output_head_names(model) if skip_modules is None else set(skip_modules)
     found = {}
     for name, module in model.named_modules():
-        if not isinstance(module, nn.Linear) or any(s in name for s in skip):
+        if not is_linear(module) or _matches(name, skip):
             continue
-        if target_modules is None or any(name == t or name.endswith("." + t) for t in target_modules):
+        if target_modules is None or _matches(name, target_modules):
             found[name] = module
     if not found:
         raise ValueError(
-            f"no nn.Linear layer of the model matches target_modules={target_modules} (skipping {skip}); "
-            "check the names with [n for n, _ in model.named_modules()]"
+            f"no nn.Linear (or Conv1D) layer of the model matches target_modules={target_modules} "
+            f"(skipping {sorted(skip)}); check the names with [n for n, _ in model.named_modules()]"
         )
     return found
 

@@ -5,18 +5,25 @@ decay, gradient accumulation and clipping, optional gradient checkpointing,
 held-out perplexity every ``eval_every`` steps. The batch order is a pure
 function of (seed, step), so a run resumed from a checkpoint (trainable
 weights, AdamW moments, RNG state, step) ends with the same weights, bit for
-bit, as one that never stopped. Checkpoints are safetensors + JSON, written
-to a temporary folder and renamed.
+bit, as one that never stopped, on whichever device it resumes. Checkpoints
+are safetensors + JSON, written to a temporary folder and renamed.
+
+precision="bf16" runs every forward under bf16 autocast while the trainable
+parameters and AdamW's moments stay fp32 (master weights). The loss is a
+pluggable objective (``OBJECTIVES``, ``register_objective``), so methods that
+train against a teacher can reuse this loop.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
 import re
 import shutil
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -32,6 +39,28 @@ logger = logging.getLogger(__name__)
 
 CHECKPOINT_VERSION = 1
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+PRECISIONS = ("fp32", "bf16")
+
+Objective = Callable[[torch.nn.Module, torch.Tensor], torch.Tensor]
+OBJECTIVES: dict[str, Objective] = {}
+
+
+def register_objective(name: str) -> Callable[[Objective], Objective]:
+    """Decorator: make ``objective(model, input_ids) -> scalar loss`` available to ``train(objective=name)``."""
+    if name in OBJECTIVES:
+        raise ValueError(f"objective {name!r} is already registered")
+
+    def register(objective: Objective) -> Objective:
+        OBJECTIVES[name] = objective
+        return objective
+
+    return register
+
+
+@register_objective("ce")
+def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
+    """Next-token cross-entropy of the model on its own input."""
+    return model(input_ids=input_ids, labels=input_ids).loss
 
 
 @dataclass
@@ -51,6 +80,11 @@ class TrainConfig:
     save_every: int = 0  # 0: no checkpoints during training
     keep: int = 2  # checkpoints kept on disk
     seed: int = 0
+    precision: str = "fp32"  # "bf16": forwards under bf16 autocast, fp32 master weights and AdamW state
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ValueError(f"unknown precision {self.precision!r}; choose from {list(PRECISIONS)}")
 
     def lr_at(self, step: int) -> float:
         """Learning rate of optimizer step ``step`` (0-based)."""
@@ -94,6 +128,31 @@ def _trainable(model: torch.nn.Module) -> dict[str, torch.nn.Parameter]:
     return params
 
 
+def _resolve_objective(objective: str | Objective) -> tuple[Objective, str]:
+    """The loss function and the name recorded in trainer_state.json."""
+    if callable(objective):
+        return objective, getattr(objective, "__qualname__", type(objective).__qualname__)
+    if objective not in OBJECTIVES:
+        raise ValueError(f"unknown objective {objective!r}; registered: {sorted(OBJECTIVES)}")
+    return OBJECTIVES[objective], objective
+
+
+def _autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager:
+    """The context of every forward: bf16 autocast, or none at all for fp32 (today's behaviour)."""
+    if precision == "bf16":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def _fp32_masters(params: dict[str, torch.nn.Parameter]) -> None:
+    """Make the trainable parameters fp32 in place: bf16 updates of lr * step would mostly round away."""
+    converted = [p for p in params.values() if p.dtype != torch.float32]
+    for p in converted:
+        p.data = p.data.float()
+    if converted:
+        logger.info("bf16 training: %d trainable parameters converted to float32 master copies", len(converted))
+
+
 def _checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints in ``output_dir``, oldest first (temporary folders do not match)."""
     found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))]
@@ -106,7 +165,8 @@ def latest_checkpoint(output_dir: str | Path) -> Path | None:
     return found[-1] if found else None
 
 
-def _save_checkpoint(output_dir: Path, step: int, params, optimizer, config, result: TrainResult) -> Path:
+def _save_checkpoint(output_dir: Path, step: int, params, optimizer, config, result: TrainResult,
+                     objective: str) -> Path:
     names = {id(p): n for n, p in params.items()}
     moments = {}
     for group in optimizer.param_groups:
@@ -114,11 +174,14 @@ def _save_checkpoint(output_dir: Path, step: int, params, optimizer, config, res
             for key, value in optimizer.state.get(p, {}).items():
                 moments[f"{names[id(p)]}.{key}"] = value.detach().reshape(-1) if value.dim() == 0 else value.detach()
     moments["__rng__"] = torch.get_rng_state()
+    device = next(iter(params.values())).device
+    if device.type == "cuda":
+        moments["__cuda_rng__"] = torch.cuda.get_rng_state(device)
     target = output_dir / f"checkpoint-{step}"
     with atomic_dir(target) as tmp:
         save_file({n: p.detach().contiguous() for n, p in params.items()}, str(tmp / "trainable.safetensors"))
         save_file({k: v.contiguous() for k, v in moments.items()}, str(tmp / "optimizer.safetensors"))
-        state = {"version": CHECKPOINT_VERSION, "step": step, "config": asdict(config),
+        state = {"version": CHECKPOINT_VERSION, "step": step, "config": asdict(config), "objective": objective,
                  "losses": result.losses, "evals": result.evals, "tokens": result.tokens}
         (tmp / "trainer_state.json").write_text(json.dumps(state, indent=1))
     old = _checkpoints(output_dir)
@@ -127,7 +190,7 @@ def _save_checkpoint(output_dir: Path, step: int, params, optimizer, config, res
     return target
 
 
-def _load_checkpoint(path: Path, params, optimizer, config: TrainConfig, result: TrainResult) -> int:
+def _load_checkpoint(path: Path, params, optimizer, config: TrainConfig, result: TrainResult, objective: str) -> int:
     state = json.loads((path / "trainer_state.json").read_text())
     if state.get("version") != CHECKPOINT_VERSION:
         raise ValueError(f"{path} is a version {state.get('version')} checkpoint; this qft reads version {CHECKPOINT_VERSION}")
@@ -136,6 +199,8 @@ def _load_checkpoint(path: Path, params, optimizer, config: TrainConfig, result:
     if saved != now:
         diff = {k: (saved[k], now[k]) for k in saved if saved[k] != now[k]}
         raise ValueError(f"{path} was written with other settings (saved, now): {diff}; resume with the same ones")
+    if state.get("objective", objective) != objective:
+        logger.warning("%s was trained with objective %s; continuing with %s", path, state["objective"], objective)
     weights = load_file(str(path / "trainable.safetensors"))
     if weights.keys() != params.keys():
         raise ValueError(f"{path} holds other trainable parameters than this model "
@@ -148,10 +213,15 @@ def _load_checkpoint(path: Path, params, optimizer, config: TrainConfig, result:
         for n, p in params.items():
             p.copy_(weights[n])
     torch.set_rng_state(moments.pop("__rng__"))
+    cuda_rng = moments.pop("__cuda_rng__", None)
+    device = next(iter(params.values())).device
+    if cuda_rng is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_rng, device)
     entries: dict[str, dict[str, torch.Tensor]] = {}
     for key, value in moments.items():
         name, _, field_name = key.rpartition(".")
-        entries.setdefault(name, {})[field_name] = value
+        # step stays a CPU scalar, as AdamW keeps it; the moments go where their parameter is
+        entries.setdefault(name, {})[field_name] = value if field_name == "step" else value.to(params[name].device)
     for n, entry in entries.items():
         entry["step"] = entry["step"].reshape(())
         optimizer.state[params[n]] = entry
@@ -170,10 +240,11 @@ def train(
     output_dir: str | Path | None = None,
     resume: bool | str | Path = False,
     progress: bool = True,
+    objective: str | Objective = "ce",
     **overrides,
 ) -> TrainResult:
     """Fine-tune the parameters of ``model`` that require grad (after ``quantize_and_prepare``: the
-    low-rank factors) with a causal-LM loss.
+    low-rank factors) with ``objective`` (default: the causal-LM loss).
 
     data / eval_data: a list of texts, a LongTensor of token blocks, or anything
       ``qft.data.load_texts`` reads (None: the embedded corpus); a source's "train"
@@ -181,8 +252,11 @@ def train(
     config: a TrainConfig; keyword ``overrides`` (steps=, lr=, ...) change single fields.
     output_dir: where checkpoints go (every ``save_every`` steps, and at the end).
     resume: True to continue from the latest checkpoint in ``output_dir`` (or a path to one).
+    objective: a name in ``OBJECTIVES`` ("ce": causal-LM loss) or ``objective(model, input_ids)`` returning
+      a scalar loss.
     """
     config = TrainConfig(**{**asdict(config or TrainConfig()), **overrides})
+    loss_fn, objective_name = _resolve_objective(objective)
     if config.steps < 1 or config.batch_size < 1 or config.grad_accum < 1:
         raise ValueError("steps, batch_size and grad_accum must be >= 1")
     if (config.save_every or resume) and output_dir is None:
@@ -195,6 +269,8 @@ def train(
         eval_blocks = _blocks(eval_data, "test", tokenizer, config.block_size)[: config.eval_blocks]
     params = _trainable(model)
     device = next(iter(params.values())).device
+    if config.precision == "bf16":
+        _fp32_masters(params)
     optimizer = torch.optim.AdamW(params.values(), lr=config.lr, weight_decay=config.weight_decay, foreach=False)
     result = TrainResult(0, 0, 0.0, sum(p.numel() for p in params.values()))
 
@@ -205,7 +281,7 @@ def train(
         if path is None:
             logger.info("no checkpoint in %s; starting from step 0", output_dir)
         else:
-            start_step = _load_checkpoint(path, params, optimizer, config, result)
+            start_step = _load_checkpoint(path, params, optimizer, config, result, objective_name)
             logger.info("resumed from %s at step %d", path, start_step)
 
     if config.gradient_checkpointing:  # transformers 5 renamed it; older releases have only the old name
@@ -219,8 +295,9 @@ def train(
     def evaluate(step: int) -> None:
         if eval_blocks is None:
             return
-        ppl = perplexity(model, tokenizer, eval_blocks, block_size=config.block_size,
-                         batch_size=config.batch_size, progress=False)
+        with _autocast(config.precision, device):
+            ppl = perplexity(model, tokenizer, eval_blocks, block_size=config.block_size,
+                             batch_size=config.batch_size, progress=False)
         result.evals.append((step, ppl))
         logger.info("step %d: held-out perplexity %.3f", step, ppl)
 
@@ -238,7 +315,8 @@ def train(
             total = 0.0
             for micro in range(config.grad_accum):
                 ids = blocks[_batch_indices(len(blocks), config, step, micro)].to(device)
-                loss = model(input_ids=ids, labels=ids).loss
+                with _autocast(config.precision, device):
+                    loss = loss_fn(model, ids)
                 (loss / config.grad_accum).backward()
                 total += float(loss.detach()) / config.grad_accum
                 result.tokens += ids.numel()
@@ -255,7 +333,7 @@ def train(
                 evaluate(done)
                 model.train()
             if output_dir is not None and (done == config.steps or (config.save_every and done % config.save_every == 0)):
-                _save_checkpoint(Path(output_dir), done, params, optimizer, config, result)
+                _save_checkpoint(Path(output_dir), done, params, optimizer, config, result, objective_name)
     finally:
         bar.close()
         model.train(was_training)

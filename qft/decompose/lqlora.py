@@ -21,8 +21,10 @@ from dataclasses import dataclass, field
 
 import torch
 
+from qft.decompose import Built, MethodOptions, register_method
 from qft.formats import Format, check_weight, get_format
 from qft.kernels.torch_path import dequantize_unpacked
+from qft.nn import QLinear
 from qft.tensor import QuantizedTensor
 
 
@@ -39,7 +41,7 @@ def fake_quantize(w: torch.Tensor, fmt: Format) -> torch.Tensor:
     """dequantize(quantize(w)) without packing the codes (when only the values matter)."""
     codes, tensors = fmt.quantize(w)
     scale, zero = fmt.decode_scales(tensors, *w.shape)
-    return dequantize_unpacked(codes, fmt.codebook(), scale, zero, block=fmt.block_size(*w.shape))
+    return dequantize_unpacked(codes, fmt.codebook().to(w.device), scale, zero, block=fmt.block_size(*w.shape))
 
 
 def randomized_svd(
@@ -154,3 +156,22 @@ def lqlora(
         break  # no longer improving by tol
     error, target, l1, l2 = best
     return Decomposition(QuantizedTensor.quantize(target, fmt), l1, l2, error, history)
+
+
+def _layer(d: Decomposition, bias, options: MethodOptions) -> Built:
+    # L1 is QLinear's lora_B and L2 its lora_A, with alpha = rank (scaling 1): W ≈ Q + L1·L2 as decomposed
+    qweight = d.qweight.to(options.dtype)
+    layer = QLinear(qweight, bias, rank=options.rank, alpha=options.rank, lora_a=d.L2, lora_b=d.L1)
+    return Built(layer, d.error)
+
+
+@register_method("lqlora", needs_rank=True, description="LQ-LoRA: iterate Q = quantize(W − L1L2), L1L2 = SVD_r(W − Q)")
+def build_lqlora(w: torch.Tensor, bias, fmt: Format, options: MethodOptions) -> Built:
+    d = lqlora(w, fmt, options.rank, fisher=options.fisher, iters=options.iters, init="svd", seed=options.seed)
+    return _layer(d, bias, options)
+
+
+@register_method("loftq", needs_rank=True, description="LoftQ (PEFT's loftq_iter=1): Q = quantize(W), L1L2 = SVD_r(W − Q)")
+def build_loftq(w: torch.Tensor, bias, fmt: Format, options: MethodOptions) -> Built:
+    d = lqlora(w, fmt, options.rank, fisher=options.fisher, iters=1, init="zero", seed=options.seed)
+    return _layer(d, bias, options)

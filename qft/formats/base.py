@@ -32,8 +32,8 @@ class Format(ABC):
         """Canonical name; ``qft.formats.get_format(name)`` rebuilds the format."""
 
     @abstractmethod
-    def codebook(self) -> torch.Tensor:
-        """float32 tensor of 2**bits values: what each code means before scaling."""
+    def codebook(self, device: torch.device | str | None = None) -> torch.Tensor:
+        """float32 tensor of 2**bits values on ``device``: what each code means before scaling."""
 
     @abstractmethod
     def block_size(self, rows: int, cols: int) -> int:

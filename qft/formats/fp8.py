@@ -37,8 +37,8 @@ class FP8(Format):
     def name(self) -> str:
         return f"fp8-{self.kind}-{self.scaling}"
 
-    def codebook(self) -> torch.Tensor:
-        return torch.arange(256, dtype=torch.int32).to(torch.uint8).view(self.dtype).float()
+    def codebook(self, device: torch.device | str | None = None) -> torch.Tensor:
+        return torch.arange(256, dtype=torch.int32, device=device).to(torch.uint8).view(self.dtype).float()
 
     def block_size(self, rows: int, cols: int) -> int:
         return cols

@@ -2,7 +2,8 @@
 
 Each group of ``group_size`` weights along a row (or the whole row, per
 channel) gets scale = (max - min) / (2**k - 1) over a range widened to include
-0, stored in fp16 (rounded up, so the grid still spans the range), and an integer zero-point in [0, 2**k) stored in k bits
+0, stored in fp16 (rounded up, so the grid still spans the range; a group whose
+scale would exceed fp16's max is a ValueError), and an integer zero-point in [0, 2**k) stored in k bits
 (all of a matrix's zero-points packed as one bit stream). W = (code - zero) * scale. This is the layout of compressed-tensors'
 ``weight_packed / weight_scale / weight_zero_point`` and what PEQA trains
 (the scales) on top of frozen codes.
@@ -35,8 +36,8 @@ class UniformInt(Format):
     def name(self) -> str:
         return f"int{self.bits}-" + ("ch" if self.group_size is None else f"g{self.group_size}")
 
-    def codebook(self) -> torch.Tensor:
-        return torch.arange(1 << self.bits, dtype=torch.float32)
+    def codebook(self, device: torch.device | str | None = None) -> torch.Tensor:
+        return torch.arange(1 << self.bits, dtype=torch.float32, device=device)
 
     def block_size(self, rows: int, cols: int) -> int:
         return cols if self.group_size is None else self.group_size
@@ -49,6 +50,14 @@ class UniformInt(Format):
         low = blocks.amin(dim=-1).clamp(max=0)
         high = blocks.amax(dim=-1).clamp(min=0)
         exact = (high - low) / top
+        fp16_max = torch.finfo(SCALE_DTYPE).max
+        if exact.max() > fp16_max:  # the fp16 scale would be inf, the weights NaN
+            raise ValueError(
+                f"{self.name} stores scales in fp16, so a group may span at most {fp16_max * top:.6g} "
+                f"(fp16's max {fp16_max:.6g} x {top} steps), but a group of this weight spans "
+                f"{float((high - low).max()):.6g}; rescale the weight, or use an NF or FP8 format "
+                "(e.g. 'nf4', 'fp8'), whose scales are fp32"
+            )
         # Round the stored scale up, so the grid still spans [low, high] and nothing clips.
         scale = exact.to(SCALE_DTYPE)
         scale = torch.where(scale.float() < exact, torch.nextafter(scale, torch.full_like(scale, float("inf"))), scale)

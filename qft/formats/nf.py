@@ -45,10 +45,10 @@ def _normal_codebook(bits: int) -> tuple[float, ...]:
     return tuple(values.tolist())
 
 
-def nf_codebook(bits: int) -> torch.Tensor:
-    """The NormalFloat-k codebook, sorted ascending, in [-1, 1] with an exact 0."""
+def nf_codebook(bits: int, device: torch.device | str | None = None) -> torch.Tensor:
+    """The NormalFloat-k codebook on ``device``, sorted ascending, in [-1, 1] with an exact 0."""
     check_choice("NormalFloat bit width", bits, NF_BITS)
-    return torch.tensor(_normal_codebook(bits), dtype=torch.float32)
+    return torch.tensor(_normal_codebook(bits), dtype=torch.float32, device=device)
 
 
 @dataclass(frozen=True, eq=False)
@@ -80,8 +80,8 @@ class NormalFloat(Format):
                 name += f"-{self.second_level}"
         return name
 
-    def codebook(self) -> torch.Tensor:
-        return nf_codebook(self.bits)
+    def codebook(self, device: torch.device | str | None = None) -> torch.Tensor:
+        return nf_codebook(self.bits, device)
 
     def block_size(self, rows: int, cols: int) -> int:
         return self.block
@@ -95,7 +95,7 @@ class NormalFloat(Format):
         scale, _ = self.decode_scales(tensors, rows, cols)
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         normalized = blocks / scale.unsqueeze(-1)
-        book = self.codebook().to(w.device)
+        book = self.codebook(w.device)
         midpoints = (book[1:] + book[:-1]) / 2
         codes = torch.bucketize(normalized, midpoints).to(torch.uint8)
         return from_blocks(codes, cols), tensors

@@ -1,5 +1,5 @@
 """Modules that hold quantized weights."""
 
-from qft.nn.qlinear import QLinear
+from qft.nn.qlinear import QLinear, dense_weight, mark_trainable
 
-__all__ = ["QLinear"]
+__all__ = ["QLinear", "dense_weight", "mark_trainable"]

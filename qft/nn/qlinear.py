@@ -1,11 +1,21 @@
-"""QLinear: a frozen quantized weight plus small trainable high-precision parts.
+"""QLinear: a frozen quantized weight plus the small high-precision adapters that train.
 
-    y = x @ dequant(Q).T + bias + (alpha / rank) * (x @ A.T) @ B.T
+    y = x @ dequant(W).T + bias + scaling * (x @ A.T) @ B.T
 
-Q's packed codes and stored scales are buffers (never parameters, never
-trained). Trainable are the low-rank factors A (rank, in) and B (out, rank)
-and, optionally, the per-block scales (PEQA). The dense weight exists only
-inside one call of the dequant-matmul dispatch.
+``weight`` is a :class:`~qft.tensor.QuantizedTensor` held as a non-trainable
+``nn.Parameter`` (so ``module.weight.dtype``/``.shape``/``.device`` answer as
+for nn.Linear, and FSDP2 can treat it as a parameter). The adapters are the
+layer's trainable parts, each in its own dtype (fp32 by default):
+
+- ``lora_A`` (rank, in) and ``lora_B`` (out, rank), with ``scaling`` = alpha / rank
+  (a Python float: a cast of the model never rounds it);
+- ``scale`` (with ``train_scales=True``): the weight's own stored scales, made
+  trainable. It is the same tensor the weight holds, so ``weight.dequantize()``,
+  the report, checkpoints and exports all see the trained values.
+
+The state dict stays flat and self-describing: ``weight_codes``,
+``weight_shape``, ``weight_format``, ``weight_<stored scale>``,
+``lora_A``, ``lora_B``, ``lora_scaling`` (float64), ``bias``.
 """
 
 from __future__ import annotations
@@ -13,12 +23,14 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from qft.kernels import dequant_matmul
 from qft.tensor import QuantizedTensor, _decode_name
 
 _PREFIX = "weight_"
+ADAPTERS = ("lora_A", "lora_B", "scale")  # what trains, and nothing else
 
 
 class QLinear(nn.Module):
@@ -32,44 +44,52 @@ class QLinear(nn.Module):
         lora_a: torch.Tensor | None = None,
         lora_b: torch.Tensor | None = None,
         train_scales: bool = False,
+        generator: torch.Generator | None = None,
         seed: int = 0,
+        adapter_dtype: torch.dtype = torch.float32,
         backend: str | None = None,
     ) -> None:
+        """generator: the stream PEFT-style LoRA-A initialisation draws from (share one across layers,
+        as PEFT does); without one, a fresh stream seeded with ``seed``."""
         super().__init__()
+        if not isinstance(weight, QuantizedTensor):
+            raise ValueError(f"weight must be a qft.QuantizedTensor, got {type(weight).__name__}; "
+                             "use QLinear.from_linear to quantize an nn.Linear")
         if rank < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
+        self.scale = self.lora_A = self.lora_B = None
+        self.scaling = 0.0
         self.out_features, self.in_features = weight.shape
-        self.format = weight.format
         self.rank = int(rank)
         self.backend = backend
-        for name, t in weight.to_tensors().items():
-            self.register_buffer(_PREFIX + name, t)
-        self.register_buffer("codebook", weight.codebook(), persistent=False)
-        self.register_buffer("bias", None if bias is None else bias.detach().clone())
+        self.weight = nn.Parameter(weight, requires_grad=False)
         if bias is not None and tuple(bias.shape) != (self.out_features,):
             raise ValueError(f"bias must have shape ({self.out_features},), got {tuple(bias.shape)}")
+        self.register_buffer("bias", None if bias is None else bias.detach().clone())
 
-        self.scale = None
         if train_scales:
-            self.scale = nn.Parameter(weight.scales()[0].clone())
-        # Stored tensors keep their dtype through .to(dtype) / .half(): see _apply.
-        self._frozen_dtype = [n for n, b in self._buffers.items() if b is not None and n != "bias"]
+            stored = weight.tensors.get("scale")
+            if stored is None or not stored.is_floating_point():
+                raise ValueError(
+                    f"train_scales needs scales stored as floats; {weight.format.name} stores them as "
+                    f"{sorted(weight.tensors)} (double-quantized codes). Use an int-k, plain NF-k or FP8 format"
+                )
+            self.scale = nn.Parameter(stored.detach().to(adapter_dtype).clone())
+            self.weight.scale = self.scale
 
-        self.lora_A = self.lora_B = None
         if rank:
-            a, b = self._init_factors(lora_a, lora_b, seed)
-            self.lora_A = nn.Parameter(a.to(weight.codes.device))
-            self.lora_B = nn.Parameter(b.to(weight.codes.device))
-            # a buffer, so that a state_dict alone describes the layer
-            self.register_buffer("lora_scaling", torch.tensor((alpha if alpha is not None else rank) / rank))
+            a, b = self._init_factors(lora_a, lora_b, generator, seed, adapter_dtype)
+            self.lora_A = nn.Parameter(a.to(weight.device))
+            self.lora_B = nn.Parameter(b.to(weight.device))
+            self.scaling = float(alpha if alpha is not None else rank) / rank
         elif lora_a is not None or lora_b is not None:
             raise ValueError("low-rank factors were given but rank=0; pass rank=A.shape[0]")
 
-    def _init_factors(self, a, b, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def _init_factors(self, a, b, generator, seed, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         want_a, want_b = (self.rank, self.in_features), (self.out_features, self.rank)
         if a is None:
             # As PEFT's LoRA: A Kaiming-uniform, B zero, so the adapter starts as a no-op.
-            gen = torch.Generator().manual_seed(seed)
+            gen = generator if generator is not None else torch.Generator().manual_seed(seed)
             bound = 1 / math.sqrt(self.in_features)
             a = (torch.rand(want_a, generator=gen) * 2 - 1) * bound
         if b is None:
@@ -80,93 +100,240 @@ class QLinear(nn.Module):
                 f"got A {tuple(a.shape)} and B {tuple(b.shape)}"
             )
         # contiguous: a checkpoint stores them so, and a matmul on another layout may round differently
-        return (a.detach().float().clone(memory_format=torch.contiguous_format),
-                b.detach().float().clone(memory_format=torch.contiguous_format))
+        return (a.detach().to(dtype).clone(memory_format=torch.contiguous_format),
+                b.detach().to(dtype).clone(memory_format=torch.contiguous_format))
+
+    def _link_scale(self) -> None:
+        """Make the weight hold the trainable scale itself: one set of scales, never two."""
+        if self.scale is not None and self.weight.scale is not self.scale:
+            self.weight.scale = self.scale
+            self.weight._decoded = None
+
+    # -- construction -----------------------------------------------------------------------------
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, format, **kwargs) -> QLinear:
-        """Quantize an ``nn.Linear`` (its bias is kept, frozen)."""
-        qweight = QuantizedTensor.quantize(linear.weight, format)
+    def from_linear(cls, linear: nn.Module, format, **kwargs) -> QLinear:
+        """Quantize an ``nn.Linear`` (or a transformers ``Conv1D``, whose weight is stored transposed);
+        the bias is kept, frozen."""
+        qweight = QuantizedTensor.quantize(dense_weight(linear), format)
         return cls(qweight, linear.bias, **kwargs)
 
     @classmethod
+    def empty(cls, spec: dict, device=None) -> QLinear:
+        """A layer with the layout ``spec`` (:meth:`spec`) describes and zeros everywhere: a checkpoint fills it."""
+        out_features, in_features = spec["shape"]
+        dtypes = {k: getattr(torch, v) for k, v in spec["dtypes"].items()}
+        stored = {k[len(_PREFIX):]: d for k, d in dtypes.items() if k.startswith(_PREFIX)}
+        weight = QuantizedTensor.empty(spec["format"], (out_features, in_features), device,
+                                       getattr(torch, spec["dtype"]), stored)
+        rank = spec["rank"]
+        bias = None if spec["bias"] is None else torch.zeros(out_features, dtype=getattr(torch, spec["bias"]),
+                                                             device=device)
+        layer = cls(weight, bias, rank=rank, alpha=spec["alpha"],
+                    lora_a=torch.zeros(rank, in_features, device=device) if rank else None,
+                    lora_b=torch.zeros(out_features, rank, device=device) if rank else None,
+                    train_scales=spec["train_scales"], adapter_dtype=dtypes.get("lora_A", torch.float32))
+        if rank:
+            layer.lora_B.data = layer.lora_B.data.to(dtypes["lora_B"])
+        if layer.scale is not None:
+            layer.scale.data = layer.scale.data.to(dtypes[_PREFIX + "scale"])
+            layer._link_scale()
+        return layer
+
+    @classmethod
     def from_state_dict(cls, state: dict[str, torch.Tensor], prefix: str = "", **kwargs) -> QLinear:
-        """Rebuild a QLinear from its state_dict alone (format and shape are stored in it)."""
+        """Rebuild a QLinear from its state_dict alone (format, shape and scaling are stored in it)."""
         qt = QuantizedTensor.from_tensors(
             {k[len(prefix + _PREFIX):]: v for k, v in state.items() if k.startswith(prefix + _PREFIX)}
         )
         lora_a = state.get(prefix + "lora_A")
         rank = 0 if lora_a is None else lora_a.shape[0]
-        module = cls(
-            qt,
-            state.get(prefix + "bias"),
-            rank=rank,
+        return cls(
+            qt, state.get(prefix + "bias"), rank=rank,
             alpha=float(state[prefix + "lora_scaling"]) * rank if rank else None,
-            lora_a=lora_a,
-            lora_b=state.get(prefix + "lora_B"),
-            train_scales=prefix + "scale" in state,
-            **kwargs,
+            lora_a=lora_a, lora_b=state.get(prefix + "lora_B"),
+            train_scales=bool(state.get(prefix + "train_scales", torch.tensor(0))),
+            adapter_dtype=lora_a.dtype if lora_a is not None else torch.float32, **kwargs,
         )
-        own = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
-        module.load_state_dict(own, strict=True)
-        return module
+
+    def spec(self) -> dict:
+        """What it takes to rebuild this layer empty (checkpoints record it): layout and every dtype."""
+        return {
+            "format": self.weight.format.name,
+            "shape": [self.out_features, self.in_features],
+            "dtype": str(self.weight.dtype).removeprefix("torch."),
+            "rank": self.rank,
+            "alpha": self.scaling * self.rank if self.rank else None,
+            "bias": None if self.bias is None else str(self.bias.dtype).removeprefix("torch."),
+            "train_scales": self.scale is not None,
+            "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in self._flat_tensors().items()},
+        }
+
+    # -- the flat state dict ----------------------------------------------------------------------
+
+    def _flat_names(self) -> set[str]:
+        names = {_PREFIX + n for n in ("codes", "shape", "format", *self.weight.tensors)}
+        names |= {n for n in ("lora_A", "lora_B") if self._parameters.get(n) is not None}
+        if self.rank:
+            names.add("lora_scaling")
+        if self.scale is not None:
+            names.add("train_scales")
+        return names
+
+    def _flat_tensors(self) -> dict[str, torch.Tensor]:
+        flat = {_PREFIX + n: t for n, t in self.weight.to_tensors().items()}
+        for name in ("lora_A", "lora_B"):
+            if getattr(self, name) is not None:
+                flat[name] = getattr(self, name)
+        if self.rank:
+            flat["lora_scaling"] = torch.tensor(self.scaling, dtype=torch.float64)
+        if self.scale is not None:
+            flat["train_scales"] = torch.tensor(1, dtype=torch.uint8)
+        return flat
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        for name, t in self._flat_tensors().items():
+            destination[prefix + name] = t if keep_vars else t.detach()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        ours = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
+        expected = self._flat_names() | ({"bias"} if self.bias is not None else set())
+        missing_keys.extend(prefix + k for k in sorted(expected - set(ours)))
+        if strict:
+            unexpected_keys.extend(prefix + k for k in sorted(set(ours) - expected))
+        if expected - set(ours):
+            return
+        copy = not local_metadata.get("assign_to_params_buffers", False)
+        try:
+            for name in sorted(expected - {"bias"}):
+                self._assign_flat(name, ours[name], copy=copy)
+        except ValueError as e:
+            error_msgs.append(f"{prefix[:-1]}: {e}")
+        if self.bias is not None:
+            with torch.no_grad():
+                if copy:
+                    self.bias.copy_(ours["bias"])
+                else:
+                    self._buffers["bias"] = ours["bias"].detach()
+
+    def __getattr__(self, name: str):
+        if (name.startswith(_PREFIX) or name in ("lora_scaling", "train_scales")) and name in self._flat_names():
+            return self._flat_tensors()[name]
+        return super().__getattr__(name)
+
+    def __setattr__(self, name: str, value) -> None:
+        # transformers' loader sets each checkpoint tensor as an attribute of its module
+        if "_parameters" in self.__dict__ and "weight" in self._parameters and name in self._flat_names():
+            self._assign_flat(name, value, copy=False)
+        else:
+            super().__setattr__(name, value)
+
+    def _assign_flat(self, name: str, value: torch.Tensor, copy: bool) -> None:
+        """Put one flat checkpoint tensor where it belongs (``copy``: into the existing storage)."""
+        value = value.detach()
+        current = self._flat_tensors()[name]
+        if tuple(value.shape) != tuple(current.shape):
+            raise ValueError(f"{name} has shape {tuple(value.shape)}, this layer needs {tuple(current.shape)}")
+        if name in (_PREFIX + "shape", _PREFIX + "format", "lora_scaling", "train_scales"):
+            if name == _PREFIX + "format" and _decode_name(value) != self.weight.format.name:
+                raise ValueError(f"the state holds a {_decode_name(value)} weight, this layer is "
+                                 f"{self.weight.format.name}; build the layer with QLinear.from_state_dict instead")
+            if name == _PREFIX + "shape" and value.tolist() != list(self.weight.shape):
+                raise ValueError(f"the state holds a {value.tolist()} weight, this layer is {list(self.weight.shape)}")
+            if name == "lora_scaling":
+                self.scaling = float(value)
+            return
+        if name in ("lora_A", "lora_B") or (name == _PREFIX + "scale" and self.scale is not None):
+            target = "scale" if name == _PREFIX + "scale" else name
+            param = self._parameters[target]
+            with torch.no_grad():
+                if copy and param.device == value.device and not param.is_meta:
+                    param.copy_(value)
+                else:
+                    self._parameters[target] = nn.Parameter(value.to(param.dtype), requires_grad=param.requires_grad)
+            self._link_scale()
+            return
+        inner = name[len(_PREFIX):]
+        if copy and not current.is_meta and current.device == value.device:
+            with torch.no_grad():
+                current.copy_(value)
+            self.weight._decoded = None
+        else:
+            if value.dtype != current.dtype:
+                raise ValueError(f"{name} is {value.dtype}, this layer stores {current.dtype}")
+            self._parameters["weight"] = nn.Parameter(self.weight.replace(**{inner: value}), requires_grad=False)
+            self._link_scale()
 
     def _apply(self, fn, recurse=True):
-        """Move, but never cast, the quantized weight's tensors: a cast would change the weight."""
-        kept = {n: self._buffers[n] for n in self._frozen_dtype}
         super()._apply(fn, recurse)
-        for n, original in kept.items():
-            self._buffers[n] = original.to(self._buffers[n].device)
+        self._link_scale()  # the weight's copy of the trainable scale must be the moved/cast parameter
         return self
 
-    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
-        error_msgs = args[-1]
-        key = prefix + _PREFIX + "format"
-        if key in state_dict and _decode_name(state_dict[key]) != self.format.name:
-            error_msgs.append(
-                f"{key}: the state holds a {_decode_name(state_dict[key])} weight, this layer is {self.format.name}; "
-                "build the layer with QLinear.from_state_dict instead"
-            )
-            return
-        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+    # -- compute ----------------------------------------------------------------------------------
 
     @property
-    def scaling(self) -> float:
-        """alpha / rank, the factor on the low-rank term (0 without one)."""
-        return float(self.lora_scaling) if self.rank else 0.0
+    def format(self):
+        return self.weight.format
 
-    @property
-    def qweight(self) -> QuantizedTensor:
-        """The frozen quantized weight, as a view on this module's buffers."""
-        tensors = {
-            n[len(_PREFIX):]: t
-            for n, t in self.named_buffers(recurse=False)
-            if n.startswith(_PREFIX) and n not in (_PREFIX + "shape", _PREFIX + "format")
-        }
-        return QuantizedTensor(self.format, (self.out_features, self.in_features), tensors.pop("codes"), tensors)
+    def adapters(self) -> dict[str, nn.Parameter]:
+        """The parameters that train (low-rank factors, trainable scales), by name."""
+        return {n: getattr(self, n) for n in ADAPTERS if getattr(self, n) is not None}
+
+    def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """dequant(W) + scaling · B·A as one dense matrix (trained scales included)."""
+        with torch.no_grad():
+            w = self.weight.dequantize(torch.float32)
+            if self.rank:
+                w = w + self.scaling * (self.lora_B.float() @ self.lora_A.float())
+        return w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"expected input with last dimension {self.in_features}, got {tuple(x.shape)}")
-        qweight = self.qweight
-        scale, zero = qweight.scales()
-        if self.scale is not None:
-            scale = self.scale
+        self._link_scale()  # cheap identity check; a deepcopy or a loader may have replaced the parameter
+        w = self.weight
+        scale, zero = w.scales()
         y = dequant_matmul(
-            x, qweight.codes, self.codebook, scale, zero,
-            bits=self.format.bits, cols=self.in_features, block=qweight.block, backend=self.backend,
+            x, w.codes, w.codebook(), scale, zero,
+            bits=w.format.bits, cols=self.in_features, block=w.block, backend=self.backend,
         )
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         if self.rank:
-            low_rank = (x.to(self.lora_A.dtype) @ self.lora_A.t()) @ self.lora_B.t()
-            y = y + (self.lora_scaling * low_rank).to(y.dtype)
+            low_rank = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
+            y = y + (self.scaling * low_rank).to(y.dtype)
         return y
 
     def extra_repr(self) -> str:
-        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}", self.format.name]
+        parts = [f"in_features={self.in_features}", f"out_features={self.out_features}", self.weight.format.name]
         if self.rank:
             parts.append(f"rank={self.rank}, scaling={self.scaling:g}")
         if self.scale is not None:
             parts.append("train_scales=True")
         return ", ".join(parts)
+
+
+def is_conv1d(module: nn.Module) -> bool:
+    """transformers' Conv1D (GPT-2 style): y = x @ W + b with W stored (in, out)."""
+    return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
+
+
+def dense_weight(module: nn.Module) -> torch.Tensor:
+    """The (out_features, in_features) weight of an nn.Linear or a transformers Conv1D."""
+    return module.weight.detach().t() if is_conv1d(module) else module.weight.detach()
+
+
+def mark_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """The one place that decides what trains: the adapters of qft layers; everything else is frozen."""
+    trainable = {}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in model.named_modules():
+        if isinstance(module, QLinear):
+            for n, p in module.adapters().items():
+                p.requires_grad_(True)
+                trainable[f"{name}.{n}" if name else n] = p
+    return trainable
