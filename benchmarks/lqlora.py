@@ -95,7 +95,7 @@ def part_ppl(args) -> None:
                                      cache_dir=CACHE, progress=False)
             r = m.qft_report
             row(f"qft LQ-LoRA {bits} bits, rank {RANK}" + (", Fisher" if use_fisher else ""),
-                f"{r.bits:.3f} (+{r.bits_with_low_rank - r.bits:.2f} low-rank)", m, time.perf_counter() - start,
+                f"{r.bits:.3f} (+{r.bits_with_adapters - r.bits:.2f} adapters)", m, time.perf_counter() - start,
                 f"{r.solution.solver} {r.solution.status}, gap {r.solution.gap:.1e}")
             if args.heatmap and bits == 2.5:
                 from qft.plot import bits_heatmap

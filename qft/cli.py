@@ -126,7 +126,7 @@ def cmd_info(args) -> None:
     print(f"everything else:   {sizes['other']:,} bytes; model.safetensors {sizes['file']:,} bytes")
     if "report" in qconfig:
         r = qconfig["report"]
-        print(f"reported at quantization: {r['bits']:.4f} bits/param ({r['bits_with_low_rank']:.4f} with low-rank), "
+        print(f"reported at quantization: {r['bits']:.4f} bits/param ({r['bits_with_adapters']:.4f} with adapters), "
               f"method {r['method']}, budget {r['budget']}, rank {r['rank']}" + (", Fisher" if r["fisher"] else ""))
 
 

@@ -1,11 +1,13 @@
 """Merged int4 export in the compressed-tensors pack-quantized layout."""
 
 import json
+import logging
 
 import pytest
 import torch
 from helpers import tiny_llama
 from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import qft
 from qft.export import (
@@ -19,16 +21,53 @@ from qft.export import (
 )
 from qft.nn import QLinear
 
+PROJECTIONS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+               "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+
+
+def prepared(model, bits="nf4", **kwargs):
+    """``model`` prepared with LoftQ (rank 4), lora_B made non-zero so that the adapters change the export."""
+    qft.quantize_and_prepare(model, bits=bits, method="loftq", rank=4, progress=False, **kwargs)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, QLinear):
+                layer.lora_B.add_(0.02 * torch.randn_like(layer.lora_B))
+    return model
+
+
+def layer_names(*projections):
+    return [f"model.layers.{i}.{p}" for i in range(2) for p in projections]
+
 
 @pytest.fixture(scope="module")
 def model():
-    m = tiny_llama()
-    qft.quantize_and_prepare(m, bits="nf3-b64", method="loftq", rank=4, progress=False)
+    return prepared(tiny_llama(), bits="nf3-b64")
+
+
+@pytest.fixture(scope="module")
+def narrow_model():
+    """A tiny Llama whose down_proj inputs are 72 wide: 8 divides them, no power of two from 16 up does."""
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=72, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=128)
+    return prepared(LlamaForCausalLM(config).eval())
+
+
+def assert_compressed_tensors_reads_what_load_merged_reads(directory, exported):
+    """compressed-tensors (through transformers' loader) quantizes exactly the ``exported`` layers and
+    decompresses the same weights and logits as load_merged."""
+    ours = load_merged(directory)
+    theirs = AutoModelForCausalLM.from_pretrained(directory)  # compressed-tensors' quantizer
+    assert [n for n, m in theirs.named_modules() if getattr(m, "quantization_scheme", None)] == exported
+    ids = torch.randint(0, 300, (2, 10))
     with torch.no_grad():
-        for layer in m.modules():
-            if isinstance(layer, QLinear):
-                layer.lora_B.add_(0.02 * torch.randn_like(layer.lora_B))
-    return m
+        a, b = ours(ids).logits, theirs(ids).logits  # the first forward decompresses theirs
+    assert a.dtype == b.dtype == torch.bfloat16
+    torch.testing.assert_close(b, a, rtol=0, atol=0)
+    linears = {n: m for n, m in ours.named_modules() if isinstance(m, torch.nn.Linear)}
+    assert set(exported) < set(linears)
+    for name, layer in linears.items():
+        assert torch.equal(theirs.get_submodule(name).weight, layer.weight), name
 
 
 def test_packing_matches_compressed_tensors_bit_layout(rng):
@@ -41,6 +80,13 @@ def test_packing_matches_compressed_tensors_bit_layout(rng):
     assert torch.equal(unpack_int4(packed, 21), codes)
 
 
+def test_packing_stays_on_the_input_device():
+    packed = pack_int4(torch.zeros(3, 10, dtype=torch.int8, device="meta"))
+    assert packed.device.type == "meta" and packed.shape == (3, 2)
+    codes = unpack_int4(packed, 10)
+    assert codes.device.type == "meta" and codes.shape == (3, 10)
+
+
 def test_int4_scales_are_absmax_over_7_5(rng):
     w = torch.randn(4, 256, generator=rng)
     q, scale = quantize_int4(w, 128, torch.float32)
@@ -51,8 +97,16 @@ def test_int4_scales_are_absmax_over_7_5(rng):
     assert (back - w).abs().max() <= scale.max() / 2 + 1e-6
 
 
-def test_group_falls_back_to_a_divisor():
+def test_group_falls_back_to_a_divisor_of_at_least_16():
     assert group_for(1536, 128) == 128 and group_for(576, 128) == 64 and group_for(96, 128) == 32
+    assert group_for(48, 128) == 16
+    assert group_for(72, 128) is None and group_for(8, 128) is None and group_for(100, 64) is None
+
+
+@pytest.mark.parametrize("group_size", [8, 96, 0])
+def test_group_size_must_be_a_power_of_two_of_at_least_16(model, tmp_path, group_size):
+    with pytest.raises(ValueError, match="power of two of at least 16"):
+        export_merged(model, tmp_path / "out", group_size=group_size)
 
 
 def test_export_layout_and_config(model, tmp_path):
@@ -71,8 +125,10 @@ def test_export_layout_and_config(model, tmp_path):
     assert q["quantization_status"] == "compressed" and q["ignore"] == ["lm_head"]
     weights = {g["weights"]["group_size"]: g for g in q["config_groups"].values()}
     assert set(weights) == {64, 32}
-    assert weights[32]["targets"] == ["re:.*\\.down_proj$"]
+    assert weights[32]["targets"] == layer_names("mlp.down_proj")
+    assert sorted(weights[64]["targets"]) == sorted(layer_names(*PROJECTIONS[:-1]))
     assert all(w["weights"]["num_bits"] == 4 and w["weights"]["symmetric"] for w in weights.values())
+    assert all(w["weights"]["strategy"] == "group" for w in weights.values())
 
 
 def test_export_reads_back_as_the_merged_int4_model(model, tmp_path):
@@ -86,6 +142,38 @@ def test_export_reads_back_as_the_merged_int4_model(model, tmp_path):
     with torch.no_grad():
         a, b = model(ids).logits, dense(ids).logits
     assert (a - b).norm() < 0.2 * a.norm()  # int4 rounding of a random model, not a different model
+
+
+def test_compressed_tensors_loads_the_export(narrow_model, tmp_path):
+    export_merged(narrow_model, tmp_path / "out")
+    assert_compressed_tensors_reads_what_load_merged_reads(tmp_path / "out", layer_names(*PROJECTIONS))
+
+
+def test_only_the_quantized_layers_are_targeted_and_the_rest_ignored(tmp_path):
+    model = prepared(tiny_llama(), target_modules=["q_proj", "v_proj"])
+    export_merged(model, tmp_path / "out")
+    q = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    exported = layer_names("self_attn.q_proj", "self_attn.v_proj")
+    assert [t for g in q["config_groups"].values() for t in g["targets"]] == exported
+    assert q["ignore"] == [n for n in layer_names(*PROJECTIONS) if n not in exported] + ["lm_head"]
+    assert_compressed_tensors_reads_what_load_merged_reads(tmp_path / "out", exported)
+
+
+def test_a_layer_that_no_group_of_16_divides_is_written_per_channel(narrow_model, tmp_path, caplog):
+    with caplog.at_level(logging.WARNING, logger="qft.export"):
+        export_merged(narrow_model, tmp_path / "out", dtype=torch.float32)
+    down = layer_names("mlp.down_proj")
+    assert "per channel" in caplog.text and all(name in caplog.text for name in down)
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    assert tensors[f"{down[0]}.weight_scale"].shape == (64, 1)
+    assert tensors[f"{down[0]}.weight_packed"].shape == (64, 9)
+    q = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    channel = [g for g in q["config_groups"].values() if g["weights"]["strategy"] == "channel"]
+    assert len(channel) == 1 and channel[0]["targets"] == down and channel[0]["weights"]["group_size"] is None
+    dense = load_merged(tmp_path / "out")
+    layer = narrow_model.model.layers[0].mlp.down_proj
+    codes, scale = quantize_int4(merged_weight(layer), 72, torch.float32)
+    assert torch.equal(dense.model.layers[0].mlp.down_proj.weight, codes.float() * scale)
 
 
 def test_merged_weight_includes_the_adapter(model):

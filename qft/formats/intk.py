@@ -3,8 +3,9 @@
 Each group of ``group_size`` weights along a row (or the whole row, per
 channel) gets scale = (max - min) / (2**k - 1) over a range widened to include
 0, stored in fp16 (rounded up, so the grid still spans the range; a group whose
-scale would exceed fp16's max is a ValueError), and an integer zero-point in [0, 2**k) stored in k bits
-(all of a matrix's zero-points packed as one bit stream). W = (code - zero) * scale. This is the layout of compressed-tensors'
+scale would exceed fp16's max is a ValueError), and an integer zero-point in
+[0, 2**k) stored in k bits (all of a matrix's zero-points packed as one bit
+stream). W = (code - zero) * scale. This is the layout of compressed-tensors'
 ``weight_packed / weight_scale / weight_zero_point`` and what PEQA trains
 (the scales) on top of frozen codes.
 """
