@@ -18,7 +18,7 @@ import os
 
 import torch
 from qft.kernels import torch_path
-from qft.kernels.torch_path import dequantize
+from qft.kernels.torch_path import autocast_off, dequantize
 from torch.autograd.function import once_differentiable
 
 __all__ = ["BACKENDS", "dequant_matmul", "dequantize", "resolve_backend"]
@@ -53,7 +53,8 @@ class _TritonDequantMatmul(torch.autograd.Function):
         from qft.kernels import triton_dequant
 
         x2d = x.reshape(-1, cols).contiguous()
-        y = triton_dequant.forward(x2d, codes, codebook, scale, zero, bits=bits, cols=cols, block=block)
+        with autocast_off(x.device):
+            y = triton_dequant.forward(x2d, codes, codebook, scale, zero, bits=bits, cols=cols, block=block)
         ctx.save_for_backward(x if scale.requires_grad else None, scale, codes, codebook, zero)
         ctx.meta = (bits, cols, block)
         return y.reshape(*x.shape[:-1], codes.shape[0])
@@ -66,14 +67,34 @@ class _TritonDequantMatmul(torch.autograd.Function):
         x, scale, codes, codebook, zero = ctx.saved_tensors
         bits, cols, block = ctx.meta
         dx = dscale = None
-        if ctx.needs_input_grad[0]:
-            dy2d = dy.reshape(-1, dy.shape[-1]).contiguous()
-            dx = triton_dequant.input_grad(dy2d, codes, codebook, scale, zero, bits=bits, cols=cols, block=block)
-            dx = dx.reshape(*dy.shape[:-1], cols)
-        if ctx.needs_input_grad[1]:  # trainable scales: the torch path's reduction (a dense dW, backward only)
-            grid = torch_path._grid(codes, codebook, zero, bits, cols, block)
-            dscale = torch_path.scale_grad(x, dy, grid, scale, cols, block)
+        with autocast_off(dy.device):
+            if ctx.needs_input_grad[0]:
+                dy2d = dy.reshape(-1, dy.shape[-1]).contiguous()
+                dx = triton_dequant.input_grad(dy2d, codes, codebook, scale, zero, bits=bits, cols=cols, block=block)
+                dx = dx.reshape(*dy.shape[:-1], cols)
+            if ctx.needs_input_grad[1]:  # trainable scales: the torch path's reduction (a dense dW, backward only)
+                grid = torch_path._grid(codes, codebook, zero, bits, cols, block)
+                dscale = torch_path.scale_grad(x, dy, grid, scale, cols, block)
         return dx, dscale, None, None, None, None, None, None
+
+
+def _autocast_input(x: torch.Tensor) -> torch.Tensor:
+    """x in the autocast dtype when autocast is on for x's device (float64 stays, as autocast leaves it)."""
+    kind = x.device.type
+    if not (torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)):
+        return x
+    if not x.is_floating_point() or x.dtype == torch.float64:
+        return x
+    return x.to(torch.get_autocast_dtype(kind))
+
+
+def _check_devices(x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
+    for name, t in tensors.items():
+        if t is not None and t.device != x.device:
+            raise ValueError(
+                f"{name} is on {t.device} but x is on {x.device}; move the quantized weight to x's device "
+                "(e.g. layer.to(x.device)) before the matmul"
+            )
 
 
 def dequant_matmul(
@@ -88,7 +109,15 @@ def dequant_matmul(
     block: int,
     backend: str | None = None,
 ) -> torch.Tensor:
-    """y = x @ W.T for W = (codebook[code] - zero) * scale, from the packed codes."""
+    """y = x @ W.T for W = (codebook[code] - zero) * scale, from the packed codes.
+
+    Autocast is honoured as nn.Linear honours it: when autocast is on for x's device, x is cast
+    to the autocast dtype first, and both backends compute in that dtype (fp32 accumulation) and
+    return y in it; the gradient for x is computed in it too (autograd casts it back to x's own
+    dtype). Without autocast y is in x's dtype.
+    """
+    _check_devices(x, codes=codes, codebook=codebook, scale=scale, zero=zero)
+    x = _autocast_input(x)
     if resolve_backend(x.device, backend) == "triton":
         return _TritonDequantMatmul.apply(x, scale, codes, codebook, zero, bits, cols, block)
     return torch_path.dequant_matmul(x, codes, codebook, scale, zero, bits=bits, cols=cols, block=block)

@@ -7,6 +7,8 @@ instead of keeping it alive between forward and backward.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
@@ -55,27 +57,39 @@ def _scaled(grid: torch.Tensor, scale: torch.Tensor, cols: int) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)[:, :cols]
 
 
+def autocast_off(device: torch.device):
+    """A context with autocast disabled for ``device``'s type (nothing to disable where autocast
+    does not exist, e.g. on the meta device). The dequant-matmul Functions compute in x's own dtype
+    inside it; the dispatch has already cast x to the autocast dtype."""
+    if torch.amp.is_autocast_available(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 class DequantMatmul(torch.autograd.Function):
-    """y = x @ dequantize(...).T with gradients for x and (if it trains) the scale."""
+    """y = x @ dequantize(...).T with gradients for x and (if it trains) the scale, all in x's dtype."""
 
     @staticmethod
     def forward(ctx, x, scale, codes, codebook, zero, bits, cols, block):
-        w = dequantize(codes, codebook, scale, zero, bits=bits, cols=cols, block=block, dtype=x.dtype)
+        with autocast_off(x.device):
+            w = dequantize(codes, codebook, scale, zero, bits=bits, cols=cols, block=block, dtype=x.dtype)
+            y = x @ w.t()
         ctx.save_for_backward(x if scale.requires_grad else None, scale, codes, codebook, zero)
         ctx.meta = (bits, cols, block)
-        return x @ w.t()
+        return y
 
     @staticmethod
     @once_differentiable
     def backward(ctx, dy):
         x, scale, codes, codebook, zero = ctx.saved_tensors
         bits, cols, block = ctx.meta
-        grid = _grid(codes, codebook, zero, bits, cols, block)
         dx = dscale = None
-        if ctx.needs_input_grad[0]:
-            dx = dy @ _scaled(grid, scale, cols).to(dy.dtype)
-        if ctx.needs_input_grad[1]:
-            dscale = scale_grad(x, dy, grid, scale, cols, block)
+        with autocast_off(dy.device):
+            grid = _grid(codes, codebook, zero, bits, cols, block)
+            if ctx.needs_input_grad[0]:
+                dx = dy @ _scaled(grid, scale, cols).to(dy.dtype)
+            if ctx.needs_input_grad[1]:
+                dscale = scale_grad(x, dy, grid, scale, cols, block)
         return dx, dscale, None, None, None, None, None, None
 
 

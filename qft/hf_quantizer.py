@@ -59,8 +59,8 @@ class QftHfQuantizer(HfQuantizer):
                 raise ValueError(f"{path}: qft checkpoints are read from safetensors files only")
         expected = model.state_dict()
         # the rest of the model is still on the meta device, where every tensor has data_ptr 0, so
-        # checkpoint.shared_keys cannot tell tied tensors apart: the config says which one is tied
-        tied = {k for k in expected if k.endswith("lm_head.weight")} if model.config.tie_word_embeddings else set()
+        # checkpoint.shared_keys cannot tell tied tensors apart: transformers' own tying map says which are
+        tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if model.config.tie_word_embeddings else set()
         tied |= tied_layer_keys(expected, self.quantization_config.modules)
         check_tensors(found, expected, tied, self.quantization_config.modules, "the checkpoint")
 

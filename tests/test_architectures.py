@@ -1,0 +1,65 @@
+"""Every architecture goes the whole way: quantize, train a step, save, load with identical logits."""
+
+import pytest
+import torch
+from transformers import (
+    BertConfig,
+    BertForMaskedLM,
+    GPT2Config,
+    GPT2LMHeadModel,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
+
+import qft
+from qft.nn import QLinear
+
+
+def gpt2():
+    return GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=2, n_head=4, vocab_size=300, n_positions=64))
+
+
+def bert():
+    return BertForMaskedLM(BertConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                                      intermediate_size=96, vocab_size=300, max_position_embeddings=64))
+
+
+def qwen2():
+    return Qwen2ForCausalLM(Qwen2Config(hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, vocab_size=300,
+                                        max_position_embeddings=64))
+
+
+@pytest.mark.parametrize("build, layers", [(gpt2, 8), (bert, 13), (qwen2, 14)])
+@pytest.mark.parametrize("method", ["lqlora", "qlora"])
+def test_quantize_train_save_load(build, layers, method, tmp_path):
+    torch.manual_seed(0)
+    model = build().eval()
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = model(ids).logits
+    qft.quantize_and_prepare(model, bits="nf4", method=method, rank=4, progress=False)
+    assert sum(isinstance(m, QLinear) for m in model.modules()) == layers
+    with torch.no_grad():  # nf4 + (for lqlora) a rank-4 correction: close to the original model
+        assert torch.allclose(model(ids).logits, before, atol=0.2)
+    qft.train(model, None, torch.randint(0, 300, (4, 16)), steps=1, batch_size=2, block_size=16, lr=1e-2,
+              warmup=1, eval_blocks=0, progress=False)
+    qft.save_quantized(model, tmp_path / "ckpt")
+    loaded = qft.load_quantized(tmp_path / "ckpt")
+    assert type(loaded) is type(model)
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model.eval()(ids).logits)
+
+
+def test_gpt2_conv1d_is_quantized_in_its_orientation():
+    torch.manual_seed(0)
+    model = gpt2().eval()
+    conv = model.transformer.h[0].attn.c_attn  # Conv1D: weight (in=64, out=192)
+    x = torch.randn(3, 64)
+    with torch.no_grad():
+        expected = conv(x)
+    qft.quantize_and_prepare(model, bits="nf8", method="qlora", rank=0, progress=False)
+    layer = model.transformer.h[0].attn.c_attn
+    assert isinstance(layer, QLinear) and (layer.out_features, layer.in_features) == (192, 64)
+    with torch.no_grad():
+        assert torch.allclose(layer(x), expected, atol=2e-2)
