@@ -85,7 +85,9 @@ def shared_keys(state: dict[str, torch.Tensor]) -> set[str]:
 
 
 def tied_layer_keys(state: dict, specs: dict[str, dict]) -> set[str]:
-    """State keys of layers that are another layer (``same_as``): stored once, under the first name."""
+    """State keys of layers that are another layer (``same_as``). They are stored again under their own
+    name (transformers' loader expects every key of the model's state dict); loading puts one layer
+    object at both places."""
     prefixes = tuple(f"{n}." for n, s in specs.items() if "same_as" in s)
     return {k for k in state if prefixes and k.startswith(prefixes)}
 
@@ -136,14 +138,16 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
     if not specs:
         raise ValueError("the model has no QLinear layer; call qft.quantize_and_prepare(model) before saving")
     state = model.state_dict()
-    drop = shared_keys(state) | tied_layer_keys(state, specs)
-    quantized = {n for n, s in specs.items() if "same_as" not in s}
+    again = tied_layer_keys(state, specs)
+    drop = shared_keys(state) - again
     out = {}
     for k, v in state.items():
         if k in drop:
             continue
+        if k in again:
+            v = v.clone()  # safetensors stores no two names on one storage
         module, _, leaf = k.rpartition(".")
-        castable = v.is_floating_point() and (module not in quantized or leaf in ("lora_A", "lora_B"))
+        castable = v.is_floating_point() and (module not in specs or leaf in ("lora_A", "lora_B"))
         out[k] = (v.to(dtype) if dtype is not None and castable else v).detach().contiguous().cpu()
     for name, spec in specs.items():  # the spec records what is stored
         for leaf in spec.get("dtypes", {}):

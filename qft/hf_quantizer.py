@@ -26,7 +26,6 @@ from qft.checkpoint import (
     check_tensors,
     swap_in_empty_layers,
     tensor_layout,
-    tied_layer_keys,
 )
 from qft.nn import mark_trainable
 
@@ -61,7 +60,6 @@ class QftHfQuantizer(HfQuantizer):
         # the rest of the model is still on the meta device, where every tensor has data_ptr 0, so
         # checkpoint.shared_keys cannot tell tied tensors apart: transformers' own tying map says which are
         tied = set(getattr(model, "all_tied_weights_keys", None) or {}) if model.config.tie_word_embeddings else set()
-        tied |= tied_layer_keys(expected, self.quantization_config.modules)
         check_tensors(found, expected, tied, self.quantization_config.modules, "the checkpoint")
 
     def _process_model_after_weight_loading(self, model, **kwargs):

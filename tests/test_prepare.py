@@ -162,3 +162,75 @@ def test_fisher_ignores_and_keeps_existing_gradients():
     assert all(torch.allclose(clean[n], again[n]) for n in clean)
     assert torch.equal(first.grad, torch.ones_like(first))  # the user's gradient is back
     assert all(f.shape == targets[n].weight.shape and (f >= 0).all() and f.sum() > 0 for n, f in clean.items())
+
+
+def test_qlora_draws_every_layer_from_one_stream():
+    model = quantize_and_prepare(tiny_llama(), bits="nf4", method="qlora", rank=4, seed=5, progress=False)
+    q, k = model.model.layers[0].self_attn.q_proj, model.model.layers[1].self_attn.q_proj
+    assert q.lora_A.shape == k.lora_A.shape and not torch.equal(q.lora_A, k.lora_A)
+    again = quantize_and_prepare(tiny_llama(), bits="nf4", method="qlora", rank=4, seed=5, progress=False)
+    assert torch.equal(again.model.layers[1].self_attn.q_proj.lora_A, k.lora_A)
+
+
+def test_an_already_prepared_model_is_refused_clearly():
+    model = quantize_and_prepare(tiny_llama(), bits="nf4", method="qlora", rank=2, progress=False)
+    with pytest.raises(ValueError, match="already quantized by qft"):
+        quantize_and_prepare(model, bits="nf4")
+
+
+def test_meta_weights_are_refused_clearly():
+    with torch.device("meta"):
+        model = tiny_llama()
+    with pytest.raises(ValueError, match="meta device"):
+        quantize_and_prepare(model, bits="nf4")
+
+
+def test_a_budget_above_every_candidate_says_what_was_done(caplog):
+    model = quantize_and_prepare(tiny_llama(), bits=12, rank=4, formats=SMALL_GRID, cache_dir=False, progress=False)
+    report = model.qft_report
+    assert "above the dearest candidate" in report.summary() and "above the dearest" in caplog.text
+    assert all(m.format.startswith("nf8") for m in report.matrices) and report.bits <= 10.0
+
+
+def test_skip_modules_replace_the_default_and_match_whole_names():
+    model = tiny_llama()
+    model.model.layers[0].mlp.embed_proj = nn.Linear(64, 64)  # "embed" in its name, yet a projection
+    quantize_and_prepare(model, bits="nf4", method="qlora", rank=2, progress=False)
+    assert isinstance(model.model.layers[0].mlp.embed_proj, QLinear)
+    assert not isinstance(model.lm_head, QLinear) and "lm_head" in model.qft_report.skipped
+    model = quantize_and_prepare(tiny_llama(), bits="nf4", method="qlora", rank=2, skip_modules=["down_proj"],
+                                 progress=False)
+    assert isinstance(model.lm_head, QLinear) and not isinstance(model.model.layers[0].mlp.down_proj, QLinear)
+
+
+def test_a_layer_the_fisher_never_reaches_is_named():
+    from qft.fisher import empirical_fisher
+
+    class Chars:
+        eos_token = None
+
+        def __call__(self, text, return_tensors=None, add_special_tokens=False):
+            return type("Enc", (), {"input_ids": torch.tensor([[ord(c) % 300 for c in text]])})()
+
+    model = tiny_llama()
+    model.model.layers[0].mlp.unused = nn.Linear(64, 64)
+    targets = qft.find_target_linears(model)
+    with pytest.raises(ValueError, match=r"never uses \['model.layers.0.mlp.unused'\]"):
+        empirical_fisher(model, Chars(), targets, ["some text " * 20], block_size=32, progress=False)
+
+
+def test_a_shared_layer_is_quantized_once_and_stays_shared(tmp_path):
+    model = tiny_llama()
+    model.model.layers[1].mlp.up_proj.weight = model.model.layers[0].mlp.up_proj.weight  # tied weights
+    quantize_and_prepare(model, bits="nf4", method="qlora", rank=2, progress=False)
+    first, second = model.model.layers[0].mlp.up_proj, model.model.layers[1].mlp.up_proj
+    assert first is second and model.qft_report.tied == {"model.layers.1.mlp.up_proj": "model.layers.0.mlp.up_proj"}
+    assert len(model.qft_report.matrices) == 13
+    with torch.no_grad():
+        first.lora_B.normal_()
+    qft.save_quantized(model, tmp_path / "ckpt")
+    loaded = qft.load_quantized(tmp_path / "ckpt")
+    assert loaded.model.layers[0].mlp.up_proj is loaded.model.layers[1].mlp.up_proj
+    ids = torch.randint(0, 300, (2, 12))
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model(ids).logits)
