@@ -18,21 +18,29 @@ from pathlib import Path
 logger = logging.getLogger("qft.cli")
 
 
-def _load_base(model: str | None, progress: bool):
-    """(model, tokenizer): the embedded default, or a Hugging Face model folder."""
+def _device(name: str | None) -> str:
+    """The device to work on: as asked, else the GPU when there is one."""
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load_base(model: str | None, progress: bool, device: str):
+    """(model, tokenizer): the embedded default, or a Hugging Face model folder, on ``device``."""
     if model is None:
         from qft.models import default_model
 
-        return default_model(progress=progress)
+        base, tokenizer = default_model(progress=progress)
+        return base.to(device), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    return AutoModelForCausalLM.from_pretrained(model).eval(), AutoTokenizer.from_pretrained(model)
+    return AutoModelForCausalLM.from_pretrained(model).to(device).eval(), AutoTokenizer.from_pretrained(model)
 
 
-def _load_any(path: str | None, progress: bool):
+def _load_any(path: str | None, progress: bool, device: str):
     """(model, tokenizer) from a qft checkpoint, a merged int4 export, or (None) the embedded default."""
     if path is None:
-        return _load_base(None, progress)
+        return _load_base(None, progress, device)
     from transformers import AutoTokenizer
 
     from qft.checkpoint import CheckpointError, load_quantized
@@ -42,7 +50,7 @@ def _load_any(path: str | None, progress: bool):
     if not config.is_file():
         raise CheckpointError(f"{path} has no config.json: give a folder written by `qft quantize`, `train` or `export`")
     method = (json.loads(config.read_text()).get("quantization_config") or {}).get("quant_method")
-    model = load_merged(path) if method == "compressed-tensors" else load_quantized(path)
+    model = load_merged(path).to(device) if method == "compressed-tensors" else load_quantized(path, device)
     return model, AutoTokenizer.from_pretrained(path)
 
 
@@ -50,7 +58,7 @@ def cmd_quantize(args) -> None:
     from qft.checkpoint import save_quantized
     from qft.prepare import quantize_and_prepare
 
-    model, tokenizer = _load_base(args.model, args.progress)
+    model, tokenizer = _load_base(args.model, args.progress, _device(args.device))
     bits = args.bits if not args.bits.replace(".", "", 1).isdigit() else float(args.bits)
     quantize_and_prepare(model, bits=bits, method=args.method, rank=args.rank, fisher=args.fisher,
                          tokenizer=tokenizer, iters=args.iters, seed=args.seed, progress=args.progress)
@@ -63,13 +71,13 @@ def cmd_train(args) -> None:
     from qft.checkpoint import save_quantized
     from qft.train import train
 
-    model, tokenizer = _load_any(args.checkpoint, args.progress)
+    model, tokenizer = _load_any(args.checkpoint, args.progress, _device(args.device))
     checkpoints = args.checkpoints or f"{args.out.rstrip('/')}-checkpoints"
     result = train(model, tokenizer, args.data, args.eval_data, output_dir=checkpoints, resume=args.resume,
                    progress=args.progress, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                    block_size=args.block_size, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every,
                    eval_blocks=args.eval_blocks, save_every=args.save_every, seed=args.seed,
-                   gradient_checkpointing=args.gradient_checkpointing)
+                   gradient_checkpointing=args.gradient_checkpointing, precision=args.precision)
     for step, ppl in result.evals:
         print(f"step {step}: held-out perplexity {ppl:.3f}")
     print(f"{result.steps_run} steps, {result.seconds_per_step:.2f} s/step, "
@@ -82,7 +90,7 @@ def cmd_eval(args) -> None:
     from qft.data import load_texts
     from qft.evaluate import perplexity
 
-    model, tokenizer = _load_any(args.checkpoint, args.progress)
+    model, tokenizer = _load_any(args.checkpoint, args.progress, _device(args.device))
     texts = load_texts(args.data, "test", tokenizer=tokenizer)
     ppl = perplexity(model, tokenizer, texts, block_size=args.block_size, max_blocks=args.max_blocks,
                      progress=args.progress)
@@ -95,7 +103,7 @@ def cmd_export(args) -> None:
     from qft.checkpoint import save_quantized
     from qft.export import export_merged
 
-    model, tokenizer = _load_any(args.checkpoint, args.progress)
+    model, tokenizer = _load_any(args.checkpoint, args.progress, _device(args.device))
     if args.merged:
         export_merged(model, args.out, tokenizer, group_size=args.group_size, dtype=getattr(torch, args.dtype))
     else:
@@ -134,12 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="qft", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
+    common.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when a GPU is there, else cpu)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("quantize", parents=[common], help="quantize a model and save a qft checkpoint")
     p.add_argument("--model", help="Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--bits", default="2.5", help="average bits per parameter, or a format name such as nf4")
-    p.add_argument("--method", default="lqlora", choices=["lqlora", "loftq", "qlora"])
+    p.add_argument("--method", default="lqlora", help="a registered method: lqlora, loftq, qlora")
     p.add_argument("--rank", type=int, default=64)
     p.add_argument("--fisher", action="store_true", help="weight errors by the empirical Fisher (needs text)")
     p.add_argument("--iters", type=int, default=10, help="LQ-LoRA iterations per matrix")
@@ -164,6 +173,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--eval-blocks", type=int, help="held-out blocks per evaluation (default: all)")
     p.add_argument("--save-every", type=int, default=0, help="steps between training checkpoints")
     p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
+                   help="bf16: bf16 compute under autocast, fp32 adapters and optimizer state")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_train)
 

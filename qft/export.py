@@ -32,25 +32,12 @@ from transformers.pytorch_utils import Conv1D
 
 from qft.atomic import atomic_dir
 from qft.checkpoint import CheckpointError, shared_keys
-from qft.kernels import dequantize
 from qft.nn import QLinear
 
 logger = logging.getLogger(__name__)
 
 COMPRESSED_TENSORS_VERSION = "0.12.2"  # the config layout written (newer releases read it)
 MIN_GROUP = 16  # smaller groups cost more than a bit per weight in scales: such layers go per channel
-
-
-def merged_weight(layer: QLinear) -> torch.Tensor:
-    """dequant(Q) + scaling · B·A as one float32 matrix (trainable scales, if any, included)."""
-    qt = layer.qweight
-    scale, zero = qt.scales()
-    if layer.scale is not None:
-        scale = layer.scale.detach().float()
-    w = dequantize(qt.codes, layer.codebook, scale, zero, bits=qt.format.bits, cols=qt.cols, block=qt.block)
-    if layer.rank:
-        w = w + layer.scaling * (layer.lora_B.detach().float() @ layer.lora_A.detach().float())
-    return w
 
 
 def group_for(in_features: int, group_size: int) -> int | None:
@@ -142,7 +129,7 @@ def export_merged(
     for name, layer in layers.items():
         group = group_for(layer.in_features, group_size)
         groups.setdefault(group, []).append(name)
-        q, scale = quantize_int4(merged_weight(layer), group or layer.in_features, dtype)
+        q, scale = quantize_int4(layer.merged_weight(), group or layer.in_features, dtype)
         out[f"{name}.weight_packed"] = pack_int4(q)
         out[f"{name}.weight_scale"] = scale
         out[f"{name}.weight_shape"] = torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)

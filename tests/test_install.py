@@ -31,10 +31,12 @@ def wheel(tmp_path_factory):
     for name in ("qft", "kernels", "solvers"):
         shutil.copytree(ROOT / name, src / name, ignore=shutil.ignore_patterns("__pycache__"))
     out = tmp_path_factory.mktemp("wheel")
-    subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(src)],
-        check=True,
+    build = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-v", "-w", str(out), str(src)],
+        check=True, capture_output=True, text=True,
     )
+    # the project metadata is current: no setuptools deprecation banner on every install
+    assert "Deprecat" not in build.stdout + build.stderr, (build.stdout + build.stderr)[-3000:]
     return next(out.glob("qft-*.whl"))
 
 
