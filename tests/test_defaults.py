@@ -67,3 +67,22 @@ def test_default_corpus_split_is_deterministic_and_disjoint():
     assert not train & test and train | test == set(topics)
     chars = sum(map(len, a["test"]["text"]))
     assert 0.03 < chars / sum(map(len, topics.values())) < 0.3
+
+
+def test_smollm2_in_bf16_quantizes_trains_saves_and_loads(tmp_path):
+    """The real model cast to bf16: the quantized weights keep bf16 as their dtype, one training step
+    runs, and the checkpoint loads with identical logits."""
+    model, tokenizer = qft.default_model(dtype=torch.bfloat16, progress=False)
+    qft.quantize_and_prepare(model, bits="nf4", method="qlora", rank=8, progress=False)
+    layer = model.model.layers[3].mlp.down_proj
+    assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
+    texts = qft.default_corpus()["train"]["text"][:4]
+    result = qft.train(model, tokenizer, texts, steps=1, batch_size=1, block_size=32, eval_blocks=0,
+                       precision="bf16", progress=False)
+    assert result.steps_run == 1 and torch.isfinite(torch.tensor(result.losses)).all()
+    assert layer.lora_B.abs().sum() > 0  # the step moved the adapters
+    qft.save_quantized(model, tmp_path / "smol", tokenizer)
+    loaded = qft.load_quantized(tmp_path / "smol")
+    ids = tokenizer("def main():", return_tensors="pt").input_ids
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, model.eval()(ids).logits)
