@@ -54,6 +54,12 @@ def _load_any(path: str | None, progress: bool, device: str):
     return model, AutoTokenizer.from_pretrained(path)
 
 
+def _save_dtype(args):
+    import torch
+
+    return None if args.save_dtype == "as-is" else getattr(torch, args.save_dtype)
+
+
 def cmd_quantize(args) -> None:
     from qft.checkpoint import save_quantized
     from qft.prepare import quantize_and_prepare
@@ -63,7 +69,7 @@ def cmd_quantize(args) -> None:
     quantize_and_prepare(model, bits=bits, method=args.method, rank=args.rank, fisher=args.fisher,
                          tokenizer=tokenizer, iters=args.iters, seed=args.seed, progress=args.progress)
     print(model.qft_report.summary())
-    save_quantized(model, args.out, tokenizer)
+    save_quantized(model, args.out, tokenizer, dtype=_save_dtype(args))
     print(f"saved to {args.out}")
 
 
@@ -82,7 +88,7 @@ def cmd_train(args) -> None:
         print(f"step {step}: held-out perplexity {ppl:.3f}")
     print(f"{result.steps_run} steps, {result.seconds_per_step:.2f} s/step, "
           f"{result.trainable_parameters:,} trainable parameters")
-    save_quantized(model, args.out, tokenizer)
+    save_quantized(model, args.out, tokenizer, dtype=_save_dtype(args))
     print(f"saved to {args.out}")
 
 
@@ -107,7 +113,7 @@ def cmd_export(args) -> None:
     if args.merged:
         export_merged(model, args.out, tokenizer, group_size=args.group_size, dtype=getattr(torch, args.dtype))
     else:
-        save_quantized(model, args.out, tokenizer)
+        save_quantized(model, args.out, tokenizer, dtype=_save_dtype(args))
     print(f"saved to {args.out}")
 
 
@@ -143,6 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-q", "--quiet", action="store_true", help="no progress bars or log lines")
     common.add_argument("--device", help="cpu, cuda, cuda:1, ... (default: cuda when a GPU is there, else cpu)")
+    common.add_argument("--save-dtype", default="as-is", choices=["as-is", "bfloat16", "float16"],
+                        help="store unquantized tensors and low-rank factors in this dtype (a smaller checkpoint)")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("quantize", parents=[common], help="quantize a model and save a qft checkpoint")

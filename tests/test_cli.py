@@ -47,10 +47,13 @@ def test_quantize_train_eval_export_info(base, tmp_path, capsys):
                  "--out", str(q)]) == 0
     assert (q / "config.json").is_file() and (q / "tokenizer.json").is_file()
     assert main(["train", "-q", str(q), "--out", str(t), "--data", str(data), "--steps", "2", "--batch-size", "1",
-                 "--block-size", "32", "--eval-blocks", "2", "--save-every", "1", "--warmup", "1"]) == 0
+                 "--block-size", "32", "--eval-blocks", "2", "--save-every", "1", "--warmup", "1",
+                 "--device", "cpu", "--precision", "bf16", "--save-dtype", "bfloat16"]) == 0
     out = capsys.readouterr().out
     assert "step 0: held-out perplexity" in out and "step 2: held-out perplexity" in out
     assert (tmp_path / "t-checkpoints" / "checkpoint-2").is_dir()
+    spec = json.loads((t / "config.json").read_text())["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"]
+    assert spec["dtypes"]["lora_A"] == "bfloat16" and spec["dtypes"]["weight_scale"] == "float32"
     assert main(["eval", "-q", str(t), "--data", str(data), "--block-size", "32", "--max-blocks", "2"]) == 0
     assert "held-out perplexity" in capsys.readouterr().out
     assert main(["export", "-q", str(t), "--merged", "--out", str(m)]) == 0
