@@ -14,7 +14,6 @@ from qft.export import (
     export_merged,
     group_for,
     load_merged,
-    merged_weight,
     pack_int4,
     quantize_int4,
     unpack_int4,
@@ -135,7 +134,7 @@ def test_export_reads_back_as_the_merged_int4_model(model, tmp_path):
     export_merged(model, tmp_path / "out", dtype=torch.float32)
     dense = load_merged(tmp_path / "out")
     layer = model.model.layers[1].self_attn.o_proj
-    q, scale = quantize_int4(merged_weight(layer), 64, torch.float32)
+    q, scale = quantize_int4(layer.merged_weight(), 64, torch.float32)
     expected = (q.float().reshape(64, -1, 64) * scale[..., None]).reshape(64, 64)
     assert torch.equal(dense.model.layers[1].self_attn.o_proj.weight, expected)
     ids = torch.randint(0, 300, (2, 10))
@@ -172,15 +171,15 @@ def test_a_layer_that_no_group_of_16_divides_is_written_per_channel(narrow_model
     assert len(channel) == 1 and channel[0]["targets"] == down and channel[0]["weights"]["group_size"] is None
     dense = load_merged(tmp_path / "out")
     layer = narrow_model.model.layers[0].mlp.down_proj
-    codes, scale = quantize_int4(merged_weight(layer), 72, torch.float32)
+    codes, scale = quantize_int4(layer.merged_weight(), 72, torch.float32)
     assert torch.equal(dense.model.layers[0].mlp.down_proj.weight, codes.float() * scale)
 
 
-def test_merged_weight_includes_the_adapter(model):
+def test_the_merged_weight_includes_the_adapter(model):
     layer = model.model.layers[0].self_attn.q_proj
     x = torch.randn(3, 64)
     with torch.no_grad():
-        assert torch.allclose(x @ merged_weight(layer).t(), layer(x), atol=1e-5)
+        assert torch.allclose(x @ layer.merged_weight().t(), layer(x), atol=1e-5)
 
 
 def test_export_needs_a_qft_model(tmp_path):
