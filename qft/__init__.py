@@ -5,18 +5,19 @@ import logging
 from qft import hf_quantizer  # noqa: F401  (registers quant_method "qft" with transformers)
 from qft.checkpoint import load_quantized, save_quantized
 from qft.data import default_corpus, load_texts
+from qft.decompose import register_method
 from qft.evaluate import perplexity
 from qft.export import export_merged, load_merged
 from qft.fisher import empirical_fisher
 from qft.formats import FP8, Format, NormalFloat, UniformInt, get_format
 from qft.models import default_model
-from qft.nn import QLinear
+from qft.nn import QLinear, mark_trainable
 from qft.plot import bits_heatmap
 from qft.prepare import quantize_and_prepare
 from qft.report import quantization_error_table
 from qft.targets import find_target_linears
 from qft.tensor import QuantizedTensor
-from qft.train import TrainConfig, train
+from qft.train import TrainConfig, register_objective, train
 
 __version__ = "0.1.0"
 
@@ -40,9 +41,12 @@ __all__ = [
     "load_merged",
     "load_quantized",
     "load_texts",
+    "mark_trainable",
     "perplexity",
     "quantization_error_table",
     "quantize_and_prepare",
+    "register_method",
+    "register_objective",
     "save_quantized",
     "train",
 ]
