@@ -234,3 +234,22 @@ def test_a_shared_layer_is_quantized_once_and_stays_shared(tmp_path):
     ids = torch.randint(0, 300, (2, 12))
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, model(ids).logits)
+
+
+def test_a_registered_method_is_dispatched_to():
+    from qft.decompose import METHODS, Built
+
+    calls = []
+
+    @qft.register_method("rtn-test", needs_rank=False, table_rank=lambda rank: 0)
+    def rtn(w, bias, fmt, options):
+        calls.append(fmt.name)
+        qweight = qft.QuantizedTensor.quantize(w, fmt, options.dtype)
+        return Built(QLinear(qweight, bias), float(((w - qweight.dequantize(torch.float32)) ** 2).sum()))
+
+    try:
+        model = quantize_and_prepare(tiny_llama(), bits="int4", method="rtn-test", rank=0, progress=False)
+    finally:
+        del METHODS["rtn-test"]
+    assert calls == ["int4-g128"] * 14 and model.qft_report.method == "rtn-test"
+    assert not any(p.requires_grad for p in model.parameters())  # nothing to train: no adapters
