@@ -5,7 +5,6 @@ import torch
 from conftest import ALL_FORMATS
 from torch import nn
 
-from qft.formats import get_format
 from qft.nn import QLinear, mark_trainable
 from qft.packing import unpack
 from qft.tensor import QuantizedTensor
