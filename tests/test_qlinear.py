@@ -226,3 +226,14 @@ def test_empty_layer_from_spec_on_meta_loads_everything(rng):
     assert {k: v.dtype for k, v in empty.state_dict().items()} == {k: v.dtype for k, v in q.state_dict().items()}
     x = torch.randn(3, 70, generator=rng).bfloat16()
     assert torch.equal(empty(x), q(x))
+
+
+def test_load_state_dict_copies_into_the_layers_own_tensors(rng):
+    _, q = _layer("int4-g32", rng, train_scales=True)
+    target = QLinear(QuantizedTensor.quantize(torch.randn(24, 70, generator=rng), "int4-g32"), torch.zeros(24),
+                     rank=4, alpha=8, train_scales=True)
+    lora_a, scale, codes = target.lora_A, target.scale, target.weight.codes
+    target.load_state_dict(q.state_dict())
+    assert target.lora_A is lora_a and target.scale is scale and target.weight.codes is codes  # copied in place
+    x = torch.randn(3, 70, generator=rng)
+    assert torch.equal(target(x), q(x))

@@ -250,14 +250,14 @@ class QLinear(nn.Module):
             target = "scale" if name == _PREFIX + "scale" else name
             param = self._parameters[target]
             with torch.no_grad():
-                if copy and param.device == value.device and not param.is_meta:
+                if copy and not param.is_meta:
                     param.copy_(value)
                 else:
                     self._parameters[target] = nn.Parameter(value.to(param.dtype), requires_grad=param.requires_grad)
             self._link_scale()
             return
         inner = name[len(_PREFIX):]
-        if copy and not current.is_meta and current.device == value.device:
+        if copy and not current.is_meta:
             with torch.no_grad():
                 current.copy_(value)
             self.weight._decoded = None
