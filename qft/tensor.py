@@ -127,7 +127,7 @@ class QuantizedTensor(torch.Tensor):
 
     def codebook(self) -> torch.Tensor:
         if self._codebook is None:
-            self._codebook = self.format.codebook().to(self.codes.device)
+            self._codebook = self.format.codebook(self.codes.device)
         return self._codebook
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:

@@ -41,7 +41,7 @@ def fake_quantize(w: torch.Tensor, fmt: Format) -> torch.Tensor:
     """dequantize(quantize(w)) without packing the codes (when only the values matter)."""
     codes, tensors = fmt.quantize(w)
     scale, zero = fmt.decode_scales(tensors, *w.shape)
-    return dequantize_unpacked(codes, fmt.codebook().to(w.device), scale, zero, block=fmt.block_size(*w.shape))
+    return dequantize_unpacked(codes, fmt.codebook(w.device), scale, zero, block=fmt.block_size(*w.shape))
 
 
 def randomized_svd(
