@@ -13,18 +13,38 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from qft.packing import unpack
+from qft.packing import stream_bytes, unpack
 
 
 def _grid(codes, codebook, zero, bits: int, cols: int, block: int) -> torch.Tensor:
     """codebook[code] - zero, as (rows, n_blocks, block) with the last block zero-padded."""
-    return _grid_unpacked(unpack(codes, bits, cols), codebook, zero, block)
+    return _blocks(_values(codes, codebook, bits, cols), zero, block)
+
+
+def _values(codes: torch.Tensor, codebook: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """codebook[code] (rows, cols) straight from the packed words.
+
+    Widths dividing 8 look up whole bytes in a 256-entry table of the codes each byte holds: one
+    gather per byte instead of an unpack plus a gather per code.
+    """
+    if 8 % bits:
+        q = unpack(codes, bits, cols)
+        return codebook.index_select(0, q.reshape(-1).int()).view(q.shape)
+    stream = stream_bytes(codes)
+    shifts = torch.arange(0, 8, bits, device=codes.device)
+    table = codebook[(torch.arange(256, device=codes.device)[:, None] >> shifts) & ((1 << bits) - 1)]
+    return table.index_select(0, stream.reshape(-1).int()).view(stream.shape[0], -1)[:, :cols]
 
 
 def _grid_unpacked(q: torch.Tensor, codebook, zero, block: int) -> torch.Tensor:
-    cols = q.shape[1]
-    values = codebook.index_select(0, q.reshape(-1).int()).view(q.shape)
-    values = F.pad(values, (0, -cols % block)).view(q.shape[0], -1, block)
+    return _blocks(codebook.index_select(0, q.reshape(-1).int()).view(q.shape), zero, block)
+
+
+def _blocks(values: torch.Tensor, zero, block: int) -> torch.Tensor:
+    pad = -values.shape[1] % block
+    if pad:
+        values = F.pad(values, (0, pad))
+    values = values.reshape(values.shape[0], -1, block)
     if zero is not None:
         values = values - zero.unsqueeze(-1)
     return values

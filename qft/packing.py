@@ -13,6 +13,8 @@ unsigned by masking with ``0xFFFFFFFF`` after widening to int64.
 
 from __future__ import annotations
 
+import sys
+
 import torch
 
 WORD_BITS = 32
@@ -56,8 +58,21 @@ def pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
     return out.reshape(*lead, n_words)
 
 
+def stream_bytes(words: torch.Tensor) -> torch.Tensor:
+    """The bit stream of int32 words (..., n_words) as bytes (..., 4 * n_words): byte ``i`` holds
+    stream bits ``[8i, 8i + 8)``. A free view on little-endian hosts."""
+    b = words.contiguous().view(torch.uint8)
+    if sys.byteorder == "big":
+        b = b.unflatten(-1, (-1, 4)).flip(-1).flatten(-2)
+    return b
+
+
 def unpack(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: int32 words (..., n_words) -> uint8 codes (..., cols)."""
+    """Inverse of :func:`pack`: int32 words (..., n_words) -> uint8 codes (..., cols).
+
+    Works on bytes, never on int64: widths dividing 8 are shifted out of each byte; other
+    widths read the (at most two) bytes a code touches as one int16.
+    """
     _check_bits(bits)
     *lead, n_words = words.shape
     if n_words != words_per_row(cols, bits):
@@ -65,9 +80,14 @@ def unpack(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
             f"{n_words} words per row cannot hold {cols} codes of {bits} bits "
             f"(expected {words_per_row(cols, bits)})"
         )
-    w = words.reshape(-1, n_words).to(torch.int64) & 0xFFFFFFFF
-    w = torch.cat([w, torch.zeros_like(w[:, :1])], dim=1)
-    word, shift = _positions(cols, bits, w.device)
-    both = w[:, word] | (w[:, word + 1] << WORD_BITS)
-    codes = (both >> shift) & ((1 << bits) - 1)
-    return codes.to(torch.uint8).reshape(*lead, cols)
+    b = stream_bytes(words.reshape(-1, n_words))
+    mask = (1 << bits) - 1
+    if 8 % bits == 0:
+        shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=b.device)
+        codes = ((b.unsqueeze(-1) >> shifts) & mask).flatten(1)[:, :cols]
+    else:
+        start = torch.arange(cols, device=b.device) * bits
+        byte, shift = start // 8, (start % 8).to(torch.int16)
+        b16 = torch.cat([b, b.new_zeros(b.shape[0], 1)], dim=1).to(torch.int16)
+        codes = (((b16[:, byte] | (b16[:, byte + 1] << 8)) >> shift) & mask).to(torch.uint8)
+    return codes.reshape(*lead, cols)

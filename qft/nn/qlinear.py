@@ -303,8 +303,13 @@ class QLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         if self.rank:
-            low_rank = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B)
-            y = y + (self.scaling * low_rank).to(y.dtype)
+            h = F.linear(x.to(self.lora_A.dtype), self.lora_A)
+            if h.dtype == y.dtype == self.lora_B.dtype:
+                # y + scaling·(h Bᵀ) in one addmm: no separate passes over the output to scale and add
+                flat = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.rank), self.lora_B.t(),
+                                   alpha=self.scaling)
+                return flat.view(y.shape)
+            y = y + (self.scaling * F.linear(h, self.lora_B)).to(y.dtype)
         return y
 
     def extra_repr(self) -> str:
