@@ -28,8 +28,8 @@ def _values(codes: torch.Tensor, codebook: torch.Tensor, bits: int, cols: int) -
     gather per byte instead of an unpack plus a gather per code.
     """
     if 8 % bits:
-        q = unpack(codes, bits, cols)
-        return codebook.index_select(0, q.reshape(-1).int()).view(q.shape)
+        q = unpack(codes, bits, cols, torch.int32)
+        return codebook.index_select(0, q.reshape(-1)).view(q.shape)
     stream = stream_bytes(codes)
     shifts = torch.arange(0, 8, bits, device=codes.device)
     table = codebook[(torch.arange(256, device=codes.device)[:, None] >> shifts) & ((1 << bits) - 1)]

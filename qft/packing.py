@@ -67,11 +67,12 @@ def stream_bytes(words: torch.Tensor) -> torch.Tensor:
     return b
 
 
-def unpack(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
-    """Inverse of :func:`pack`: int32 words (..., n_words) -> uint8 codes (..., cols).
+def unpack(words: torch.Tensor, bits: int, cols: int, dtype: torch.dtype = torch.uint8) -> torch.Tensor:
+    """Inverse of :func:`pack`: int32 words (..., n_words) -> codes (..., cols) in ``dtype``
+    (uint8; int32 when they index a table next).
 
-    Works on bytes, never on int64: widths dividing 8 are shifted out of each byte; other
-    widths read the (at most two) bytes a code touches as one int16.
+    Works on bytes, never on one int64 per code: widths dividing 8 are shifted out of each byte;
+    other widths read 8 codes at a time from the ``bits`` bytes that hold exactly them.
     """
     _check_bits(bits)
     *lead, n_words = words.shape
@@ -84,10 +85,16 @@ def unpack(words: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
     mask = (1 << bits) - 1
     if 8 % bits == 0:
         shifts = torch.arange(0, 8, bits, dtype=torch.uint8, device=b.device)
-        codes = ((b.unsqueeze(-1) >> shifts) & mask).flatten(1)[:, :cols]
+        codes = ((b.unsqueeze(-1) >> shifts) & mask).to(dtype)
     else:
-        start = torch.arange(cols, device=b.device) * bits
-        byte, shift = start // 8, (start % 8).to(torch.int16)
-        b16 = torch.cat([b, b.new_zeros(b.shape[0], 1)], dim=1).to(torch.int16)
-        codes = (((b16[:, byte] | (b16[:, byte + 1] << 8)) >> shift) & mask).to(torch.uint8)
-    return codes.reshape(*lead, cols)
+        chunks = -(-cols // 8)  # 8 codes fill exactly `bits` bytes
+        need = chunks * bits
+        b = torch.cat([b, b.new_zeros(b.shape[0], max(0, need - b.shape[1]))], dim=1)[:, :need]
+        wide = torch.int32 if bits * 8 < 32 else torch.int64
+        parts = b.reshape(-1, chunks, bits).to(wide)
+        chunk = parts[..., 0]
+        for i in range(1, bits):
+            chunk = chunk | (parts[..., i] << (8 * i))
+        shifts = torch.arange(0, 8 * bits, bits, dtype=wide, device=b.device)
+        codes = ((chunk.unsqueeze(-1) >> shifts) & mask).to(dtype)
+    return codes.flatten(1)[:, :cols].reshape(*lead, cols)
