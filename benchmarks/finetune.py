@@ -6,7 +6,9 @@
 Runs (same steps, tokens, seed, schedule, rank 64, scaling 1, all 7 projections of every layer):
   lora        full-precision fp32 model + PEFT LoRA
   qlora-bnb   bitsandbytes NF4 (block 64, double-quantized scales: QLoRA's format) + PEFT LoRA
-  qft-nf4     qft's own NF4 (same codes as bitsandbytes, fp32 scales) + qft's LoRA
+  qft-nf4     qft's own NF4 (same codes as bitsandbytes, fp32 scales) + qft's LoRA, loaded from a
+              qft checkpoint saved by an earlier process (as a user trains a saved model), so
+              its peak RSS holds no trace of the fp32 model it was made from
   lqlora-2.5  qft LQ-LoRA, Fisher-weighted, 2.5 bits (ILP allocation)
   lqlora-3.0  the same at 3.0 bits
 
@@ -38,6 +40,7 @@ from qft.train import train
 
 RUNS = ["lora", "qlora-bnb", "qft-nf4", "lqlora-2.5", "lqlora-3.0"]
 RANK = 64
+NF4_CHECKPOINT = OUT / "qft-nf4-checkpoint"
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -97,11 +100,22 @@ def prepare(run: str, model, tokenizer):
     raise ValueError(f"unknown run {run!r}; choose from {RUNS}")
 
 
+def save_nf4_checkpoint() -> None:
+    model, tokenizer = qft.default_model(progress=False)
+    prepare("qft-nf4", model, tokenizer)
+    qft.save_quantized(model, NF4_CHECKPOINT, tokenizer)
+
+
 def one_run(args) -> dict:
     torch.manual_seed(0)
-    model, tokenizer = qft.default_model(progress=False)
     start = time.perf_counter()
-    model = prepare(args.runs[0], model, tokenizer)
+    if args.runs[0] == "qft-nf4":
+        from transformers import AutoTokenizer
+
+        model, tokenizer = qft.load_quantized(NF4_CHECKPOINT), AutoTokenizer.from_pretrained(NF4_CHECKPOINT)
+    else:
+        model, tokenizer = qft.default_model(progress=False)
+        model = prepare(args.runs[0], model, tokenizer)
     prepare_s = time.perf_counter() - start
     report = getattr(model, "qft_report", None)
     with PeakRSS() as rss:
@@ -118,7 +132,7 @@ def one_run(args) -> dict:
         "trainable params": result.trainable_parameters,
         "peak RSS training GB": rss.peak / 1e9,
         "peak RSS process GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,  # KiB on Linux
-        "prepare s": prepare_s,
+        "prepare (or load) s": prepare_s,
     }
 
 
@@ -130,7 +144,11 @@ def main() -> None:
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--save-nf4", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    if args.save_nf4:
+        save_nf4_checkpoint()
+        return
     if args.child:
         print(json.dumps(one_run(args)), flush=True)
         return
@@ -138,6 +156,8 @@ def main() -> None:
     header()
     print(f"# {args.steps} steps x {args.batch_size} blocks of 512 tokens, lr {args.lr}, warm-up {args.warmup}, "
           f"cosine, rank {RANK}, seed 0", flush=True)
+    if "qft-nf4" in args.runs:
+        subprocess.run([sys.executable, __file__, "--save-nf4"], check=True)
     rows = []
     for run in args.runs:
         cmd = [sys.executable, __file__, "--child", "--runs", run, "--steps", str(args.steps),

@@ -78,11 +78,12 @@ def main() -> None:
         raise SystemExit("the loaded model differs from the saved one")
 
     qft.export_merged(loaded, out / "merged-int4", tokenizer)
-    evaluate("merged int4 export", qft.load_merged(out / "merged-int4"))
+    # the export is bf16; evaluated with fp32 arithmetic (exact bf16 values), as this CPU has no fast bf16 matmul
+    evaluate("merged int4 export", qft.load_merged(out / "merged-int4").float())
 
     chat = [{"role": "user", "content": "What does the Python `with` statement do?"}]
     prompt = tokenizer.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-    with torch.no_grad():
+    with torch.no_grad(), qft.dense_weights(loaded):  # dequantize once, not once per new token
         generated = loaded.generate(**prompt, max_new_tokens=48, do_sample=False)
     print("sample:", tokenizer.decode(generated[0, prompt["input_ids"].shape[1]:], skip_special_tokens=True))
 

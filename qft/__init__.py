@@ -11,7 +11,7 @@ from qft.export import export_merged, load_merged
 from qft.fisher import empirical_fisher
 from qft.formats import FP8, Format, NormalFloat, UniformInt, get_format
 from qft.models import default_model
-from qft.nn import QLinear, mark_trainable
+from qft.nn import QLinear, dense_weights, mark_trainable
 from qft.plot import bits_heatmap
 from qft.prepare import quantize_and_prepare
 from qft.report import quantization_error_table
@@ -34,6 +34,7 @@ __all__ = [
     "bits_heatmap",
     "default_corpus",
     "default_model",
+    "dense_weights",
     "empirical_fisher",
     "export_merged",
     "find_target_linears",

@@ -58,6 +58,7 @@ class QLinear(nn.Module):
         if rank < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
         self.scale = self.lora_A = self.lora_B = None
+        self.dense_cache: torch.Tensor | None = None  # dequant(W), set by qft.dense_weights for inference
         self.scaling = 0.0
         self.out_features, self.in_features = weight.shape
         self.rank = int(rank)
@@ -295,11 +296,14 @@ class QLinear(nn.Module):
             raise ValueError(f"expected input with last dimension {self.in_features}, got {tuple(x.shape)}")
         self._link_scale()  # cheap identity check; a deepcopy or a loader may have replaced the parameter
         w = self.weight
-        scale, zero = w.scales()
-        y = dequant_matmul(
-            x, w.codes, w.codebook(), scale, zero,
-            bits=w.format.bits, cols=self.in_features, block=w.block, backend=self.backend,
-        )
+        if self.dense_cache is not None and not torch.is_grad_enabled():
+            y = x @ self.dense_cache.to(x.dtype).t()  # what the torch path computes, minus the dequant
+        else:
+            scale, zero = w.scales()
+            y = dequant_matmul(
+                x, w.codes, w.codebook(), scale, zero,
+                bits=w.format.bits, cols=self.in_features, block=w.block, backend=self.backend,
+            )
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         if self.rank:
