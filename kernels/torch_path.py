@@ -73,7 +73,8 @@ def dequantize_unpacked(
 
 
 def _scaled(grid: torch.Tensor, scale: torch.Tensor, cols: int) -> torch.Tensor:
-    w = grid * scale.float().unsqueeze(-1)
+    """The dense weight from a grid of this call's own making, scaled in place (no second buffer)."""
+    w = grid.mul_(scale.float().unsqueeze(-1))
     return w.reshape(w.shape[0], -1)[:, :cols]
 
 
@@ -106,10 +107,10 @@ class DequantMatmul(torch.autograd.Function):
         dx = dscale = None
         with autocast_off(dy.device):
             grid = _grid(codes, codebook, zero, bits, cols, block)
+            if ctx.needs_input_grad[1]:  # first: it needs the grid before _scaled scales it in place
+                dscale = scale_grad(x, dy, grid, scale, cols, block)
             if ctx.needs_input_grad[0]:
                 dx = dy @ _scaled(grid, scale, cols).to(dy.dtype)
-            if ctx.needs_input_grad[1]:
-                dscale = scale_grad(x, dy, grid, scale, cols, block)
         return dx, dscale, None, None, None, None, None, None
 
 

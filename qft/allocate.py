@@ -32,8 +32,9 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
-from qft.decompose.lqlora import fake_quantize, low_rank, rank1_weights
-from qft.formats import Format, NormalFloat, get_format
+from qft.decompose.lqlora import low_rank, rank1_weights
+from qft.formats import Format, NormalFloat, check_weight, get_format
+from qft.formats.base import to_blocks
 from qft.solvers import Solution, check_budget, solve
 
 logger = logging.getLogger(__name__)
@@ -64,12 +65,36 @@ class ErrorTable:
 
 
 def _residual(w, rank, fisher, seed) -> torch.Tensor:
-    w = w.detach().float()
     if rank == 0:
         return w
     weights = None if fisher is None else rank1_weights(fisher)
     l1, l2, _ = low_rank(w, rank, torch.Generator().manual_seed(seed), weights)
     return w - l1 @ l2
+
+
+def _errors(residual: torch.Tensor, importance: torch.Tensor | None, formats: list[Format]) -> np.ndarray:
+    """Σ importance · (residual − Q(residual))² in each format.
+
+    NF formats share work: the blocks and their absmax per block size, and the stored scale
+    per scale configuration (the same for every bit width).
+    """
+    blocked, scales, out = {}, {}, []
+    for fmt in formats:
+        if isinstance(fmt, NormalFloat):
+            if fmt.block not in blocked:
+                blocks = to_blocks(residual, fmt.block)
+                weight = None if importance is None else to_blocks(importance, fmt.block)
+                blocked[fmt.block] = blocks, blocks.abs().amax(dim=-1), weight
+            blocks, absmax, weight = blocked[fmt.block]
+            key = (fmt.block, fmt.scale_bits, fmt.scale_block, fmt.second_level)
+            if key not in scales:
+                scales[key] = fmt.stored_scale(absmax)
+            diff = blocks - fmt.fake_quantize_blocks(blocks, scales[key])
+        else:
+            diff, weight = residual - fmt.fake_quantize(residual), importance
+        diff = diff.mul_(diff) if weight is None else (weight * diff).mul_(diff)
+        out.append(float(diff.sum()))
+    return np.array(out)
 
 
 def _cache_key(weights, fisher, formats, rank, seed) -> str:
@@ -117,17 +142,12 @@ def error_table(
             logger.warning("ignoring cached table %s of the wrong shape %s", path, stored.shape)
 
     errors = np.zeros((len(names), len(formats)))
-    bar = tqdm(total=len(names) * len(formats), disable=not progress, desc="error table", unit="cell")
-    for i, name in enumerate(names):
+    for i, name in enumerate(tqdm(names, disable=not progress, desc="error table", unit="matrix")):
+        w = check_weight(weights[name])
         f = None if fisher is None else fisher[name].float()
-        residual = _residual(weights[name], rank, f, seed)[::row_stride]
-        importance = 1.0 if f is None else f[::row_stride]
-        upscale = weights[name].shape[0] / residual.shape[0]
-        for j, fmt in enumerate(formats):
-            diff = residual - fake_quantize(residual, fmt)
-            errors[i, j] = upscale * float((importance * diff * diff).sum())
-            bar.update()
-    bar.close()
+        residual = _residual(w, rank, f, seed)[::row_stride].contiguous()
+        importance = None if f is None else f[::row_stride].contiguous()
+        errors[i] = w.shape[0] / residual.shape[0] * _errors(residual, importance, formats)
 
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)

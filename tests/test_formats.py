@@ -188,3 +188,38 @@ def test_nominal_bits_formula():
     assert get_format("nf4-b64").nominal_bits(576, 576) == 4.5
     assert get_format("int4-g128").nominal_bits(576, 576) == 4 + 20 / 128
     assert math.isclose(get_format("fp8-e4m3-row").nominal_bits(10, 100), 8 + 32 / 100)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_nearest_code_equals_bucketize(bits, rng):
+    from qft.formats.nf import _rounding_tables, nearest_code, nf_midpoints
+
+    mids = nf_midpoints(bits)
+    cells = _rounding_tables(bits, torch.device("cpu"))[2]
+    edges = torch.linspace(-1, 1, cells + 1)
+    hard = torch.cat([mids, edges, torch.tensor([0.0, -0.0, 1.5, -1.5, 1e30, -1e30])])
+    up, down = torch.full_like(hard, 2.0), torch.full_like(hard, -2.0)
+    x = torch.cat([
+        torch.randn(20000, generator=rng) * 0.5,
+        torch.rand(20000, generator=rng) * 3 - 1.5,
+        hard, torch.nextafter(hard, up), torch.nextafter(hard, down),
+    ])
+    assert torch.equal(nearest_code(x, bits).long(), torch.bucketize(x, mids))
+    assert torch.equal(nearest_code(x.view(-1, 2), bits).long(), torch.bucketize(x.view(-1, 2), mids))
+
+
+@pytest.mark.parametrize("name", ALL_FORMATS)
+@pytest.mark.parametrize("shape", [(7, 33), (20, 256)])
+def test_fake_quantize_equals_dequantize_of_quantize(name, shape, rng):
+    """The fast path (no packing, scales computed directly) gives exactly the stored weight's values."""
+    w = torch.randn(shape, generator=rng) * 0.02
+    w[0, 0] = 0.3
+    w[1, :16] = 0  # an all-zero block
+    fmt = get_format(name)
+    assert torch.equal(fmt.fake_quantize(w), QuantizedTensor.quantize(w, fmt).dequantize())
+    if isinstance(fmt, NormalFloat):
+        from qft.formats.base import to_blocks
+
+        _, tensors = fmt.quantize(w)
+        absmax = to_blocks(w, fmt.block).abs().amax(dim=-1)
+        assert torch.equal(fmt.stored_scale(absmax), fmt.decode_scales(tensors, *shape)[0])

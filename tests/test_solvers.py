@@ -27,7 +27,7 @@ def test_ilp_finds_the_optimum(solver):
     for _ in range(5):
         errors, costs = _table(rng, 5, 4)
         budget = rng.uniform(costs.min(1).sum(), costs.max(1).sum())
-        sol = solve(errors, costs, budget, solver=solver)
+        sol = solve(errors, costs, budget, solver=solver, gap=1e-9)
         assert sol.cost <= budget
         assert sol.objective == pytest.approx(_brute_force(errors, costs, budget), rel=1e-9)
         assert sol.status == "optimal" and sol.gap < 1e-5
@@ -51,7 +51,7 @@ def test_auto_solver_and_determinism():
     budget = (costs.min(1).sum() + costs.max(1).sum()) / 3
     a, b = solve(errors, costs, budget), solve(errors, costs, budget)
     assert np.array_equal(a.choice, b.choice)
-    assert a.solver in ("highs", "cbc", "scipy") and a.cost <= budget
+    assert a.solver in ("highs", "cbc", "scipy", "lagrangian") and a.cost <= budget
 
 
 def test_budget_outside_range_names_the_range():
@@ -85,3 +85,30 @@ def test_integer_costs_against_brute_force():
         sol = solve(errors, costs, budget)
         assert sol.objective == pytest.approx(_brute_force(errors, costs, budget))
         assert sol.bound <= sol.objective + 1e-9
+
+
+@pytest.mark.parametrize("solver", ["auto", "cbc", "scipy"])
+def test_default_gap_is_met_and_reported(solver):
+    rng = np.random.default_rng(int.from_bytes(np.random.bytes(4), "little"))
+    errors, costs = _table(rng, 30, 8)
+    budget = (2 * costs.min(1).sum() + costs.max(1).sum()) / 3
+    exact = solve(errors, costs, budget, solver="scipy", gap=0.0)
+    sol = solve(errors, costs, budget, solver=solver)
+    assert sol.cost <= budget and sol.status == "optimal"
+    assert sol.bound <= exact.objective + 1e-9 <= sol.objective + 1e-9
+    assert sol.gap <= 1e-4 + 1e-12 and sol.objective <= exact.objective * (1 + 1e-4)
+
+
+def test_no_ilp_when_the_warm_start_is_within_the_gap(monkeypatch):
+    import qft.solvers.mckp as mckp
+
+    rng = np.random.default_rng(0)
+    errors, costs = _table(rng, 200, 10)
+    budget = (costs.min(1).sum() + costs.max(1).sum()) / 2
+    choice, bound = lagrangian(errors, costs, budget)
+    warm_gap = 1 - bound / errors[np.arange(200), choice].sum()
+    assert 0 < warm_gap < 1e-2  # many groups: the Lagrangian solution is nearly optimal
+    monkeypatch.setattr(mckp, "_ILP", {})  # any ILP call would fail
+    sol = solve(errors, costs, budget, solver="cbc", gap=2 * warm_gap)
+    assert sol.solver == "lagrangian" and sol.status == "optimal" and sol.gap <= 2 * warm_gap
+    assert np.array_equal(sol.choice, choice)

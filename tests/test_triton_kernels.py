@@ -1,12 +1,21 @@
-"""The Triton dequant-matmul kernels against a float64 reference (TRITON_INTERPRET=1 on CPU, see conftest)."""
+"""The Triton dequant-matmul kernels against a float64 reference (TRITON_INTERPRET=1 on CPU, see conftest).
 
+Without a GPU, autotuning is off and each M bucket runs its first config; ``test_every_config`` pins each
+of the others in turn (``config=``), and ``test_kernels_compile_for_h100`` compiles them for sm_90.
+"""
+
+import json
 import os
+import subprocess
+import sys
 
 import pytest
 import torch
+from conftest import ALL_FORMATS
 from qft.kernels import dequant_matmul, resolve_backend, torch_path, triton_dequant
 
 from qft.nn import QLinear
+from qft.packing import pack
 from qft.tensor import QuantizedTensor
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -16,7 +25,8 @@ FORMATS = [
 ]
 # METHOD.md: fp32 far under 1e-3; fp16/bf16 operands between 1e-3 and 1e-2.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 3e-3, torch.bfloat16: 1.5e-2}
-SHAPES = [(1, 37, 70), (5, 70, 100), (16, 64, 33), (20, 9, 300), (33, 37, 130)]  # (batch, out, in): all paths
+# (batch, out, in): every M bucket, odd widths, split K (forward) and split N (input-grad)
+SHAPES = [(1, 37, 70), (5, 70, 100), (16, 64, 33), (20, 9, 300), (33, 37, 130), (3, 300, 40), (70, 20, 50)]
 
 
 def _case(name, rows, cols, rng):
@@ -157,12 +167,198 @@ def test_dispatch_rejects_weight_on_another_device(rng):
 
 def test_forward_is_deterministic_and_rejects_bad_out(rng):
     qt, args = _case("nf3-b64-dq8b256", 40, 700, rng)  # long K: split-K path
-    x = torch.randn(2, 700, generator=rng).to(DEVICE)
+    x = torch.randn(2, 700, generator=rng).to(DEVICE, torch.float16)
     meta = dict(bits=3, cols=700, block=64)
     a, b = triton_dequant.forward(x, *args, **meta), triton_dequant.forward(x, *args, **meta)
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="contiguous"):
-        triton_dequant.forward(x, *args, **meta, out=torch.empty(40, 2, device=DEVICE).t())
-    xt = torch.randn(700, 2, generator=rng).to(DEVICE).t()  # a non-contiguous input is fine
+        triton_dequant.forward(x, *args, **meta, out=torch.empty(40, 2, device=DEVICE, dtype=x.dtype).t())
+    xt = torch.randn(700, 2, generator=rng).to(DEVICE, torch.float16).t()  # a non-contiguous input is fine
     y = triton_dequant.forward(xt, *args, **meta)
-    assert torch.allclose(y, xt @ qt.dequantize().to(DEVICE).t(), rtol=1e-4, atol=1e-5)
+    assert _rel(y, xt.double() @ qt.dequantize().double().to(DEVICE).t()) < TOLERANCE[torch.float16]
+
+
+def test_split_partials_reuse_one_buffer(rng):
+    """Split-K and split-N partial sums go to one buffer per device and stream, grown when needed."""
+    triton_dequant._PARTIALS.clear()
+    for n, k, m in [(40, 700, 2), (300, 40, 3), (20, 1100, 1)]:
+        qt, args = _case("int4-g32", n, k, rng)
+        meta = dict(bits=4, cols=k, block=32)
+        w = qt.dequantize().double().to(DEVICE)
+        x = torch.randn(m, k, generator=rng).to(DEVICE, torch.float16)
+        dy = torch.randn(m, n, generator=rng).to(DEVICE, torch.float16)
+        assert _rel(triton_dequant.forward(x, *args, **meta), x.double() @ w.t()) < TOLERANCE[torch.float16]
+        assert _rel(triton_dequant.input_grad(dy, *args, **meta), dy.double() @ w) < TOLERANCE[torch.float16]
+    assert len(triton_dequant._PARTIALS) == 1
+
+
+@pytest.mark.parametrize("kernel", ["forward", "input_grad"])
+@pytest.mark.parametrize("bucket", [16, 64, 1024])
+def test_every_config(kernel, bucket, rng):
+    """Each autotuning candidate, pinned, on odd shapes: in-word and straddling codes, codebook and int-k,
+    blocks smaller than, equal to and larger than the tile, per-row scales."""
+    table = triton_dequant.FORWARD_CONFIGS if kernel == "forward" else triton_dequant.INPUT_GRAD_CONFIGS
+    m = {16: 5, 64: 33, 1024: 70}[bucket]
+    for config in table[bucket]:
+        for name in ["nf2-b16", "nf4-b64", "int4-g128", "nf3-b32", "int5-g64", "int7-ch", "fp8-e4m3-row"]:
+            qt, args = _case(name, 37, 300, rng)
+            meta = dict(bits=qt.format.bits, cols=300, block=qt.block)
+            w = qt.dequantize().double().to(DEVICE)
+            if kernel == "forward":
+                x = torch.randn(m, 300, generator=rng).to(DEVICE, torch.float16)
+                out, ref = triton_dequant.forward(x, *args, **meta, config=config), x.double() @ w.t()
+            else:
+                dy = torch.randn(m, 37, generator=rng).to(DEVICE, torch.float16)
+                out, ref = triton_dequant.input_grad(dy, *args, **meta, config=config), dy.double() @ w
+            assert _rel(out, ref) < TOLERANCE[torch.float16], (config, name)
+
+
+def _packed(bits, rows, cols, rng, codebook=None):
+    """Random codes of every value, a codebook (random unless given), random scales per block of 16."""
+    q = torch.randint(0, 1 << bits, (rows, cols), generator=rng)
+    book = torch.randn(1 << bits, generator=rng) if codebook is None else codebook
+    scale = torch.rand(rows, -(-cols // 16), generator=rng) + 0.5
+    return q, book, scale
+
+
+@pytest.mark.parametrize("bits", range(1, 9))
+@pytest.mark.parametrize("int_k", [False, True])
+def test_every_bit_width(bits, int_k, rng):
+    """In-word extraction (1, 2, 4, 8 bits) and straddling codes (3, 5, 6, 7), with a codebook gather or,
+    for int-k (codebook 0..2^k-1, with zero-points), the code itself."""
+    rows, cols = 19, 211
+    codebook = torch.arange(1 << bits, dtype=torch.float32) if int_k else None
+    q, book, scale = _packed(bits, rows, cols, rng, codebook)
+    zero = torch.randint(0, 1 << bits, scale.shape, generator=rng).float() if int_k else None
+    w = ((book[q].view(rows, -1) - (0 if zero is None else zero.repeat_interleave(16, 1)[:, :cols]))
+         * scale.repeat_interleave(16, 1)[:, :cols]).double().to(DEVICE)
+    args = (pack(q, bits).to(DEVICE), book.to(DEVICE), scale.to(DEVICE), None if zero is None else zero.to(DEVICE))
+    meta = dict(bits=bits, cols=cols, block=16)
+    assert triton_dequant.codes_are_values(args[1]) == int_k
+    assert torch.equal(triton_dequant.dequantize(*args, **meta), torch_path.dequantize(*args, **meta))
+    for m in (1, 20):
+        x = torch.randn(m, cols, generator=rng).to(DEVICE, torch.float16)
+        dy = torch.randn(m, rows, generator=rng).to(DEVICE, torch.float16)
+        assert _rel(triton_dequant.forward(x, *args, **meta), x.double() @ w.t()) < TOLERANCE[torch.float16]
+        assert _rel(triton_dequant.input_grad(dy, *args, **meta), dy.double() @ w) < TOLERANCE[torch.float16]
+
+
+@pytest.mark.parametrize("name", ["int2-g16", "int3-g32", "int4-g128", "int8-ch"])
+def test_int_k_cast_equals_codebook_gather(name, monkeypatch, rng):
+    """int-k reads its codes as values (no codebook gather); forcing the gather gives the same bits."""
+    qt, args = _case(name, 37, 300, rng)
+    meta = dict(bits=qt.format.bits, cols=300, block=qt.block)
+    x = torch.randn(5, 300, generator=rng).to(DEVICE, torch.float16)
+    assert triton_dequant.codes_are_values(args[1])
+    cast = triton_dequant.forward(x, *args, **meta), triton_dequant.dequantize(*args, **meta)
+    monkeypatch.setattr(triton_dequant, "codes_are_values", lambda codebook: False)
+    gather = triton_dequant.forward(x, *args, **meta), triton_dequant.dequantize(*args, **meta)
+    assert all(torch.equal(a, b) for a, b in zip(cast, gather))
+
+
+def test_codes_are_values_is_asked_once_per_codebook():
+    book = torch.arange(16, dtype=torch.float32, device=DEVICE)
+    assert triton_dequant.codes_are_values(book)
+    book[3] = 7  # an in-place change is seen (the tensor's version moved)
+    assert not triton_dequant.codes_are_values(book)
+    assert not triton_dequant.codes_are_values(torch.arange(16, device=DEVICE).flip(0).float())
+    for name in ["nf4-b64", "fp8-e4m3-row", "fp8-e5m2-tensor"]:
+        assert not triton_dequant.codes_are_values(QuantizedTensor.quantize(torch.randn(4, 32), name).codebook())
+    n = len(triton_dequant._VALUES_CACHE)
+    del book
+    assert len(triton_dequant._VALUES_CACHE) == n - 1  # a dead codebook's entry goes with it
+
+
+@pytest.mark.parametrize("name", ALL_FORMATS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_dequantize_equals_torch_path(name, dtype, rng):
+    qt, args = _case(name, 37, 300, rng)
+    meta = dict(bits=qt.format.bits, cols=300, block=qt.block)
+    a = triton_dequant.dequantize(*args, **meta, dtype=dtype)
+    b = torch_path.dequantize(*args, **meta, dtype=dtype)
+    if dtype == torch.bfloat16 and triton_dequant.INTERPRET:  # the interpreter rounds to bf16 towards zero
+        assert torch.allclose(a.float(), b.float(), rtol=2**-7, atol=0)
+    else:
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_large_batch_multiplies_a_dequantized_temporary(dtype, monkeypatch, rng):
+    """From DENSE_FROM_M rows on (lowered here), the weight is dequantized and cuBLAS multiplies."""
+    monkeypatch.setattr(triton_dequant, "DENSE_FROM_M", 8)
+    for name in ["nf3-b64-dq8b256", "int4-g128", "fp8-e4m3-row"]:
+        qt, args = _case(name, 37, 130, rng)
+        meta = dict(bits=qt.format.bits, cols=130, block=qt.block)
+        w = qt.dequantize().double().to(DEVICE)
+        x = torch.randn(9, 130, generator=rng).to(DEVICE, dtype)
+        dy = torch.randn(9, 37, generator=rng).to(DEVICE, dtype)
+        y = torch.empty(9, 37, device=DEVICE, dtype=dtype)
+        assert triton_dequant.forward(x, *args, **meta, out=y) is y
+        assert _rel(y, x.double() @ w.t()) < TOLERANCE[dtype]
+        assert _rel(triton_dequant.input_grad(dy, *args, **meta), dy.double() @ w) < TOLERANCE[dtype]
+
+
+def test_empty_batch_and_short_codebook(rng):
+    qt, args = _case("nf4-b64", 24, 70, rng)
+    meta = dict(bits=4, cols=70, block=64)
+    assert triton_dequant.forward(torch.empty(0, 70, device=DEVICE, dtype=torch.float16), *args, **meta).shape == (0, 24)
+    with pytest.raises(ValueError, match="needs 16 entries"):
+        triton_dequant.forward(torch.randn(1, 70, device=DEVICE), args[0], args[1][:8], *args[2:], **meta)
+
+
+def test_autotune_candidates():
+    """Autotuning picks among the M bucket's configs (only the first when off); split shares fit every step."""
+    for table, step in ((triton_dequant.FORWARD_CONFIGS, "BK"), (triton_dequant.INPUT_GRAD_CONFIGS, "BN")):
+        for bucket, configs in table.items():
+            picked = triton_dequant._pick(table, [], {"M_BUCKET": bucket})
+            assert picked == (configs if triton_dequant.AUTOTUNE else configs[:1])
+            assert all(triton_dequant.SPLIT_UNIT % c.kwargs[step] == 0 for c in configs if bucket <= 64)
+            assert all(c.kwargs["BK"] <= triton_dequant.MAX_SCALE_G for c in configs)
+    assert [triton_dequant._bucket(m) for m in (1, 16, 17, 64, 65, 5000)] == [16, 16, 64, 64, 1024, 1024]
+
+
+_COMPILE_FOR_H100 = """
+import json
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.compiler import ASTSource
+from qft.kernels import triton_dequant as td
+
+def signature(fn, act, constexprs):
+    def kind(name):
+        if name in constexprs:
+            return "constexpr"
+        if name in ("codes_ptr",):
+            return "*i32"
+        if name.endswith("_ptr"):
+            return act if name in ("x_ptr", "y_ptr", "dy_ptr", "dx_ptr", "w_ptr") else "*fp32"
+        return "i32"
+    return {name: kind(name) for name in fn.arg_names}
+
+def build(fn, act, constexprs, warps, stages):
+    src = ASTSource(fn=fn, signature=signature(fn, act, constexprs), constexprs=constexprs)
+    done = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+    return done.metadata.shared
+
+shared = []
+for fmt in [dict(BITS=4, SCALE_G=64, HAS_ZERO=False, CODES_ARE_VALUES=False),
+            dict(BITS=3, SCALE_G=32, HAS_ZERO=True, CODES_ARE_VALUES=True)]:
+    for kernel, table in ((td._forward_kernel, td.FORWARD_CONFIGS), (td._input_grad_kernel, td.INPUT_GRAD_CONFIGS)):
+        for configs in table.values():
+            for c in configs if fmt["BITS"] == 4 else configs[:1]:
+                shared.append(build(kernel.fn, "*bf16", dict(fmt, FP32_DOT=False, **c.kwargs), c.num_warps,
+                                    c.num_stages))
+    shared.append(build(td._dequantize_kernel, "*bf16", dict(fmt, BN=32, BK=128), 4, 3))
+print(json.dumps(shared))
+"""
+
+
+def test_kernels_compile_for_h100():
+    """Every config compiles for sm_90 (Triton's own ptxas, no GPU needed) within an H100's shared memory:
+    the interpreter runs the kernels' Python, not the GPU compiler."""
+    pytest.importorskip("triton.backends.nvidia")
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], env=env, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    shared = json.loads(done.stdout.strip().splitlines()[-1])
+    assert len(shared) == 2 * (9 + 9 + 1) - 12 and max(shared) <= 227 * 1024

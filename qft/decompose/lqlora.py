@@ -23,7 +23,6 @@ import torch
 
 from qft.decompose import Built, MethodOptions, register_method
 from qft.formats import Format, check_weight, get_format
-from qft.kernels.torch_path import dequantize_unpacked
 from qft.nn import QLinear
 from qft.tensor import QuantizedTensor
 
@@ -35,13 +34,6 @@ class Decomposition:
     L2: torch.Tensor  # (rank, in): QLinear's lora_A
     error: float  # Σ F ⊙ (W − Q − L1L2)² (F = 1 without Fisher)
     history: list[float] = field(default_factory=list)  # error after each iteration
-
-
-def fake_quantize(w: torch.Tensor, fmt: Format) -> torch.Tensor:
-    """dequantize(quantize(w)) without packing the codes (when only the values matter)."""
-    codes, tensors = fmt.quantize(w)
-    scale, zero = fmt.decode_scales(tensors, *w.shape)
-    return dequantize_unpacked(codes, fmt.codebook(w.device), scale, zero, block=fmt.block_size(*w.shape))
 
 
 def randomized_svd(
@@ -144,7 +136,7 @@ def lqlora(
     best, history = None, []  # best: (error, target of Q, L1, L2)
     for _ in range(iters):
         target = w - l1 @ l2
-        residual = w - fake_quantize(target, fmt)
+        residual = w - fmt.fake_quantize(target)
         l1, l2, basis = low_rank(residual, rank, generator, weights, start=basis)
         error = float((importance * (residual - l1 @ l2) ** 2).sum())
         history.append(error)

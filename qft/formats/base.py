@@ -18,6 +18,7 @@ from abc import ABC, abstractmethod
 import torch
 import torch.nn.functional as F
 
+from qft.kernels.torch_path import dequantize_unpacked
 from qft.packing import words_per_row
 
 
@@ -42,6 +43,12 @@ class Format(ABC):
     @abstractmethod
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return uint8 codes of w's shape and the tensors that store the scales."""
+
+    def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
+        """dequantize(quantize(w)) as float32, without packing the codes (when only the values matter)."""
+        codes, tensors = self.quantize(w)
+        scale, zero = self.decode_scales(tensors, *w.shape)
+        return dequantize_unpacked(codes, self.codebook(w.device), scale, zero, block=self.block_size(*w.shape))
 
     @abstractmethod
     def decode_scales(
