@@ -90,6 +90,24 @@ def test_bf16_training_resumes_bit_identically_on_the_gpu(tmp_path):
             assert torch.equal(a, b), name
 
 
+def test_prepare_train_save_load_on_the_gpu(tmp_path):
+    """The README flow end to end on CUDA: LQ-LoRA, a few bf16 steps, save, load: the same logits."""
+    model = qft.quantize_and_prepare(tiny_llama().to(CUDA), bits=3.0, rank=4, formats=SMALL_GRID,
+                                     cache_dir=tmp_path / "cache", progress=False)
+    data = torch.randint(0, 300, (8, 16), generator=torch.Generator().manual_seed(3))
+    before = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    qft.train(model, None, data, steps=3, batch_size=2, block_size=16, lr=1e-2, warmup=1, eval_blocks=0,
+              precision="bf16", progress=False)
+    assert any(not torch.equal(a, p) for a, p in zip(before, (p for p in model.parameters() if p.requires_grad)))
+    model.eval()
+    with torch.no_grad():
+        expected = model(ids()).logits
+    qft.save_quantized(model, tmp_path / "ckpt")
+    loaded = qft.load_quantized(tmp_path / "ckpt", device="cuda")
+    with torch.no_grad():
+        assert torch.equal(loaded(ids()).logits, expected)
+
+
 def test_save_load_from_pretrained_and_export_on_the_gpu(tmp_path):
     model = qft.quantize_and_prepare(tiny_llama().to(CUDA), bits="nf4", method="qlora", rank=4, progress=False)
     with torch.no_grad():
