@@ -4,6 +4,7 @@
     python benchmarks/lqlora.py recon    # reconstruction error: plain NF, LoftQ (1 step), LQ-LoRA
     python benchmarks/lqlora.py ilp      # solver time and gap: real table, LLaMA-2-7B/70B-shaped tables
     python benchmarks/lqlora.py table    # time to fill the error table; cheap vs full table choices
+    python benchmarks/lqlora.py alloc    # cold table time and quality vs the cell-by-cell estimate; ILP per budget
 
 Each part prints Markdown tables; the error tables are cached under benchmarks/out/cache.
 """
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import math
 import platform
 import time
@@ -22,8 +24,8 @@ import torch
 from qft.solvers import solve
 
 import qft
-from qft.allocate import allocate, error_table, nf_grid, pruned_grid, undominated
-from qft.decompose.lqlora import lqlora
+from qft.allocate import ErrorTable, allocate, error_table, nf_grid, pruned_grid, undominated
+from qft.decompose.lqlora import low_rank, lqlora, rank1_weights
 from qft.evaluate import perplexity
 from qft.fisher import empirical_fisher
 from qft.prepare import quantize_and_prepare
@@ -211,11 +213,89 @@ def part_table(args) -> None:
     print(markdown_table(rows, ".4f"))
 
 
+def reference_errors(weights, formats, fisher, row_stride: int = 4) -> np.ndarray:
+    """The table's estimate as first written, cell by cell: quantize, store and dequantize each
+    strided residual on its own (no work shared across formats). Cached under benchmarks/out/cache."""
+    h = hashlib.sha256(str([f.name for f in formats]).encode() + str(list(weights)).encode())
+    path = CACHE / f"reference-{'fisher-' if fisher else ''}{h.hexdigest()[:16]}.npy"
+    if path.exists():
+        return np.load(path)
+    errors = np.zeros((len(weights), len(formats)))
+    for i, (name, w) in enumerate(weights.items()):
+        w = w.float()
+        f = None if fisher is None else fisher[name].float()
+        l1, l2, _ = low_rank(w, RANK, torch.Generator().manual_seed(0), None if f is None else rank1_weights(f))
+        residual = (w - l1 @ l2)[::row_stride]
+        importance = 1.0 if f is None else f[::row_stride]
+        for j, fmt in enumerate(formats):
+            diff = residual - QuantizedTensor.quantize(residual, fmt).dequantize()
+            errors[i, j] = w.shape[0] / residual.shape[0] * float((importance * diff * diff).sum())
+    path.parent.mkdir(parents=True, exist_ok=True)
+    np.save(path, errors)
+    return errors
+
+
+def part_alloc(args) -> None:
+    model, tok = qft.default_model()
+    weights = target_weights(model)
+    names = list(weights)
+    table_rows, quality_rows, ilp_rows = [], [], []
+    for use_fisher in (False, True) if args.fisher else (False,):
+        fisher = fisher_of(model, tok) if use_fisher else None
+        tag = "Fisher" if use_fisher else "plain"
+        start, cpu = time.perf_counter(), time.process_time()
+        grid = pruned_grid(weights, RANK, fisher=fisher, cache_dir=False, progress=False)
+        pruned = time.perf_counter() - start
+        table = error_table(weights, grid, RANK, fisher=fisher, cache_dir=False, progress=False)
+        wall = time.perf_counter() - start
+        table_rows.append({"errors": tag, "formats kept": f"{len(grid)} of {len(nf_grid())}", "prune s": pruned,
+                           "table s (cold, prune included)": wall, "CPU s": time.process_time() - cpu})
+        print(table_rows[-1], flush=True)
+
+        # the cell-by-cell estimate: its own pruning on the same sample, then its table on both grids
+        picks = [names[i] for i in np.linspace(0, len(names) - 1, 14).round().astype(int)]
+        sample = {n: weights[n] for n in dict.fromkeys(picks)}
+        sample_errors = reference_errors(sample, nf_grid(), fisher)
+        sample_costs = np.array([[f.storage_bits(*w.shape) for f in nf_grid()] for w in sample.values()], dtype=float)
+        kept = undominated(ErrorTable(list(sample), nf_grid(), sample_errors, sample_costs, np.ones(len(sample))))
+        ref_grid = [nf_grid()[c] for c in kept]
+        both = list(dict.fromkeys(ref_grid + grid))
+        ref = ErrorTable(names, both, reference_errors(weights, both, fisher),
+                         np.array([[f.storage_bits(*w.shape) for f in both] for w in weights.values()], dtype=float),
+                         table.numel)
+        in_ref = [both.index(f) for f in ref_grid]
+        ref_own = ErrorTable(names, ref_grid, ref.errors[:, in_ref], ref.costs[:, in_ref], ref.numel)
+        same_cells = ref.errors[:, [both.index(f) for f in grid]]
+        print(f"{tag}: same pruned grid as the cell-by-cell estimate: {ref_grid == grid}; largest relative "
+              f"difference of a cell: {np.max(np.abs(table.errors - same_cells) / same_cells):.2e}", flush=True)
+        for bits in BUDGETS:  # the old allocation: cell-by-cell table, the old solver gap 1e-6
+            old = solve(ref_own.errors, ref_own.costs, bits * ref.numel.sum(), gap=1e-6)
+            chosen, _ = allocate(table, bits)
+            picked = [both.index(f) for f in chosen]
+            error = float(ref.errors[np.arange(len(names)), picked].sum())
+            quality_rows.append({"errors": tag, "budget": bits, "old allocation's error": old.objective,
+                                 "new allocation's (cell-by-cell) error": error, "relative": error / old.objective - 1})
+            print(quality_rows[-1], flush=True)
+
+        for bits in BUDGETS:
+            for solver, gap in (("auto", 1e-4), ("cbc", 1e-4), ("scipy", 1e-4), ("cbc", 1e-6), ("scipy", 1e-6)):
+                sol = solve(table.errors, table.costs, bits * table.numel.sum(), solver=solver, gap=gap, time_limit=60)
+                ilp_rows.append({"errors": tag, "budget": bits, "solver": solver, "gap asked": gap,
+                                 "ran": sol.solver, "status": sol.status, "seconds": sol.seconds, "gap": sol.gap,
+                                 "objective": sol.objective})
+                print(ilp_rows[-1], flush=True)
+    print(markdown_table(table_rows, ".1f"))
+    print()
+    print(markdown_table(quality_rows, ".6g"))
+    print()
+    print(markdown_table(ilp_rows, ".3g"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("part", choices=["ppl", "recon", "ilp", "table"])
+    parser.add_argument("part", choices=["ppl", "recon", "ilp", "table", "alloc"])
     parser.add_argument("--budgets", type=float, nargs="+", default=BUDGETS)
-    parser.add_argument("--fisher", action="store_true", help="ppl: also the Fisher-weighted runs")
+    parser.add_argument("--fisher", action="store_true", help="ppl, alloc: also the Fisher-weighted runs")
     parser.add_argument("--heatmap", action="store_true", help="ppl: draw the 2.5-bit allocation")
     parser.add_argument("--full-grid", action="store_true", help="ilp: synthetic tables from the real 300-format table")
     parser.add_argument("--layer", type=int, default=12, help="table: the layer compared against full decompositions")
@@ -223,7 +303,7 @@ def main() -> None:
     args = parser.parse_args()
     OUT.mkdir(exist_ok=True)
     header()
-    {"ppl": part_ppl, "recon": part_recon, "ilp": part_ilp, "table": part_table}[args.part](args)
+    {"ppl": part_ppl, "recon": part_recon, "ilp": part_ilp, "table": part_table, "alloc": part_alloc}[args.part](args)
 
 
 if __name__ == "__main__":

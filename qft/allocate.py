@@ -6,7 +6,10 @@
 2. The error table (matrix x configuration). A full LQ-LoRA decomposition per
    cell is too slow, so each cell is estimated by quantizing one residual per
    matrix: R = W - SVD_r(W) (Fisher-weighted when given), error = Σ F (R - Q(R))².
-   That costs one quantization per cell and no SVD per configuration. The
+   That costs one quantization per cell and no SVD per configuration. The NF
+   cells of a matrix share the blocks' absmax (per block size) and stored scales
+   (per scale configuration) and pack no codes; the values they compare against
+   equal the stored formats' dequantized values exactly. The
    quantization error is further estimated on every ``row_stride``-th row
    (default 4) and scaled up: errors are sums over many alike rows.
    benchmarks/lqlora.py measures how close its choices come to the full table's.

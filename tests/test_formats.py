@@ -206,6 +206,8 @@ def test_nearest_code_equals_bucketize(bits, rng):
     ])
     assert torch.equal(nearest_code(x, bits).long(), torch.bucketize(x, mids))
     assert torch.equal(nearest_code(x.view(-1, 2), bits).long(), torch.bucketize(x.view(-1, 2), mids))
+    strided = x.view(-1, 2).t()  # a transposed weight (GPT-2's Conv1D) reaches it as a strided view
+    assert torch.equal(nearest_code(strided, bits).long(), torch.bucketize(strided, mids))
 
 
 @pytest.mark.parametrize("name", ALL_FORMATS)

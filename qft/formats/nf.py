@@ -51,9 +51,9 @@ def nf_codebook(bits: int, device: torch.device | str | None = None) -> torch.Te
     return torch.tensor(_normal_codebook(bits), dtype=torch.float32, device=device)
 
 
-def nf_midpoints(bits: int, device: torch.device | str | None = None) -> torch.Tensor:
+def nf_midpoints(bits: int) -> torch.Tensor:
     """Midpoints between neighbouring codebook values: the rounding thresholds."""
-    book = nf_codebook(bits, device)
+    book = nf_codebook(bits)
     return (book[1:] + book[:-1]) / 2
 
 
@@ -66,7 +66,8 @@ def _rounding_tables(bits: int, device: torch.device) -> tuple[torch.Tensor, tor
     narrow enough that even widened by ``margin`` each holds at most one threshold, so one
     comparison against it finishes the rounding exactly.
     """
-    mids = nf_midpoints(bits).double()
+    thresholds = nf_midpoints(bits)
+    mids = thresholds.double()
     margin = 1e-6
     cells = 64
     while True:
@@ -76,12 +77,12 @@ def _rounding_tables(bits: int, device: torch.device) -> tuple[torch.Tensor, tor
         if int((last - first).max()) <= 1:
             break
         cells *= 2
-    thresholds = torch.cat([nf_midpoints(bits), torch.tensor([float("inf")])])[first]
+    thresholds = torch.cat([thresholds, torch.tensor([float("inf")])])[first]
     return first.to(torch.int32).to(device), thresholds.to(device), cells
 
 
 def nearest_code(x: torch.Tensor, bits: int) -> torch.Tensor:
-    """int32 index of the nearest NF-``bits`` value (ties to the lower one) for each element of ``x``.
+    """int32 index of the nearest NF-``bits`` value (ties to the lower one) for each element of float32 ``x``.
 
     Equals ``torch.bucketize(x, nf_midpoints(bits))`` bit for bit, several times faster on CPU (a
     binary search per element there, against two table look-ups and one comparison here). Values
@@ -89,7 +90,7 @@ def nearest_code(x: torch.Tensor, bits: int) -> torch.Tensor:
     """
     first, thresholds, cells = _rounding_tables(bits, x.device)
     clamped = x.clamp(-1, 1)
-    cell = clamped.add(1).mul_(cells // 2).to(torch.int32).view(-1)
+    cell = clamped.add(1).mul_(cells // 2).to(torch.int32).reshape(-1)  # x may be a strided view
     codes = first.index_select(0, cell).view(x.shape)
     return codes.add_(clamped > thresholds.index_select(0, cell).view(x.shape))
 
@@ -144,7 +145,8 @@ class NormalFloat(Format):
     def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
         w = check_weight(w)
         blocks = to_blocks(w, self.block)
-        return from_blocks(self.fake_quantize_blocks(blocks, self.stored_scale(blocks.abs().amax(dim=-1))), w.shape[1])
+        scale = self.stored_scale(blocks.abs().amax(dim=-1))
+        return from_blocks(self.fake_quantize_blocks(blocks, scale), w.shape[1])
 
     def stored_scale(self, absmax: torch.Tensor) -> torch.Tensor:
         """The scale ``decode_scales`` returns for blocks of this ``absmax`` (rows, n_blocks),
