@@ -34,6 +34,7 @@ import torch
 from lqlora import CACHE, OUT, header
 
 import qft
+from qft.evaluate import perplexity
 from qft.report import markdown_table
 from qft.targets import set_module
 from qft.train import train
@@ -100,6 +101,12 @@ def prepare(run: str, model, tokenizer):
     raise ValueError(f"unknown run {run!r}; choose from {RUNS}")
 
 
+def quantized_bits(model) -> float:
+    """Real bits per weight of the qft layers' codes and scales (a loaded model has no report)."""
+    layers = [m for m in model.modules() if isinstance(m, qft.QLinear)]
+    return 8 * sum(m.weight.nbytes for m in layers) / sum(m.weight.numel() for m in layers)
+
+
 def save_nf4_checkpoint() -> None:
     model, tokenizer = qft.default_model(progress=False)
     prepare("qft-nf4", model, tokenizer)
@@ -117,15 +124,20 @@ def one_run(args) -> dict:
         model, tokenizer = qft.default_model(progress=False)
         model = prepare(args.runs[0], model, tokenizer)
     prepare_s = time.perf_counter() - start
-    report = getattr(model, "qft_report", None)
+    # bitsandbytes 0.50.2 on CPU: after one no-grad forward, Linear4bit switches to another path whose
+    # output differs from its dequantized weight and that passes no gradient to its input (see
+    # RESULTS.md), which made its training both faster and wrong. So the "before" perplexity of that
+    # run is taken on a copy, and the model trains untouched by inference.
+    before = perplexity(copy.deepcopy(model) if args.runs[0] == "qlora-bnb" else model, tokenizer, progress=False)
     with PeakRSS() as rss:
         result = train(model, tokenizer, steps=args.steps, batch_size=args.batch_size, block_size=512,
-                       lr=args.lr, warmup=args.warmup, seed=0, progress=False)
+                       lr=args.lr, warmup=args.warmup, seed=0, progress=False, eval_blocks=0)
+    after = perplexity(model, tokenizer, progress=False)
     return {
         "run": args.runs[0],
-        "bits": f"{report.bits:.3f}" if report else ("4.127" if args.runs[0] == "qlora-bnb" else "32"),
-        "ppl before": result.evals[0][1],
-        "ppl after": result.evals[-1][1],
+        "bits": {"lora": "32", "qlora-bnb": "4.127"}.get(args.runs[0]) or f"{quantized_bits(model):.3f}",
+        "ppl before": before,
+        "ppl after": after,
         "first loss": result.losses[0],
         "last loss": result.losses[-1],
         "s/step": result.seconds_per_step,
