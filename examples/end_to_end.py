@@ -4,7 +4,7 @@
     save → load (same logits, bit for bit) → export merged int4 (compressed-tensors) →
     held-out perplexity at every stage → generate a sample.
 
-    python examples/end_to_end.py                # about 10 minutes on 2 CPU cores, first run
+    python examples/end_to_end.py                # about 4 minutes on 2 CPU cores, first run
     python examples/end_to_end.py --steps 100 --eval-blocks 0 --out runs/long
 
 Writes OUT/model (qft checkpoint) and OUT/merged-int4 (for vLLM / compressed-tensors).
