@@ -11,7 +11,10 @@ CBC (warm-started from the Lagrangian choice). No commercial solver.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import os
+import sys
 import time
 from dataclasses import dataclass
 
@@ -249,6 +252,22 @@ def _pulp(backend: str):
     return run
 
 
+@contextlib.contextmanager
+def _c_stdout_silenced():
+    """Point file descriptor 1 at /dev/null for the block: scipy's HiGHS writes debug lines
+    ("HighsMipSolverData::transformNewIntegerFeasibleSolution ...") straight to the C stdout on
+    some problems, and ``disp=False`` does not stop them."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 1)
+            yield
+    finally:
+        os.dup2(saved, 1)
+        os.close(saved)
+
+
 def _scipy(errors, costs, budget, keep, warm, time_limit, gap):
     from scipy.optimize import Bounds, LinearConstraint, milp
     from scipy.sparse import csr_matrix
@@ -257,16 +276,17 @@ def _scipy(errors, costs, budget, keep, warm, time_limit, gap):
     options = np.concatenate(keep)
     n = len(options)
     one_each = csr_matrix((np.ones(n), (groups, np.arange(n))), shape=(len(keep), n))
-    result = milp(
-        c=errors[groups, options],
-        constraints=[
-            LinearConstraint(costs[groups, options][None, :], -np.inf, budget),
-            LinearConstraint(one_each, 1, 1),
-        ],
-        integrality=np.ones(n),
-        bounds=Bounds(0, 1),
-        options={"time_limit": time_limit, "mip_rel_gap": gap},
-    )
+    with _c_stdout_silenced():
+        result = milp(
+            c=errors[groups, options],
+            constraints=[
+                LinearConstraint(costs[groups, options][None, :], -np.inf, budget),
+                LinearConstraint(one_each, 1, 1),
+            ],
+            integrality=np.ones(n),
+            bounds=Bounds(0, 1),
+            options={"time_limit": time_limit, "mip_rel_gap": gap},
+        )
     if result.x is None:
         raise RuntimeError(f"scipy milp failed: {result.message}")
     choice = np.empty(len(keep), dtype=np.int64)

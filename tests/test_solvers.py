@@ -112,3 +112,17 @@ def test_no_ilp_when_the_warm_start_is_within_the_gap(monkeypatch):
     sol = solve(errors, costs, budget, solver="cbc", gap=2 * warm_gap)
     assert sol.solver == "lagrangian" and sol.status == "optimal" and sol.gap <= 2 * warm_gap
     assert np.array_equal(sol.choice, choice)
+
+
+def test_scipy_highs_prints_nothing_to_stdout(capfd):
+    # This instance makes scipy's HiGHS write a debug line to the C stdout (seen with scipy 1.17);
+    # the solver must stay silent, as library code logs instead of printing.
+    rng = np.random.default_rng(6)
+    costs = np.sort(rng.integers(100, 1000, (60, 12)), axis=1).astype(float)
+    errors = np.sort(rng.random((60, 12)) * 100, axis=1)[:, ::-1].copy()
+    solution = solve(errors, costs, costs.mean(axis=1).sum(), solver="scipy", gap=1e-6)
+    out, _ = capfd.readouterr()
+    assert out == ""
+    assert solution.cost <= costs.mean(axis=1).sum()
+    print("still connected")  # stdout works again after the solve
+    assert capfd.readouterr().out == "still connected\n"
