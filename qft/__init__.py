@@ -3,6 +3,7 @@
 import logging
 
 from qft import hf_quantizer  # noqa: F401  (registers quant_method "qft" with transformers)
+from qft.adapters import load_adapter, save_adapter
 from qft.checkpoint import load_quantized, save_quantized
 from qft.data import default_corpus, load_texts
 from qft.decompose import register_method
@@ -39,6 +40,7 @@ __all__ = [
     "export_merged",
     "find_target_linears",
     "get_format",
+    "load_adapter",
     "load_merged",
     "load_quantized",
     "load_texts",
@@ -48,6 +50,7 @@ __all__ = [
     "quantize_and_prepare",
     "register_method",
     "register_objective",
+    "save_adapter",
     "save_quantized",
     "train",
 ]
