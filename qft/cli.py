@@ -77,8 +77,10 @@ def cmd_train(args) -> None:
     from qft.checkpoint import save_quantized
     from qft.train import train
 
+    if not (args.out or args.adapter_out):
+        raise ValueError("say where the result goes: --out (the whole model) and/or --adapter-out (the adapter)")
     model, tokenizer = _load_any(args.checkpoint, args.progress, _device(args.device))
-    checkpoints = args.checkpoints or f"{args.out.rstrip('/')}-checkpoints"
+    checkpoints = args.checkpoints or f"{(args.out or args.adapter_out).rstrip('/')}-checkpoints"
     result = train(model, tokenizer, args.data, args.eval_data, output_dir=checkpoints, resume=args.resume,
                    progress=args.progress, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                    block_size=args.block_size, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every,
@@ -88,8 +90,14 @@ def cmd_train(args) -> None:
         print(f"step {step}: held-out perplexity {ppl:.3f}")
     print(f"{result.steps_run} steps, {result.seconds_per_step:.2f} s/step, "
           f"{result.trainable_parameters:,} trainable parameters")
-    save_quantized(model, args.out, tokenizer, dtype=_save_dtype(args))
-    print(f"saved to {args.out}")
+    if args.out:
+        save_quantized(model, args.out, tokenizer, dtype=_save_dtype(args))
+        print(f"saved to {args.out}")
+    if args.adapter_out:
+        from qft.adapters import save_adapter
+
+        save_adapter(model, args.adapter_out)
+        print(f"adapter saved to {args.adapter_out}")
 
 
 def cmd_eval(args) -> None:
@@ -97,6 +105,10 @@ def cmd_eval(args) -> None:
     from qft.evaluate import perplexity
 
     model, tokenizer = _load_any(args.checkpoint, args.progress, _device(args.device))
+    if args.adapter:
+        from qft.adapters import load_adapter
+
+        load_adapter(model, args.adapter)
     texts = load_texts(args.data, "test", tokenizer=tokenizer)
     ppl = perplexity(model, tokenizer, texts, block_size=args.block_size, max_blocks=args.max_blocks,
                      progress=args.progress)
@@ -166,7 +178,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", parents=[common], help="fine-tune a qft checkpoint's high-precision parts")
     p.add_argument("checkpoint", help="a folder written by `qft quantize` (or `qft train`)")
-    p.add_argument("--out", required=True, help="folder for the trained model")
+    p.add_argument("--out", help="folder for the trained model")
+    p.add_argument("--adapter-out", help="folder for the trained adapter alone (qft.save_adapter)")
     p.add_argument("--checkpoints", help="folder for training checkpoints (default: OUT-checkpoints)")
     p.add_argument("--resume", action="store_true", help="continue from the latest training checkpoint")
     p.add_argument("--data", help=".txt/.json/.jsonl/.parquet file or save_to_disk folder (default: embedded corpus)")
@@ -191,6 +204,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--data", help="data file or folder (its test split; default: the embedded corpus)")
     p.add_argument("--block-size", type=int, default=512)
     p.add_argument("--max-blocks", type=int, help="evaluate only the first blocks")
+    p.add_argument("--adapter", help="swap in this adapter (from `train --adapter-out`) before evaluating")
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("export", parents=[common], help="write a checkpoint for serving")

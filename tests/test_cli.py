@@ -70,3 +70,24 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("qft info: error:") and "no config.json" in err
     assert main(["eval", "-q", str(tmp_path / "missing")]) == 2
+
+
+def test_train_adapter_out_and_eval_adapter(base, tmp_path, capsys):
+    data = tmp_path / "notes.jsonl"
+    data.write_text("".join(json.dumps({"text": f"note {i}: the quick brown fox jumps over the lazy dog. " * 8}) + "\n"
+                            for i in range(40)))
+    q, t, a = tmp_path / "q", tmp_path / "t", tmp_path / "a"
+    assert main(["quantize", "-q", "--model", str(base), "--bits", "nf4", "--method", "qlora", "--rank", "2",
+                 "--out", str(q)]) == 0
+    assert main(["train", "-q", str(q), "--data", str(data), "--steps", "2", "--batch-size", "1"]) == 2
+    assert "--adapter-out" in capsys.readouterr().err
+    assert main(["train", "-q", str(q), "--out", str(t), "--adapter-out", str(a), "--data", str(data), "--steps", "2",
+                 "--batch-size", "1", "--block-size", "32", "--eval-blocks", "0", "--lr", "1e-2"]) == 0
+    capsys.readouterr()
+    evaluate = ["--data", str(data), "--block-size", "32", "--max-blocks", "2"]
+    assert main(["eval", "-q", str(t), *evaluate]) == 0
+    trained = capsys.readouterr().out.strip().splitlines()[-1]
+    assert main(["eval", "-q", str(q), "--adapter", str(a), *evaluate]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] == trained  # the base + the adapter = the trained model
+    assert main(["eval", "-q", str(q), *evaluate]) == 0
+    assert capsys.readouterr().out.strip().splitlines()[-1] != trained
