@@ -114,11 +114,24 @@ class DequantMatmul(torch.autograd.Function):
         return dx, dscale, None, None, None, None, None, None
 
 
-def scale_grad(x, dy, grid, scale, cols: int, block: int) -> torch.Tensor:
-    """dL/dscale[r, b] = Σ_{c in block b} dW[r, c] · (codebook[code] − zero), with dW = dyᵀ x."""
-    dw = dy.reshape(-1, dy.shape[-1]).float().t() @ x.reshape(-1, cols).float()
-    dw = F.pad(dw, (0, -cols % block)).view(grid.shape[0], -1, block)
-    return (dw * grid).sum(-1).sum_to_size(scale.shape).to(scale.dtype)
+def scale_grad(x, dy, grid, scale, cols: int, block: int, chunk_bytes: int = 1 << 22) -> torch.Tensor:
+    """dL/dscale[r, b] = Σ_t dy[t, r] · Σ_{c in block b} x[t, c] · (codebook[code[r, c]] − zero[r, b]).
+
+    Computed a few blocks at a time (about ``chunk_bytes`` of (blocks, tokens, rows) products each), so
+    no dense out×in gradient dW = dyᵀx is ever built: PEQA-style scale training costs the memory of
+    one such chunk, not of a second weight matrix in fp32.
+    """
+    dy2d = dy.reshape(-1, dy.shape[-1]).float()
+    rows, n_blocks, _ = grid.shape
+    x2d = F.pad(x.reshape(-1, cols).float(), (0, n_blocks * block - cols))
+    x_blocks = x2d.view(-1, n_blocks, block).transpose(0, 1)  # (blocks, tokens, block)
+    per_block = x2d.shape[0] * rows * 4
+    step = max(1, chunk_bytes // max(per_block, 1))
+    dscale = torch.empty(rows, n_blocks, dtype=torch.float32, device=grid.device)
+    for b in range(0, n_blocks, step):
+        xg = torch.bmm(x_blocks[b:b + step], grid[:, b:b + step].permute(1, 2, 0).float())  # (blocks, tokens, rows)
+        dscale[:, b:b + step] = (xg * dy2d).sum(dim=1).t()
+    return dscale.sum_to_size(scale.shape).to(scale.dtype)
 
 
 def dequant_matmul(x, codes, codebook, scale, zero, *, bits: int, cols: int, block: int) -> torch.Tensor:
