@@ -169,7 +169,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--bits", default="2.5", help="average bits per parameter, or a format name such as nf4")
     p.add_argument("--method", default="lqlora", help="a registered method: lqlora, loftq, qlora")
-    p.add_argument("--rank", type=int, default=64)
+    p.add_argument("--rank", type=int, help="rank of the low-rank factors (default: 64; PEQA: none)")
     p.add_argument("--fisher", action="store_true", help="weight errors by the empirical Fisher (needs text)")
     p.add_argument("--iters", type=int, default=10, help="LQ-LoRA iterations per matrix")
     p.add_argument("--seed", type=int, default=0)

@@ -102,7 +102,7 @@ def quantize_and_prepare(
     model: nn.Module,
     bits: float | str = 2.5,
     method: str = "lqlora",
-    rank: int = 64,
+    rank: int | None = None,
     *,
     alpha: float | None = None,
     calibration: list[str] | None = None,
@@ -124,7 +124,9 @@ def quantize_and_prepare(
       to use one format everywhere.
     method: a registered method (``qft.decompose.METHODS``): "lqlora" (iterative
       Q + L1L2), "loftq" (PEFT's one-step LoftQ), "qlora" (plain quantization,
-      LoRA factors initialised as PEFT does; alpha defaults to rank).
+      LoRA factors initialised as PEFT does; alpha defaults to rank), "peqa" (int-k,
+      only the scales train; a budget allocates over int2/3/4/8 per channel or group).
+    rank: rank of the low-rank factors (default: the method's, 64; PEQA has none).
     fisher: weight errors by the empirical Fisher over ``calibration`` texts
       (default: the embedded corpus's train split); needs ``tokenizer``. A dict
       (name -> Fisher diagonal, as ``qft.fisher.empirical_fisher`` returns) is used as given.
@@ -132,6 +134,7 @@ def quantize_and_prepare(
       name suffix); the output head is skipped unless ``skip_modules`` says otherwise.
     """
     spec = get_method(method)
+    rank = spec.default_rank if rank is None else rank
     if rank < 0:
         raise ValueError(f"rank must be >= 0, got {rank}")
     if spec.needs_rank and rank == 0:
@@ -170,7 +173,8 @@ def quantize_and_prepare(
         chosen = [get_format(bits)] * len(weights)
     else:
         table_rank = spec.table_rank(rank)
-        grid = pruned_grid(weights, table_rank, fisher=fisher_map, formats=formats, seed=seed,
+        candidates = formats or (spec.grid() if spec.grid else None)
+        grid = pruned_grid(weights, table_rank, fisher=fisher_map, formats=candidates, seed=seed,
                            cache_dir=cache_dir, progress=progress)
         table = error_table(weights, grid, table_rank, fisher=fisher_map, seed=seed,
                             cache_dir=cache_dir, progress=progress)
@@ -197,12 +201,15 @@ def quantize_and_prepare(
         built[name] = qlinear
         set_module(model, name, qlinear)
         qt = qlinear.weight
-        quant_bits += 8 * qt.nbytes
+        stored = fmt.storage_bits(*qt.shape)  # the format's own bits (a trainable scale counts as its stored dtype)
+        quant_bits += stored
+        # adapters as held: low-rank factors, and what a trainable scale holds beyond the format's storage
+        adapter_bits += 8 * qt.nbytes - stored
         adapter_bits += sum(8 * p.numel() * p.element_size() for n, p in qlinear.adapters().items() if n != "scale")
         numel += qt.numel()
         importance = 1.0 if f is None else f
         norm = float((importance * w**2).sum())
-        report.matrices.append(MatrixReport(name, tuple(qt.shape), fmt.name, 8 * qt.nbytes / qt.numel(),
+        report.matrices.append(MatrixReport(name, tuple(qt.shape), fmt.name, stored / qt.numel(),
                                             result.error, (result.error / max(norm, 1e-30)) ** 0.5))
         report.total_error += result.error
     for name, first in report.tied.items():

@@ -49,16 +49,21 @@ class Method:
     needs_rank: bool  # rank >= 1 required
     table_rank: Callable[[int], int]
     description: str
+    grid: Callable[[], list[Format]] | None = None  # the candidates a budget allocates over (None: NF grid)
+    default_rank: int = 64  # the rank when the caller gives none
 
 
 METHODS: dict[str, Method] = {}
 
 
 def register_method(name: str, *, needs_rank: bool, table_rank: Callable[[int], int] = lambda r: r,
-                    description: str = ""):
-    """Decorator: register ``build`` as method ``name``."""
+                    description: str = "", grid: Callable[[], list[Format]] | None = None,
+                    default_rank: int = 64):
+    """Decorator: register ``build`` as method ``name``; ``grid`` gives the formats a bit budget
+    chooses from (default: LQ-LoRA's NF grid); ``default_rank`` the rank when none is given."""
     def wrap(build):
-        METHODS[name] = Method(name, build, needs_rank, table_rank, description or (build.__doc__ or "").strip())
+        METHODS[name] = Method(name, build, needs_rank, table_rank, description or (build.__doc__ or "").strip(),
+                               grid, default_rank)
         return build
     return wrap
 
@@ -75,7 +80,7 @@ def weighted_error(w: torch.Tensor, approx: torch.Tensor, fisher: torch.Tensor |
 
 
 # the built-in methods register themselves on import
-from qft.decompose import lqlora, qlora  # noqa: E402,F401
+from qft.decompose import lqlora, peqa, qlora  # noqa: E402,F401
 from qft.decompose.lqlora import Decomposition  # noqa: E402
 
 __all__ = ["METHODS", "Built", "Decomposition", "Method", "MethodOptions", "get_method", "register_method"]
