@@ -65,7 +65,9 @@ def cmd_quantize(args) -> None:
     from qft.prepare import quantize_and_prepare
 
     model, tokenizer = _load_base(args.model, args.progress, _device(args.device))
-    bits = args.bits if not args.bits.replace(".", "", 1).isdigit() else float(args.bits)
+    # "4" stays an int (PEQA reads it as a width), "2.5" is a budget, anything else a format name
+    bits = int(args.bits) if args.bits.isdigit() else (
+        float(args.bits) if args.bits.replace(".", "", 1).isdigit() else args.bits)
     quantize_and_prepare(model, bits=bits, method=args.method, rank=args.rank, fisher=args.fisher,
                          tokenizer=tokenizer, iters=args.iters, seed=args.seed, progress=args.progress)
     print(model.qft_report.summary())

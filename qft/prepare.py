@@ -143,6 +143,8 @@ def quantize_and_prepare(
         raise ValueError("fisher=True needs the tokenizer to read the calibration text")
     if not isinstance(bits, (str, int, float)):
         raise ValueError(f"bits must be a number (average budget) or a format name, got {bits!r}")
+    if isinstance(bits, int) and not isinstance(bits, bool) and spec.width_format is not None:
+        bits = spec.width_format(bits)  # e.g. PEQA: bits=4 means int4 per channel, not a 4.0 budget
     start = time.perf_counter()
     targets = find_target_linears(model, target_modules, skip_modules)
     _check_weights(targets)

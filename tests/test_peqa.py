@@ -42,6 +42,11 @@ def test_budget_allocates_int_formats():
     assert len({m.format for m in report.matrices}) > 1  # mixed precision
 
 
+def test_an_integer_width_means_per_channel_and_a_float_a_budget():
+    assert {m.format for m in _peqa(3).qft_report.matrices} == {"int3-ch"}
+    assert _peqa(3.0).qft_report.budget == 3.0
+
+
 def test_refuses_nf_formats_and_a_rank():
     with pytest.raises(ValueError, match="uniform int-k"):
         _peqa("nf4")

@@ -51,6 +51,7 @@ class Method:
     description: str
     grid: Callable[[], list[Format]] | None = None  # the candidates a budget allocates over (None: NF grid)
     default_rank: int = 64  # the rank when the caller gives none
+    width_format: Callable[[int], str] | None = None  # an int ``bits`` names a format, not a budget
 
 
 METHODS: dict[str, Method] = {}
@@ -58,12 +59,13 @@ METHODS: dict[str, Method] = {}
 
 def register_method(name: str, *, needs_rank: bool, table_rank: Callable[[int], int] = lambda r: r,
                     description: str = "", grid: Callable[[], list[Format]] | None = None,
-                    default_rank: int = 64):
+                    default_rank: int = 64, width_format: Callable[[int], str] | None = None):
     """Decorator: register ``build`` as method ``name``; ``grid`` gives the formats a bit budget
-    chooses from (default: LQ-LoRA's NF grid); ``default_rank`` the rank when none is given."""
+    chooses from (default: LQ-LoRA's NF grid); ``default_rank`` the rank when none is given;
+    ``width_format`` turns an integer ``bits`` into a format name (else it is a budget)."""
     def wrap(build):
         METHODS[name] = Method(name, build, needs_rank, table_rank, description or (build.__doc__ or "").strip(),
-                               grid, default_rank)
+                               grid, default_rank, width_format)
         return build
     return wrap
 

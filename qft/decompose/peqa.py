@@ -23,8 +23,13 @@ def int_grid() -> list[Format]:
     return [UniformInt(bits, group) for bits in (2, 3, 4, 8) for group in (None, 32, 64, 128)]
 
 
+def per_channel(width: int) -> str:
+    """``bits=4`` (an int) is the paper's setting: int4 with one scale per output channel."""
+    return f"int{width}-ch"
+
+
 @register_method("peqa", needs_rank=False, table_rank=lambda rank: 0, grid=int_grid, default_rank=0,
-                 description="PEQA: frozen int-k codes and zero-points, trainable scales")
+                 width_format=per_channel, description="PEQA: frozen int-k codes and zero-points, trainable scales")
 def build(w: torch.Tensor, bias: torch.Tensor | None, fmt: Format, options: MethodOptions) -> Built:
     if not isinstance(fmt, UniformInt):
         raise ValueError(f"PEQA trains the scales of uniform int-k formats, not {fmt.name}; "
