@@ -38,10 +38,16 @@ def base(tmp_path_factory):
     return folder
 
 
-def test_quantize_train_eval_export_info(base, tmp_path, capsys):
-    data = tmp_path / "notes.jsonl"
+def _notes(folder):
+    """40 short records as a .jsonl file (train and test splits of a few blocks each)."""
+    data = folder / "notes.jsonl"
     data.write_text("".join(json.dumps({"text": f"note {i}: the quick brown fox jumps over the lazy dog. " * 8}) + "\n"
                             for i in range(40)))
+    return data
+
+
+def test_quantize_train_eval_export_info(base, tmp_path, capsys):
+    data = _notes(tmp_path)
     q, t, m = tmp_path / "q", tmp_path / "t", tmp_path / "m"
     assert main(["quantize", "-q", "--model", str(base), "--bits", "nf4", "--method", "loftq", "--rank", "2",
                  "--out", str(q)]) == 0
@@ -73,9 +79,7 @@ def test_errors_are_one_clear_line(tmp_path, capsys):
 
 
 def test_train_adapter_out_and_eval_adapter(base, tmp_path, capsys):
-    data = tmp_path / "notes.jsonl"
-    data.write_text("".join(json.dumps({"text": f"note {i}: the quick brown fox jumps over the lazy dog. " * 8}) + "\n"
-                            for i in range(40)))
+    data = _notes(tmp_path)
     q, t, a = tmp_path / "q", tmp_path / "t", tmp_path / "a"
     assert main(["quantize", "-q", "--model", str(base), "--bits", "nf4", "--method", "qlora", "--rank", "2",
                  "--out", str(q)]) == 0
