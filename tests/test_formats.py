@@ -225,3 +225,9 @@ def test_fake_quantize_equals_dequantize_of_quantize(name, shape, rng):
         _, tensors = fmt.quantize(w)
         absmax = to_blocks(w, fmt.block).abs().amax(dim=-1)
         assert torch.equal(fmt.stored_scale(absmax), fmt.decode_scales(tensors, *shape)[0])
+
+
+@pytest.mark.parametrize("name", ALL_FORMATS)
+def test_quantize_returns_uint8_codes_of_the_weights_shape(name, rng):
+    codes, _ = get_format(name).quantize(torch.randn(5, 40, generator=rng))
+    assert codes.dtype == torch.uint8 and codes.shape == (5, 40)

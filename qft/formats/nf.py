@@ -140,7 +140,7 @@ class NormalFloat(Format):
             tensors = {"scale_codes": pack(codes, self.scale_bits), "scale_max": block_max}
         else:
             scale, tensors = absmax, {"scale": absmax.contiguous()}
-        return from_blocks(self._codes(blocks, scale), w.shape[1]), tensors
+        return from_blocks(self._codes(blocks, scale).to(torch.uint8), w.shape[1]), tensors
 
     def fake_quantize(self, w: torch.Tensor) -> torch.Tensor:
         w = check_weight(w)
