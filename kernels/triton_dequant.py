@@ -309,12 +309,26 @@ def _dense(m: int, dtype: torch.dtype, config) -> bool:
     return config is None and (m >= DENSE_FROM_M or dtype not in (torch.float16, torch.bfloat16))
 
 
-def _launch(kernel, grid, args, config, **meta):
-    """Run the autotuned kernel, or with ``config``'s tiles when one is given."""
+def _fused(kernel, a, out, weight, n: int, cols: int, tile: str, config):
+    """Run ``kernel`` for out (M, n_out) = a (M, inner) against the dequantized weight tiles: split-K
+    while the output tiles alone would leave the GPU idle; the autotuned tiles, or ``config``'s."""
+    args, meta = weight
+    m, n_out = out.shape
+    bucket = _bucket(m)
+    split, share = _split(triton.cdiv(m, bucket) * triton.cdiv(n_out, 64), a.shape[1], bucket, a.device)
+    target = out if split == 1 else _partials((split, m, n_out), a.device)
+
+    def grid(c):
+        return triton.cdiv(m, c["BM"]), triton.cdiv(n_out, c[tile]), split
+
+    launch = (a, target, *args, m, n, cols, a.stride(0), n_out, m * n_out, share, bucket)
     if config is None:
-        kernel[grid](*args, **meta)
+        kernel[grid](*launch, **meta, FP32_DOT=_fp32_dot(a.dtype))
     else:
-        kernel.fn[grid](*args, **meta, **config.all_kwargs())
+        kernel.fn[grid](*launch, **meta, FP32_DOT=_fp32_dot(a.dtype), **config.all_kwargs())
+    if split > 1:
+        out.copy_(target.sum(dim=0))
+    return out
 
 
 def dequantize(codes, codebook, scale, zero, *, bits: int, cols: int, block: int,
@@ -343,19 +357,8 @@ def forward(x2d, codes, codebook, scale, zero, *, bits: int, cols: int, block: i
     if _dense(m, x2d.dtype, config):
         w = dequantize(codes, codebook, scale, zero, bits=bits, cols=cols, block=block, dtype=x2d.dtype)
         return torch.matmul(x2d, w.t(), out=out)
-    args, meta = _weight(codes, codebook, scale, zero, bits, cols, block)
-    bucket = _bucket(m)
-    split, share = _split(triton.cdiv(m, bucket) * triton.cdiv(n, 64), cols, bucket, x2d.device)
-    target = out if split == 1 else _partials((split, m, n), x2d.device)
-
-    def grid(c):
-        return triton.cdiv(m, c["BM"]), triton.cdiv(n, c["BN"]), split
-
-    _launch(_forward_kernel, grid, (x2d, target, *args, m, n, cols, x2d.stride(0), n, m * n, share, bucket), config,
-            **meta, FP32_DOT=_fp32_dot(x2d.dtype))
-    if split > 1:
-        out.copy_(target.sum(dim=0))
-    return out
+    weight = _weight(codes, codebook, scale, zero, bits, cols, block)
+    return _fused(_forward_kernel, x2d, out, weight, n, cols, "BN", config)
 
 
 def input_grad(dy2d, codes, codebook, scale, zero, *, bits: int, cols: int, block: int, out=None,
@@ -372,16 +375,5 @@ def input_grad(dy2d, codes, codebook, scale, zero, *, bits: int, cols: int, bloc
     if _dense(m, dy2d.dtype, config):
         w = dequantize(codes, codebook, scale, zero, bits=bits, cols=cols, block=block, dtype=dy2d.dtype)
         return torch.matmul(dy2d, w, out=dx)
-    args, meta = _weight(codes, codebook, scale, zero, bits, cols, block)
-    bucket = _bucket(m)
-    split, share = _split(triton.cdiv(m, bucket) * triton.cdiv(cols, 64), n, bucket, dy2d.device)
-    target = dx if split == 1 else _partials((split, m, cols), dy2d.device)
-
-    def grid(c):
-        return triton.cdiv(m, c["BM"]), triton.cdiv(cols, c["BK"]), split
-
-    _launch(_input_grad_kernel, grid, (dy2d, target, *args, m, n, cols, dy2d.stride(0), cols, m * cols, share,
-                                       bucket), config, **meta, FP32_DOT=_fp32_dot(dy2d.dtype))
-    if split > 1:
-        dx.copy_(target.sum(dim=0))
-    return dx
+    weight = _weight(codes, codebook, scale, zero, bits, cols, block)
+    return _fused(_input_grad_kernel, dy2d, dx, weight, n, cols, "BK", config)
