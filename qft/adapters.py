@@ -53,7 +53,7 @@ def base_fingerprint(model: nn.Module) -> str:
             continue
         t = t.detach().cpu().contiguous()
         digest.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy())  # hashed in place, no bytes copy
     return digest.hexdigest()
 
 
