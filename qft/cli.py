@@ -125,7 +125,7 @@ def cmd_export(args) -> None:
 
     model, tokenizer = _load_any(args.checkpoint, args.progress, _device(args.device))
     if args.merged:
-        export_merged(model, args.out, tokenizer, group_size=args.group_size, dtype=getattr(torch, args.dtype))
+        export_merged(model, args.out, tokenizer, group_size=args.group_size, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
     else:
         save_quantized(model, args.out, tokenizer, dtype=_save_dtype(args))
     print(f"saved to {args.out}")
@@ -213,9 +213,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
     p.add_argument("--merged", action="store_true",
-                   help="merge Q + low-rank and re-quantize to int4 (compressed-tensors pack-quantized)")
+                   help="compressed-tensors pack-quantized for serving: int-k layers without low-rank parts (PEQA) "
+                        "keep their codes (lossless), others are merged with their low-rank part and re-quantized "
+                        "to int4")
     p.add_argument("--group-size", type=int, default=128)
-    p.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float16", "float32"])
+    p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
+                   help="scales and unquantized weights of --merged (auto: float32 when every layer keeps its "
+                        "int-k codes, as PEQA's do, so the export is exact; bfloat16 otherwise)")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("info", parents=[common], help="a checkpoint's allocation and sizes")

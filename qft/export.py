@@ -1,27 +1,40 @@
-"""Export for serving: merge each QLinear into one matrix and write compressed-tensors int4.
+"""Export for serving: every QLinear as compressed-tensors pack-quantized int-k.
 
-    W = dequant(Q) + (alpha / r) · B · A      then symmetric int4, one scale per group
+A layer is written one of two ways:
 
-The folder is what compressed-tensors (llm-compressor's W4A16, format
-"pack-quantized") writes, so vLLM and transformers with compressed-tensors can
-serve it: per layer ``weight_packed`` (int32, eight 4-bit codes per word, column
-8k+j in bits 4j..4j+3, stored as q + 8), ``weight_scale`` (out, in/group) in the
-model dtype, ``weight_shape`` (int64). Scales are absmax / 7.5 and codes
-round(w / scale) clamped to [-8, 7], as compressed-tensors computes them.
-compressed-tensors needs the group to divide the input width; a layer where
-``group_size`` does not (SmolLM2's 576) gets the largest power-of-two group
-down to 16 that does, and a layer that not even 16 divides is written per
-channel (``weight_scale`` (out, 1)); each group size has its own config group.
-Config groups target the exported layers by full module name (compressed-tensors
-and vLLM match a plain target to a name only by equality), and ``ignore`` lists
-every other Linear of the model.
+- **Codes kept** (int-k layers without low-rank factors: PEQA, or plain int
+  quantization): the packed codes, zero-points and (trained) scales go out
+  unchanged, asymmetric, ``W = (q - zero) · scale`` — lossless. qft's int-k
+  bit stream is compressed-tensors' dense packing (element i at bits
+  [i·k, (i+1)·k) of the row), so ``weight_packed`` is qft's codes as they are;
+  ``weight_zero_point`` is packed along the output dimension, as
+  compressed-tensors packs it. A group that does not divide the input width
+  (int4-g128 on SmolLM2's 576) is written with the largest group dividing both,
+  each scale and zero-point repeated: the same weight.
+- **Merged and re-quantized** (every other layer): W = dequant(Q) + (alpha/r)·B·A,
+  then symmetric int4 per group, scales absmax / 7.5 and codes round(w / scale)
+  clamped to [-8, 7], as compressed-tensors computes them; the group is the
+  largest power of two from ``group_size`` down to MIN_GROUP that divides the
+  input width, per channel when none does.
+
+The folder is what llm-compressor writes (W4A16 / W4A16_ASYM, format
+"pack-quantized"), so vLLM and transformers with compressed-tensors can serve
+it: per layer ``weight_packed`` (int32), ``weight_scale`` (out, groups),
+``weight_shape`` (int64) and, when asymmetric, ``weight_zero_point``. One
+config group per (bits, symmetric, group size), targeting layers by full
+module name (compressed-tensors and vLLM match a plain target to a name only by
+equality); ``ignore`` lists every other Linear of the model. 2-, 4- and 8-bit
+layouts read the same in every compressed-tensors release; 3/5/6/7 bits need
+the dense packing of current releases (0.20 is tested).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -32,12 +45,30 @@ from transformers.pytorch_utils import Conv1D
 
 from qft.atomic import atomic_dir
 from qft.checkpoint import CheckpointError, shared_keys
+from qft.formats import UniformInt
 from qft.nn import QLinear
+from qft.packing import pack, unpack
 
 logger = logging.getLogger(__name__)
 
 COMPRESSED_TENSORS_VERSION = "0.12.2"  # the config layout written (newer releases read it)
 MIN_GROUP = 16  # smaller groups cost more than a bit per weight in scales: such layers go per channel
+MERGED_BITS = 4
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One compressed-tensors config group: int ``bits``, symmetric or not, ``group`` (None: per channel)."""
+
+    bits: int
+    symmetric: bool
+    group: int | None
+
+    def weights(self) -> dict:
+        return {"actorder": None, "block_structure": None, "dynamic": False, "group_size": self.group,
+                "num_bits": self.bits, "observer": "minmax", "observer_kwargs": {},
+                "strategy": "channel" if self.group is None else "group", "symmetric": self.symmetric,
+                "type": "int"}
 
 
 def group_for(in_features: int, group_size: int) -> int | None:
@@ -61,36 +92,24 @@ def quantize_int4(w: torch.Tensor, group: int, dtype: torch.dtype) -> tuple[torc
     return q.reshape(rows, cols), scale
 
 
-def pack_int4(q: torch.Tensor) -> torch.Tensor:
-    """compressed-tensors' pack_to_int32 for 4 bits: column 8k+j into word k at bits 4j, as q + 8."""
-    rows, cols = q.shape
-    u = (q.to(torch.int64) + 8).clamp(0, 15)
-    pad = -cols % 8
-    u = torch.nn.functional.pad(u, (0, pad)).reshape(rows, -1, 8)
-    words = (u << (4 * torch.arange(8, device=q.device))).sum(-1)
-    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
+def pack_signed(q: torch.Tensor, bits: int) -> torch.Tensor:
+    """compressed-tensors' pack_to_int32 along rows: signed codes stored as q + 2^(bits-1), densely."""
+    return pack((q.to(torch.int16) + (1 << bits - 1)).to(torch.uint8), bits)
 
 
-def unpack_int4(packed: torch.Tensor, cols: int) -> torch.Tensor:
-    """Inverse of :func:`pack_int4`: int8 codes in [-8, 7], (rows, cols)."""
-    words = packed.to(torch.int64) & 0xFFFFFFFF
-    nibbles = (words[..., None] >> (4 * torch.arange(8, device=packed.device))) & 0xF
-    return (nibbles.reshape(packed.shape[0], -1)[:, :cols] - 8).to(torch.int8)
+def unpack_signed(packed: torch.Tensor, bits: int, cols: int) -> torch.Tensor:
+    """Inverse of :func:`pack_signed`: int16 codes in [-2^(bits-1), 2^(bits-1))."""
+    return unpack(packed, bits, cols, dtype=torch.int16) - (1 << bits - 1)
 
 
-def compressed_tensors_config(groups: dict[int | None, list[str]], ignore: list[str]) -> dict:
-    """The quantization_config: one config group per group size (None: per channel), largest first."""
-    config_groups = {}
-    for i, group in enumerate(sorted(groups, key=lambda g: -(g or 0))):
-        config_groups[f"group_{i}"] = {
-            "format": "pack-quantized",
-            "input_activations": None,
-            "output_activations": None,
-            "targets": groups[group],
-            "weights": {"actorder": None, "block_structure": None, "dynamic": False, "group_size": group,
-                        "num_bits": 4, "observer": "minmax", "observer_kwargs": {},
-                        "strategy": "channel" if group is None else "group", "symmetric": True, "type": "int"},
-        }
+def compressed_tensors_config(groups: dict[Scheme, list[str]], ignore: list[str]) -> dict:
+    """The quantization_config: one config group per scheme, in a fixed order."""
+    order = sorted(groups, key=lambda s: (s.bits, s.symmetric, -(s.group or 0)))
+    config_groups = {
+        f"group_{i}": {"format": "pack-quantized", "input_activations": None, "output_activations": None,
+                       "targets": groups[scheme], "weights": scheme.weights()}
+        for i, scheme in enumerate(order)
+    }
     return {
         "config_groups": config_groups, "format": "pack-quantized", "global_compression_ratio": None,
         "ignore": ignore, "kv_cache_scheme": None, "quant_method": "compressed-tensors",
@@ -99,50 +118,91 @@ def compressed_tensors_config(groups: dict[int | None, list[str]], ignore: list[
     }
 
 
+def keeps_codes(layer: QLinear) -> bool:
+    """Whether the layer's own int-k codes are exported unchanged (no low-rank part to merge)."""
+    return isinstance(layer.weight.format, UniformInt) and layer.lora_A is None
+
+
+def _codes_kept(layer: QLinear, dtype: torch.dtype) -> tuple[Scheme, dict[str, torch.Tensor]]:
+    """The layer's codes, zero-points and scales as they are (groups split to divide the width)."""
+    weight = layer.weight
+    fmt, rows, cols = weight.format, weight.rows, weight.cols
+    _, zero = fmt.decode_scales(weight.tensors, rows, cols)
+    scale = weight.tensors["scale"].detach()  # the stored (trained) scale, in its own dtype
+    group = None if fmt.group_size is None or fmt.group_size >= cols else math.gcd(fmt.group_size, cols)
+    if group is not None and group != fmt.group_size:
+        repeat, n = fmt.group_size // group, cols // group
+        scale = scale.repeat_interleave(repeat, dim=1)[:, :n]
+        zero = zero.repeat_interleave(repeat, dim=1)[:, :n]
+    tensors = {
+        "weight_packed": weight.codes,
+        "weight_scale": scale.to(dtype),
+        "weight_zero_point": pack(zero.t().to(torch.uint8), fmt.bits).t(),
+    }
+    return Scheme(fmt.bits, False, group), tensors
+
+
+def _exact_in(t: torch.Tensor, dtype: torch.dtype) -> bool:
+    return torch.equal(t.detach().to(dtype).to(t.dtype), t.detach())
+
+
+def _merged(layer: QLinear, group_size: int, dtype: torch.dtype) -> tuple[Scheme, dict[str, torch.Tensor]]:
+    group = group_for(layer.in_features, group_size)
+    q, scale = quantize_int4(layer.merged_weight(), group or layer.in_features, dtype)
+    return Scheme(MERGED_BITS, True, group), {"weight_packed": pack_signed(q, MERGED_BITS), "weight_scale": scale}
+
+
 def export_merged(
     model: nn.Module,
     directory: str | os.PathLike,
     tokenizer=None,
     *,
     group_size: int = 128,
-    dtype: torch.dtype = torch.bfloat16,
+    dtype: torch.dtype | None = None,
 ) -> Path:
-    """Write ``model`` with every QLinear merged and re-quantized to int4 (compressed-tensors layout).
+    """Write ``model`` for serving in the compressed-tensors pack-quantized layout (see the module doc).
 
-    ``group_size`` (a power of two, at least MIN_GROUP) is the largest group used; see group_for.
+    dtype: of the scales and the unquantized weights. Default: float32 when every layer keeps its
+      int-k codes (PEQA): the export then gives exactly the trained model's fp32 logits; bfloat16
+      otherwise. vLLM's int kernels take fp16/bf16 scales: pass one, and trained scales are rounded to it.
+    group_size: the largest group of re-quantized layers (a power of two, at least MIN_GROUP).
     """
     if group_size < MIN_GROUP or group_size & (group_size - 1):
         raise ValueError(f"group_size={group_size}: use a power of two of at least {MIN_GROUP} (e.g. 128)")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
     if not layers:
         raise ValueError("the model has no QLinear layer; export_merged writes models prepared or loaded by qft")
+    if dtype is None:
+        dtype = torch.float32 if all(keeps_codes(m) for m in layers.values()) else torch.bfloat16
     ignore = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and n not in layers]
     state = model.state_dict()
     shared = shared_keys(state)
     out: dict[str, torch.Tensor] = {}
-    groups: dict[int | None, list[str]] = {}
+    groups: dict[Scheme, list[str]] = {}
     for key, value in state.items():
         module = key.rpartition(".")[0]
         if key in shared or module in layers:
             continue
         out[key] = value.to(dtype) if value.is_floating_point() else value
     for name, layer in layers.items():
-        group = group_for(layer.in_features, group_size)
-        groups.setdefault(group, []).append(name)
-        q, scale = quantize_int4(layer.merged_weight(), group or layer.in_features, dtype)
-        out[f"{name}.weight_packed"] = pack_int4(q)
-        out[f"{name}.weight_scale"] = scale
+        scheme, tensors = _codes_kept(layer, dtype) if keeps_codes(layer) else _merged(layer, group_size, dtype)
+        groups.setdefault(scheme, []).append(name)
+        out.update({f"{name}.{k}": v for k, v in tensors.items()})
         out[f"{name}.weight_shape"] = torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)
         if layer.bias is not None:
             out[f"{name}.bias"] = layer.bias.to(dtype)
-    smaller = {g: len(names) for g, names in groups.items() if g not in (group_size, None)}
-    if smaller:
-        logger.info("group size %d does not divide every input width; layers per smaller group: %s",
-                    group_size, smaller)
-    if None in groups:
+    rounded = [n for n, m in layers.items() if keeps_codes(m) and not _exact_in(m.weight.tensors["scale"], dtype)]
+    if rounded:
+        logger.warning("the scales of %d int-k layers (e.g. %s) are rounded to %s, so the export is close to, "
+                       "not exactly, the trained model; export in float32 for that", len(rounded), rounded[0], dtype)
+    merged = {s.group for s in groups if s.symmetric}
+    if merged - {group_size, None}:
+        logger.info("group size %d does not divide every input width; re-quantized layers use groups %s",
+                    group_size, sorted(g for g in merged if g))
+    if None in merged:
         logger.warning("no power of two from %d down to %d divides the input width of %s; "
-                       "these layers are written per channel (one scale per output row)",
-                       group_size, MIN_GROUP, groups[None])
+                       "these layers are written per channel (one scale per output row)", group_size, MIN_GROUP,
+                       [n for s, names in groups.items() if s.symmetric and s.group is None for n in names])
     config = model.config.to_dict()
     config["dtype"] = str(dtype).removeprefix("torch.")
     config["quantization_config"] = compressed_tensors_config(groups, ignore)
@@ -157,8 +217,40 @@ def export_merged(
     return Path(directory)
 
 
+def _schemes(directory: Path, qconfig: dict) -> dict[str, Scheme]:
+    """Module name -> scheme, from the config groups (targets are full module names, as qft writes them)."""
+    schemes = {}
+    for group in qconfig.get("config_groups", {}).values():
+        w = group.get("weights") or {}
+        if w.get("type") != "int" or w.get("strategy") not in ("group", "channel"):
+            raise CheckpointError(f"{directory}: load_merged reads int group/channel weights as qft writes them, "
+                                  f"not {w}; load this model with transformers and compressed-tensors")
+        scheme = Scheme(int(w["num_bits"]), bool(w.get("symmetric", True)),
+                        w.get("group_size") if w.get("strategy") == "group" else None)
+        schemes.update({target: scheme for target in group.get("targets", [])})
+    return schemes
+
+
+def _dequantized(directory: Path, name: str, scheme: Scheme, state: dict[str, torch.Tensor]) -> torch.Tensor:
+    """(q - zero) · scale in the scale's dtype, as compressed-tensors computes it."""
+    rows, cols = state.pop(f"{name}.weight_shape").tolist()
+    scale = state.pop(f"{name}.weight_scale")
+    packed = state.pop(f"{name}.weight_packed")
+    if scale.shape[0] != rows or cols % scale.shape[1]:
+        raise CheckpointError(f"{directory}: {name}.weight_scale has shape {tuple(scale.shape)}, "
+                              f"which does not fit a ({rows}, {cols}) weight; re-export the model")
+    q = unpack(packed, scheme.bits, cols, dtype=torch.int16)
+    if scheme.symmetric:
+        q = q - (1 << scheme.bits - 1)
+    else:
+        zero = unpack(state.pop(f"{name}.weight_zero_point").t().contiguous(), scheme.bits, rows, dtype=torch.int16).t()
+        q = q - zero.repeat_interleave(cols // scale.shape[1], dim=1)
+    group = cols // scale.shape[1]  # cols when per channel
+    return (q.reshape(rows, -1, group).to(scale.dtype) * scale[..., None]).reshape(rows, cols)
+
+
 def load_merged(directory: str | os.PathLike) -> nn.Module:
-    """Read an int4 pack-quantized export back into a plain float model (to evaluate it without
+    """Read a pack-quantized export back into a plain float model (to evaluate it without
     compressed-tensors): every packed layer becomes an nn.Linear holding the dequantized weight."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -167,6 +259,7 @@ def load_merged(directory: str | os.PathLike) -> nn.Module:
     qconfig = config.get("quantization_config") or {}
     if qconfig.get("quant_method") != "compressed-tensors" or qconfig.get("format") != "pack-quantized":
         raise CheckpointError(f"{directory} is not a compressed-tensors pack-quantized export")
+    schemes = _schemes(directory, qconfig)
     hf_config = AutoConfig.from_pretrained(directory)
     del hf_config.quantization_config
     dtype = getattr(torch, config.get("dtype") or "float32")
@@ -175,15 +268,9 @@ def load_merged(directory: str | os.PathLike) -> nn.Module:
         state = {k: f.get_tensor(k) for k in f.keys()}
     for key in [k for k in state if k.endswith(".weight_packed")]:
         name = key.removesuffix(".weight_packed")
-        rows, cols = state.pop(f"{name}.weight_shape").tolist()
-        scale = state.pop(f"{name}.weight_scale")
-        q = unpack_int4(state.pop(key), cols)
-        if scale.shape[0] != rows or cols % scale.shape[1]:
-            raise CheckpointError(f"{directory}: {name}.weight_scale has shape {tuple(scale.shape)}, "
-                                  f"which does not fit a ({rows}, {cols}) weight; re-export the model")
-        group = cols // scale.shape[1]  # cols when per channel
-        w = (q.reshape(rows, -1, group).to(scale.dtype) * scale[..., None]).reshape(rows, cols)
-        state[f"{name}.weight"] = w
+        if name not in schemes:
+            raise CheckpointError(f"{directory}: {name} is packed but no config group targets it; re-export the model")
+        state[f"{name}.weight"] = _dequantized(directory, name, schemes[name], state)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in shared_keys(model.state_dict())]
     if missing or unexpected:

@@ -95,3 +95,19 @@ def test_train_adapter_out_and_eval_adapter(base, tmp_path, capsys):
     assert capsys.readouterr().out.strip().splitlines()[-1] == trained  # the base + the adapter = the trained model
     assert main(["eval", "-q", str(q), *evaluate]) == 0
     assert capsys.readouterr().out.strip().splitlines()[-1] != trained
+
+
+def test_a_peqa_export_evaluates_as_the_trained_model(base, tmp_path, capsys):
+    data = _notes(tmp_path)
+    q, t, m = tmp_path / "q", tmp_path / "t", tmp_path / "m"
+    assert main(["quantize", "-q", "--model", str(base), "--bits", "4", "--method", "peqa", "--out", str(q)]) == 0
+    assert main(["train", "-q", str(q), "--out", str(t), "--data", str(data), "--steps", "2", "--batch-size", "1",
+                 "--block-size", "32", "--eval-blocks", "0", "--lr", "1e-2"]) == 0
+    assert main(["export", "-q", str(t), "--merged", "--out", str(m)]) == 0
+    capsys.readouterr()
+    evaluate = ["--data", str(data), "--block-size", "32", "--max-blocks", "2"]
+    lines = []
+    for folder in (q, t, m):
+        assert main(["eval", "-q", str(folder), *evaluate]) == 0
+        lines.append(capsys.readouterr().out.strip().splitlines()[-1])
+    assert lines[2] == lines[1] != lines[0]  # the export is the trained model, which differs from the start

@@ -7,16 +7,20 @@ import pytest
 import torch
 from helpers import tiny_llama
 from safetensors.torch import load_file
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoConfig, AutoModelForCausalLM, CompressedTensorsConfig, LlamaConfig, LlamaForCausalLM
 
 import qft
+from compressed_tensors.compressors import ModelCompressor, PackedQuantizationCompressor
+from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
+from compressed_tensors.quantization import QuantizationScheme, apply_quantization_config
+
 from qft.export import (
     export_merged,
     group_for,
     load_merged,
-    pack_int4,
+    pack_signed,
     quantize_int4,
-    unpack_int4,
+    unpack_signed,
 )
 from qft.nn import QLinear
 
@@ -72,18 +76,12 @@ def assert_compressed_tensors_reads_what_load_merged_reads(directory, exported):
 def test_packing_matches_compressed_tensors_bit_layout(rng):
     # compressed-tensors' pack_to_int32 turns these codes into words 0xFCBA9810, 0x0000000D
     q = torch.tensor([[-8, -7, 0, 1, 2, 3, 4, 7, 5]], dtype=torch.int8)
-    assert pack_int4(q).tolist() == [[0xFCBA9810 - 2**32, 0xD]]
-    codes = torch.randint(-8, 8, (7, 21), generator=rng).to(torch.int8)
-    packed = pack_int4(codes)
-    assert packed.dtype == torch.int32 and packed.shape == (7, 3)
-    assert torch.equal(unpack_int4(packed, 21), codes)
-
-
-def test_packing_stays_on_the_input_device():
-    packed = pack_int4(torch.zeros(3, 10, dtype=torch.int8, device="meta"))
-    assert packed.device.type == "meta" and packed.shape == (3, 2)
-    codes = unpack_int4(packed, 10)
-    assert codes.device.type == "meta" and codes.shape == (3, 10)
+    assert pack_signed(q, 4).tolist() == [[0xFCBA9810 - 2**32, 0xD]]
+    for bits in range(1, 9):
+        codes = torch.randint(-(1 << bits - 1), 1 << bits - 1, (7, 45), generator=rng).to(torch.int8)
+        packed = pack_signed(codes, bits)
+        assert torch.equal(packed, pack_to_int32(codes, bits)), bits
+        assert torch.equal(unpack_signed(packed, bits, 45), codes.to(torch.int16)), bits
 
 
 def test_int4_scales_are_absmax_over_7_5(rng):
@@ -185,3 +183,89 @@ def test_the_merged_weight_includes_the_adapter(model):
 def test_export_needs_a_qft_model(tmp_path):
     with pytest.raises(ValueError, match="no QLinear"):
         export_merged(tiny_llama(), tmp_path / "x")
+
+
+def peqa_trained(bits):
+    """A tiny Llama prepared with PEQA, its scales moved off their fp16 start as training moves them."""
+    model = qft.quantize_and_prepare(tiny_llama(), bits=bits, method="peqa", progress=False, cache_dir=False)
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, QLinear):
+                layer.scale.mul_(1 + 0.05 * torch.randn(layer.scale.shape, generator=gen))
+    return model
+
+
+def load_with_compressed_tensors(directory):
+    """The export as compressed-tensors itself reads it: a float model, its quantization config applied,
+    compressed in memory (random weights, so the packed zero-points get their packed shapes), the
+    exported tensors loaded strictly, then decompressed by compressed-tensors, one scheme per module.
+
+    transformers 5.24 cannot do this for every export: its default route builds asymmetric zero-points
+    unpacked (vllm-project/llm-compressor#1618) and its ``dequantize=True`` route decompresses every
+    layer with the first config group's scheme."""
+    config = AutoConfig.from_pretrained(directory)
+    compressor = ModelCompressor.from_compression_config(CompressedTensorsConfig.from_dict(config.quantization_config))
+    del config.quantization_config
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    apply_quantization_config(model, compressor.quantization_config)
+    compressor.compress_model(model)
+    model.load_state_dict(load_file(directory / "model.safetensors"), strict=False)
+    missing = set(model.state_dict()) - set(load_file(directory / "model.safetensors")) - {"lm_head.weight"}
+    assert not missing, missing
+    compressor.decompress_model(model)
+    model.tie_weights()
+    return model.eval()
+
+
+def assert_export_is_the_trained_model(model, directory):
+    """load_merged and compressed-tensors itself both give the trained model's logits, bit for bit."""
+    ids = torch.randint(0, 300, (2, 12), generator=torch.Generator().manual_seed(2))
+    theirs = load_with_compressed_tensors(directory)
+    with torch.no_grad():
+        trained, ours, loaded = model(ids).logits, load_merged(directory)(ids).logits, theirs(ids).logits
+    assert trained.dtype == ours.dtype == loaded.dtype == torch.float32
+    assert torch.equal(ours, trained) and torch.equal(loaded, trained)
+
+
+@pytest.mark.parametrize("bits", ["int4-ch", "int3-g32", "int4-g64", 3.5])
+def test_peqa_export_keeps_codes_zero_points_and_trained_scales(bits, tmp_path):
+    model = peqa_trained(bits)
+    export_merged(model, tmp_path / "out")
+    assert_export_is_the_trained_model(model, tmp_path / "out")
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    groups = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["config_groups"]
+    schemes = {t: g["weights"] for g in groups.values() for t in g["targets"]}
+    for name, layer in model.named_modules():
+        if isinstance(layer, QLinear):
+            assert torch.equal(tensors[f"{name}.weight_packed"], layer.weight.codes)  # the codes, unchanged
+            assert schemes[name]["num_bits"] == layer.weight.format.bits and not schemes[name]["symmetric"]
+            assert tensors[f"{name}.weight_scale"].dtype == torch.float32
+            # compressed-tensors' own compressor writes the same packed codes and zero-points
+            zero = unpack_signed(tensors[f"{name}.weight_zero_point"].t().contiguous(), schemes[name]["num_bits"],
+                                 layer.out_features).t().to(torch.int8)
+            state = {"weight": layer.merged_weight(), "weight_scale": tensors[f"{name}.weight_scale"],
+                     "weight_zero_point": zero}
+            theirs = PackedQuantizationCompressor.compress(state, QuantizationScheme(targets=[name], weights=schemes[name]))
+            for key in ("weight_packed", "weight_zero_point"):
+                assert torch.equal(theirs[key], tensors[f"{name}.{key}"]), (name, key)
+
+
+def test_a_group_that_does_not_divide_the_width_is_split_into_equal_ones(tmp_path):
+    model = peqa_trained("int4-g64")  # down_proj is 96 wide: groups of 64 and 32 become three of 32
+    export_merged(model, tmp_path / "out")
+    tensors = load_file(tmp_path / "out" / "model.safetensors")
+    name = "model.layers.0.mlp.down_proj"
+    scale = model.get_submodule(name).scale.detach()
+    assert tensors[f"{name}.weight_scale"].shape == (64, 3)
+    assert torch.equal(tensors[f"{name}.weight_scale"], scale[:, [0, 0, 1]])
+    groups = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert {g["weights"]["group_size"] for g in groups.values()} == {None, 32}  # 64-wide rows: one group each
+
+
+def test_a_bf16_peqa_export_says_its_scales_are_rounded(tmp_path, caplog):
+    model = peqa_trained("int4-ch")
+    with caplog.at_level(logging.WARNING, logger="qft.export"):
+        export_merged(model, tmp_path / "out", dtype=torch.bfloat16)
+    assert "rounded to torch.bfloat16" in caplog.text
+    assert load_file(tmp_path / "out" / "model.safetensors")["model.embed_tokens.weight"].dtype == torch.bfloat16
