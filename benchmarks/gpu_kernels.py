@@ -6,6 +6,9 @@ LLaMA-7B shapes (out x in: 4096x4096, 11008x4096, 4096x11008), bf16 activations.
 cuBLAS (x @ W.T and dy @ W with a dense bf16 W), bitsandbytes NF4 (``matmul_4bit``, block 64,
 double-quantized scales, forward only) and qft's forward and input-gradient for each format below
 (autotuned; from ``DENSE_FROM_M`` rows on, dequantize + cuBLAS, and the fused kernel is timed too).
+For formats whose scales can train (not double-quantized): the scale gradient of PEQA, qft's Triton
+kernel ("sgrad ms") against the torch path (its dense fp32 grid, then a chunked reduction; "sgrad x torch"
+is the torch path's time over the kernel's).
 
 Times: ``triton.testing.do_bench`` (CUDA events; L2 flushed before every call, which also keeps the
 launch queue ahead of the GPU, so Python overhead is not timed), after warm-up, median of the repeats.
@@ -21,7 +24,7 @@ import argparse
 import sys
 
 import torch
-from qft.kernels import triton_dequant
+from qft.kernels import torch_path, triton_dequant
 
 from qft.report import markdown_table
 from qft.tensor import QuantizedTensor
@@ -60,7 +63,7 @@ def config_name(kernel, m: int) -> str:
 
 
 COLUMNS = ["shape", "batch", "method", "fwd ms", "x cuBLAS", "GB/s", "of peak", "igrad ms", "igrad x cuBLAS",
-           "igrad/fwd", "rel err", "fwd config", "fused fwd ms", "fused config"]
+           "igrad/fwd", "rel err", "fwd config", "fused fwd ms", "fused config", "sgrad ms", "sgrad x torch"]
 
 
 def row(shape, m, method, ms, moved, peak, **extra):
@@ -125,6 +128,13 @@ def main() -> None:
                         extra["fused config"] = config_name(triton_dequant._forward_kernel, m)
                     finally:
                         triton_dequant.DENSE_FROM_M = fused
+                if "-dq" not in name:  # double-quantized scales are stored as codes: they cannot train
+                    codes, codebook, scale, zero = weight
+                    extra["sgrad ms"] = time_ms(lambda: triton_dequant.scale_grad(x, dy, *weight, **meta))
+                    t_torch = time_ms(lambda: torch_path.scale_grad(
+                        x, dy, torch_path._grid(codes, codebook, zero, meta["bits"], k, meta["block"]), scale, k,
+                        meta["block"]))
+                    extra["sgrad x torch"] = t_torch / extra["sgrad ms"]
                 rows.append(row(shape, m, f"qft {name}", t, qt.nbytes + io, peak, **extra))
     print(f"Device: {device}; peak HBM bandwidth "
           f"{'unknown' if peak is None else f'{peak / 1e12:.2f} TB/s'}; activations bf16; "

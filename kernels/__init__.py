@@ -4,9 +4,10 @@ Installed as ``qft.kernels`` (never as a top-level ``kernels``). Knows nothing
 of models or formats: it takes packed codes (qft.packing layout), a codebook,
 blockwise scales and optional zero-points.
 
-Backends: ``"triton"`` (kernels/triton_dequant.py; CUDA tensors, or CPU tensors
-under ``TRITON_INTERPRET=1``) and ``"torch"`` (unpack + lookup + matmul; CPU and
-the reference). ``"auto"`` (the default) takes Triton for CUDA tensors and
+Backends: ``"triton"`` (kernels/triton_dequant.py: forward, input-gradient and,
+for trainable scales, scale-gradient kernels; CUDA tensors, or CPU tensors under
+``TRITON_INTERPRET=1``) and ``"torch"`` (unpack + lookup + matmul; CPU and the
+reference). ``"auto"`` (the default) takes Triton for CUDA tensors and
 torch otherwise. Force one with the ``backend`` argument or the
 ``QFT_KERNEL_BACKEND`` environment variable.
 """
@@ -67,14 +68,14 @@ class _TritonDequantMatmul(torch.autograd.Function):
         x, scale, codes, codebook, zero = ctx.saved_tensors
         bits, cols, block = ctx.meta
         dx = dscale = None
+        dy2d = dy.reshape(-1, dy.shape[-1]).contiguous()
         with autocast_off(dy.device):
             if ctx.needs_input_grad[0]:
-                dy2d = dy.reshape(-1, dy.shape[-1]).contiguous()
                 dx = triton_dequant.input_grad(dy2d, codes, codebook, scale, zero, bits=bits, cols=cols, block=block)
                 dx = dx.reshape(*dy.shape[:-1], cols)
-            if ctx.needs_input_grad[1]:  # trainable scales: the torch path's reduction (a dense dW, backward only)
-                grid = torch_path._grid(codes, codebook, zero, bits, cols, block)
-                dscale = torch_path.scale_grad(x, dy, grid, scale, cols, block)
+            if ctx.needs_input_grad[1]:  # trainable scales: dW = dyᵀx only tile by tile, in the kernel's registers
+                dscale = triton_dequant.scale_grad(x.reshape(-1, cols), dy2d, codes, codebook, scale, zero,
+                                                   bits=bits, cols=cols, block=block)
         return dx, dscale, None, None, None, None, None, None
 
 

@@ -1,13 +1,23 @@
-"""Triton dequant-matmul kernels: y = x · dequant(Q)ᵀ and dx = dy · dequant(Q).
+"""Triton dequant-matmul kernels: y = x · dequant(Q)ᵀ, dx = dy · dequant(Q), and
+the gradient of trainable scales (PEQA).
 
-Both read the packed codes (qft.packing layout: per row a little-endian bit
+All read the packed codes (qft.packing layout: per row a little-endian bit
 stream of k-bit codes in int32 words) and dequantize a tile in registers:
 
     W[n, k] = (codebook[code[n, k]] − zero[n, k // block]) · scale[n, k // block]
 
-so the dense weight never exists in memory. One kernel pair serves every
-format; accumulation is in fp32 on the tensor cores, the weight tile cast to
-the activations' dtype (fp16 or bf16).
+so the dense weight never exists in memory. One kernel per product serves
+every format; accumulation is in fp32 on the tensor cores, the weight tile cast
+to the activations' dtype (fp16 or bf16).
+
+The scale gradient (PEQA trains only the scales),
+
+    dscale[n, b] = Σ_{k in block b} (dyᵀx)[n, k] · (codebook[code[n, k]] − zero[n, b]),
+
+never stores the dense dW = dyᵀx either: each program accumulates one tile of
+it over all tokens, multiplies it by the unscaled weight tile and sums each run
+of columns sharing a scale into small fp32 partials, summed per block
+afterwards in a fixed order (deterministic).
 
 How a tile is read:
 - k ∈ {1, 2, 4, 8}: each int32 word is loaded once and all 32/k codes are
@@ -30,6 +40,9 @@ Paths by batch M (rows of x):
   there is; a fused IEEE fp32 dot runs on CUDA cores and spills registers).
   The temporary dies with the call; fp32 stays IEEE unless TF32 is enabled
   for matmuls, as for nn.Linear.
+- Scale gradient: the fused kernel at every M and dtype (tiles from
+  ``SCALE_GRAD_CONFIGS`` by M bucket, autotuned likewise); cuBLAS would need
+  the dense dW the kernel exists to avoid.
 
 Autotuning is off (the first config of each list) under ``TRITON_INTERPRET=1``
 and when ``QFT_TRITON_AUTOTUNE=0``; ``config=`` pins one config explicitly
@@ -77,6 +90,16 @@ INPUT_GRAD_CONFIGS = {
 SPLIT_UNIT = max(c.kwargs[key] for table, key in ((FORWARD_CONFIGS, "BK"), (INPUT_GRAD_CONFIGS, "BN"))
                  for bucket in (16, 64) for c in table[bucket])
 MAX_SCALE_G = 128  # the widest tile: per-row scales of any matrix width share one compile
+# scale-grad: BN rows × BK columns of dW = dyᵀx per program, BM the reduction step over tokens. One BK for all,
+# so the width of the partial sums (one per G ≤ BK columns) does not depend on the autotuner's pick. All compile
+# for sm_90 without spills for 2/4/8-bit codes, bf16 and IEEE fp32 (ptxas, no GPU); 3-bit fp32 spills 4 bytes
+# in one. Not yet timed on a GPU.
+SCALE_GRAD_BK = 64
+SCALE_GRAD_CONFIGS = {
+    16: _configs([(16, 64, SCALE_GRAD_BK, 4, 3), (16, 128, SCALE_GRAD_BK, 8, 3)]),
+    64: _configs([(32, 64, SCALE_GRAD_BK, 4, 3), (64, 64, SCALE_GRAD_BK, 4, 3)]),
+    1024: _configs([(64, 64, SCALE_GRAD_BK, 4, 3), (64, 128, SCALE_GRAD_BK, 8, 3), (32, 128, SCALE_GRAD_BK, 4, 4)]),
+}
 
 
 def _bucket(m: int) -> int:
@@ -104,9 +127,10 @@ def _weight_tile(
     codes_ptr, words_per_row, codebook_ptr, scale_ptr, scale_sn, scale_sb, zero_ptr, zero_sn, zero_sb, block,
     offs_n, k0, N, K,
     BITS: tl.constexpr, SCALE_G: tl.constexpr, HAS_ZERO: tl.constexpr, CODES_ARE_VALUES: tl.constexpr,
-    BN: tl.constexpr, BK: tl.constexpr,
+    BN: tl.constexpr, BK: tl.constexpr, APPLY_SCALE: tl.constexpr = True,
 ):
-    """fp32 tile W[offs_n, k0 : k0 + BK] (k0 a multiple of BK). Outside the matrix it holds finite values
+    """fp32 tile W[offs_n, k0 : k0 + BK] (k0 a multiple of BK); without APPLY_SCALE the unscaled grid
+    codebook[code] − zero, the scale's gradient factor. Outside the matrix it holds finite values
     (codebook values are finite), which the callers multiply by masked zeros or do not store."""
     row = codes_ptr + offs_n[:, None].to(tl.int64) * words_per_row
     in_rows = offs_n[:, None] < N
@@ -136,12 +160,14 @@ def _weight_tile(
     offs_g = k0 + tl.arange(0, BK // G) * G
     blk = offs_g // block
     s_mask = in_rows & (offs_g[None, :] < K)
-    scale = tl.load(scale_ptr + offs_n[:, None] * scale_sn + blk[None, :] * scale_sb, mask=s_mask, other=0.0)
     value = tl.reshape(value, (BN, BK // G, G))
     if HAS_ZERO:
         zero = tl.load(zero_ptr + offs_n[:, None] * zero_sn + blk[None, :] * zero_sb, mask=s_mask, other=0.0)
         value = value - zero.to(tl.float32)[:, :, None]
-    return tl.reshape(value * scale.to(tl.float32)[:, :, None], (BN, BK))
+    if APPLY_SCALE:
+        scale = tl.load(scale_ptr + offs_n[:, None] * scale_sn + blk[None, :] * scale_sb, mask=s_mask, other=0.0)
+        value = value * scale.to(tl.float32)[:, :, None]
+    return tl.reshape(value, (BN, BK))
 
 
 @_autotuned(FORWARD_CONFIGS)
@@ -201,6 +227,40 @@ def _input_grad_kernel(
     mask = (offs_m[:, None] < M) & (offs_k[None, :] < K)
     dx_ptrs = dx_ptr + split.to(tl.int64) * stride_dxsplit + offs_m[:, None].to(tl.int64) * stride_dxm + offs_k[None, :]
     tl.store(dx_ptrs, acc.to(dx_ptr.dtype.element_ty), mask=mask)
+
+
+@_autotuned(SCALE_GRAD_CONFIGS)
+@triton.jit
+def _scale_grad_kernel(
+    x_ptr, dy_ptr, part_ptr, codes_ptr, words_per_row, codebook_ptr, scale_ptr, scale_sn, scale_sb, zero_ptr,
+    zero_sn, zero_sb, block, M, N, K, stride_xm, stride_dym, stride_pn, M_BUCKET,
+    BITS: tl.constexpr, SCALE_G: tl.constexpr, HAS_ZERO: tl.constexpr, CODES_ARE_VALUES: tl.constexpr,
+    FP32_DOT: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
+):
+    """part[n, k // G] = Σ_{G columns k} (dyᵀ x)[n, k] · grid[n, k] for this program's BN rows and BK columns,
+    grid the unscaled weight: dW = dyᵀ x exists only as this (BN, BK) tile, summed over all M tokens."""
+    offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+    k0 = tl.program_id(1) * BK
+    offs_k = k0 + tl.arange(0, BK)
+    acc = tl.zeros((BN, BK), dtype=tl.float32)
+    for m0 in range(0, M, BM):
+        offs_m = m0 + tl.arange(0, BM)
+        tokens = offs_m[:, None].to(tl.int64)
+        in_m = offs_m[:, None] < M
+        dy = tl.load(dy_ptr + tokens * stride_dym + offs_n[None, :], mask=in_m & (offs_n[None, :] < N), other=0.0)
+        x = tl.load(x_ptr + tokens * stride_xm + offs_k[None, :], mask=in_m & (offs_k[None, :] < K), other=0.0)
+        if FP32_DOT:
+            acc += tl.dot(tl.trans(dy.to(tl.float32)), x.to(tl.float32), input_precision="ieee")
+        else:
+            acc += tl.dot(tl.trans(dy), x)
+    grid = _weight_tile(codes_ptr, words_per_row, codebook_ptr, scale_ptr, scale_sn, scale_sb, zero_ptr, zero_sn,
+                        zero_sb, block, offs_n, k0, N, K, BITS, SCALE_G, HAS_ZERO, CODES_ARE_VALUES, BN, BK,
+                        APPLY_SCALE=False)
+    G: tl.constexpr = min(SCALE_G, BK)  # the runs of columns _weight_tile reads one scale for
+    part = tl.sum(tl.reshape(acc * grid, (BN, BK // G, G)), axis=2)
+    offs_g = k0 // G + tl.arange(0, BK // G)
+    mask = (offs_n[:, None] < N) & (offs_g[None, :] * G < K)
+    tl.store(part_ptr + offs_n[:, None].to(tl.int64) * stride_pn + offs_g[None, :], part, mask=mask)
 
 
 @triton.jit
@@ -309,6 +369,14 @@ def _dense(m: int, dtype: torch.dtype, config) -> bool:
     return config is None and (m >= DENSE_FROM_M or dtype not in (torch.float16, torch.bfloat16))
 
 
+def _launch(kernel, grid, args, meta, config) -> None:
+    """The autotuned ``kernel``, or its plain function with ``config``'s tiles."""
+    if config is None:
+        kernel[grid](*args, **meta)
+    else:
+        kernel.fn[grid](*args, **meta, **config.all_kwargs())
+
+
 def _fused(kernel, a, out, weight, n: int, cols: int, tile: str, config):
     """Run ``kernel`` for out (M, n_out) = a (M, inner) against the dequantized weight tiles: split-K
     while the output tiles alone would leave the GPU idle; the autotuned tiles, or ``config``'s."""
@@ -322,10 +390,7 @@ def _fused(kernel, a, out, weight, n: int, cols: int, tile: str, config):
         return triton.cdiv(m, c["BM"]), triton.cdiv(n_out, c[tile]), split
 
     launch = (a, target, *args, m, n, cols, a.stride(0), n_out, m * n_out, share, bucket)
-    if config is None:
-        kernel[grid](*launch, **meta, FP32_DOT=_fp32_dot(a.dtype))
-    else:
-        kernel.fn[grid](*launch, **meta, FP32_DOT=_fp32_dot(a.dtype), **config.all_kwargs())
+    _launch(kernel, grid, launch, dict(meta, FP32_DOT=_fp32_dot(a.dtype)), config)
     if split > 1:
         out.copy_(target.sum(dim=0))
     return out
@@ -377,3 +442,38 @@ def input_grad(dy2d, codes, codebook, scale, zero, *, bits: int, cols: int, bloc
         return torch.matmul(dy2d, w, out=dx)
     weight = _weight(codes, codebook, scale, zero, bits, cols, block)
     return _fused(_input_grad_kernel, dy2d, dx, weight, n, cols, "BK", config)
+
+
+def scale_grad(x2d, dy2d, codes, codebook, scale, zero, *, bits: int, cols: int, block: int,
+               config: triton.Config | None = None) -> torch.Tensor:
+    """dL/dscale, in scale's shape and dtype, for y = x2d (M, K) @ dequant(Q).T and dy2d = dL/dy (M, N):
+
+        dscale[r, b] = Σ_t dy[t, r] · Σ_{c in block b} x[t, c] · (codebook[code[r, c]] − zero[r, b])
+
+    PEQA trains only the scales; the dense dW = dyᵀx (an fp32 copy of the weight) is never built: each
+    program keeps one tile of it in registers, multiplies it by the unscaled grid and sums each run of G
+    columns sharing a scale into fp32 partials (rows, ≈ cols / G), which are summed per block here in a
+    fixed order (deterministic, no atomics). fp16/bf16 operands: tensor-core dots with fp32 accumulation
+    (the products are exact in fp32); anything else in IEEE fp32, as the torch path computes it.
+
+    ``config``: one of SCALE_GRAD_CONFIGS' configs for M's bucket instead of the autotuned choice.
+    """
+    if x2d.dtype != dy2d.dtype or x2d.dtype not in (torch.float16, torch.bfloat16):
+        x2d, dy2d = x2d.float(), dy2d.float()
+    x2d, dy2d = x2d.contiguous(), dy2d.contiguous()
+    m, rows = dy2d.shape
+    args, meta = _weight(codes, codebook, scale, zero, bits, cols, block)
+    g = min(meta["SCALE_G"], SCALE_GRAD_BK if config is None else config.kwargs["BK"])
+    n_blocks = triton.cdiv(cols, block)
+    per_block = triton.cdiv(cols, g) if n_blocks == 1 else block // g  # g divides the block when there are more
+    # zeros: the columns past the last partial block's end stay 0 and are summed with it
+    partials = torch.zeros(rows, n_blocks * per_block, device=x2d.device, dtype=torch.float32)
+
+    def grid(c):
+        return triton.cdiv(rows, c["BN"]), triton.cdiv(cols, c["BK"])
+
+    launch = (x2d, dy2d, partials, *args, m, rows, cols, x2d.stride(0), dy2d.stride(0), partials.stride(0),
+              _bucket(m))
+    _launch(_scale_grad_kernel, grid, launch, dict(meta, FP32_DOT=_fp32_dot(x2d.dtype)), config)
+    dscale = partials.view(rows, n_blocks, per_block).sum(dim=2)
+    return dscale.sum_to_size(scale.shape).to(scale.dtype)

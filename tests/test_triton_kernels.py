@@ -11,6 +11,7 @@ import sys
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import ALL_FORMATS
 from qft.kernels import dequant_matmul, resolve_backend, torch_path, triton_dequant
 
@@ -59,6 +60,62 @@ def test_forward_and_input_grad(name, dtype, m, n, k, rng):
     dx = torch.full((m, k), float("nan"), device=DEVICE, dtype=dtype)
     triton_dequant.input_grad(dy, *args, **meta, out=dx)
     assert _rel(dx, dy.double() @ w) < TOLERANCE[dtype]
+
+
+def _scale_grad_ref(x, dy, codes, codebook, scale, zero, *, bits, cols, block):
+    """dL/dscale in float64, the way the kernel must not compute it: the dense dW = dyᵀx times the unscaled
+    grid codebook[code] − zero, summed per block (and over broadcast dimensions of scale)."""
+    grid = torch_path._grid(codes, codebook, zero, bits, cols, block).double()  # (rows, blocks, block), padded
+    dw = F.pad(dy.double().t() @ x.double(), (0, grid.shape[1] * grid.shape[2] - cols)).view(grid.shape)
+    return (dw * grid).sum(dim=2).sum_to_size(scale.shape)
+
+
+# trainable float scales: int-k with zero-points, NF with a codebook, per-group, per-channel, per-tensor
+SCALE_GRAD_FORMATS = ["int2-g16", "int3-g32", "int4-g128", "int4-ch", "int8-ch", "nf4-b64", "fp8-e4m3-tensor"]
+
+
+@pytest.mark.parametrize("name", SCALE_GRAD_FORMATS)
+@pytest.mark.parametrize("dtype", list(TOLERANCE))
+@pytest.mark.parametrize("m,n,k", [(5, 37, 70), (33, 20, 300), (70, 130, 100)])
+def test_scale_grad(name, dtype, m, n, k, rng):
+    """Every M bucket, several row and column tiles, blocks not dividing the row (int4-g128 and nf4-b64 at
+    300 columns, int2-g16 at 70), one block per row, a (1, 1) scale broadcast over the whole weight."""
+    qt, args = _case(name, n, k, rng)
+    meta = dict(bits=qt.format.bits, cols=k, block=qt.block)
+    x = torch.randn(m, k, generator=rng).to(DEVICE, dtype)
+    dy = torch.randn(m, n, generator=rng).to(DEVICE, dtype)
+    dscale = triton_dequant.scale_grad(x, dy, *args, **meta)
+    scale = args[2]
+    assert dscale.shape == scale.shape and dscale.dtype == scale.dtype
+    assert _rel(dscale, _scale_grad_ref(x, dy, *args, **meta)) < TOLERANCE[dtype]
+
+
+def test_scale_grad_is_deterministic(rng):
+    """Per-tile partial sums added in a fixed order, no atomics: the same inputs give the same bits."""
+    qt, args = _case("nf4-b64", 130, 300, rng)
+    meta = dict(bits=4, cols=300, block=64)
+    x = torch.randn(150, 300, generator=rng).to(DEVICE, torch.float16)
+    dy = torch.randn(150, 130, generator=rng).to(DEVICE, torch.float16)
+    assert torch.equal(triton_dequant.scale_grad(x, dy, *args, **meta), triton_dequant.scale_grad(x, dy, *args, **meta))
+
+
+@pytest.mark.parametrize("name", ["int4-ch", "int3-g32", "nf4-b64"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_qlinear_scale_grad_triton_matches_torch(name, dtype, rng):
+    """PEQA (no LoRA, only the scales train): both backends give the same scale gradient for the same
+    upstream gradient; x needs no gradient, so the Triton backward runs the scale-grad kernel alone."""
+    linear = torch.nn.Linear(130, 40)
+    torch_layer = QLinear.from_linear(linear, name, train_scales=True, backend="torch").to(DEVICE)
+    triton_layer = QLinear.from_state_dict(torch_layer.state_dict(), backend="triton").to(DEVICE)
+    assert list(triton_layer.adapters()) == ["scale"]
+    x = torch.randn(2, 9, 130, generator=rng).to(DEVICE, dtype)
+    g = torch.randn(2, 9, 40, generator=rng).to(DEVICE)
+    grads = []
+    for layer in (torch_layer, triton_layer):
+        (layer(x).float() * g).sum().backward()
+        grads.append(layer.scale.grad)
+    assert grads[0].abs().max() > 0
+    assert _rel(grads[1], grads[0]) < TOLERANCE[torch.float32]
 
 
 @pytest.mark.parametrize("name", ["nf3-b32-dq8b256", "int4-g32", "fp8-e4m3-row"])
@@ -192,24 +249,28 @@ def test_split_partials_reuse_one_buffer(rng):
     assert len(triton_dequant._PARTIALS) == 1
 
 
-@pytest.mark.parametrize("kernel", ["forward", "input_grad"])
+@pytest.mark.parametrize("kernel", ["forward", "input_grad", "scale_grad"])
 @pytest.mark.parametrize("bucket", [16, 64, 1024])
 def test_every_config(kernel, bucket, rng):
     """Each autotuning candidate, pinned, on odd shapes: in-word and straddling codes, codebook and int-k,
     blocks smaller than, equal to and larger than the tile, per-row scales."""
-    table = triton_dequant.FORWARD_CONFIGS if kernel == "forward" else triton_dequant.INPUT_GRAD_CONFIGS
+    table = {"forward": triton_dequant.FORWARD_CONFIGS, "input_grad": triton_dequant.INPUT_GRAD_CONFIGS,
+             "scale_grad": triton_dequant.SCALE_GRAD_CONFIGS}[kernel]
     m = {16: 5, 64: 33, 1024: 70}[bucket]
     for config in table[bucket]:
         for name in ["nf2-b16", "nf4-b64", "int4-g128", "nf3-b32", "int5-g64", "int7-ch", "fp8-e4m3-row"]:
             qt, args = _case(name, 37, 300, rng)
             meta = dict(bits=qt.format.bits, cols=300, block=qt.block)
             w = qt.dequantize().double().to(DEVICE)
+            x = torch.randn(m, 300, generator=rng).to(DEVICE, torch.float16)
+            dy = torch.randn(m, 37, generator=rng).to(DEVICE, torch.float16)
             if kernel == "forward":
-                x = torch.randn(m, 300, generator=rng).to(DEVICE, torch.float16)
                 out, ref = triton_dequant.forward(x, *args, **meta, config=config), x.double() @ w.t()
-            else:
-                dy = torch.randn(m, 37, generator=rng).to(DEVICE, torch.float16)
+            elif kernel == "input_grad":
                 out, ref = triton_dequant.input_grad(dy, *args, **meta, config=config), dy.double() @ w
+            else:
+                out = triton_dequant.scale_grad(x, dy, *args, **meta, config=config)
+                ref = _scale_grad_ref(x, dy, *args, **meta)
             assert _rel(out, ref) < TOLERANCE[torch.float16], (config, name)
 
 
@@ -302,6 +363,8 @@ def test_empty_batch_and_short_codebook(rng):
     qt, args = _case("nf4-b64", 24, 70, rng)
     meta = dict(bits=4, cols=70, block=64)
     assert triton_dequant.forward(torch.empty(0, 70, device=DEVICE, dtype=torch.float16), *args, **meta).shape == (0, 24)
+    empty_x, empty_dy = torch.empty(0, 70, device=DEVICE), torch.empty(0, 24, device=DEVICE)
+    assert torch.equal(triton_dequant.scale_grad(empty_x, empty_dy, *args, **meta), torch.zeros_like(args[2]))
     with pytest.raises(ValueError, match="needs 16 entries"):
         triton_dequant.forward(torch.randn(1, 70, device=DEVICE), args[0], args[1][:8], *args[2:], **meta)
 
@@ -314,6 +377,10 @@ def test_autotune_candidates():
             assert picked == (configs if triton_dequant.AUTOTUNE else configs[:1])
             assert all(triton_dequant.SPLIT_UNIT % c.kwargs[step] == 0 for c in configs if bucket <= 64)
             assert all(c.kwargs["BK"] <= triton_dequant.MAX_SCALE_G for c in configs)
+    for bucket, configs in triton_dequant.SCALE_GRAD_CONFIGS.items():  # one BK: the partials' width is fixed
+        picked = triton_dequant._pick(triton_dequant.SCALE_GRAD_CONFIGS, [], {"M_BUCKET": bucket})
+        assert picked == (configs if triton_dequant.AUTOTUNE else configs[:1])
+        assert all(c.kwargs["BK"] == triton_dequant.SCALE_GRAD_BK for c in configs)
     assert [triton_dequant._bucket(m) for m in (1, 16, 17, 64, 65, 5000)] == [16, 16, 64, 64, 1024, 1024]
 
 
@@ -343,11 +410,16 @@ def build(fn, act, constexprs, warps, stages):
 shared = []
 for fmt in [dict(BITS=4, SCALE_G=64, HAS_ZERO=False, CODES_ARE_VALUES=False),
             dict(BITS=3, SCALE_G=32, HAS_ZERO=True, CODES_ARE_VALUES=True)]:
-    for kernel, table in ((td._forward_kernel, td.FORWARD_CONFIGS), (td._input_grad_kernel, td.INPUT_GRAD_CONFIGS)):
+    for kernel, table in ((td._forward_kernel, td.FORWARD_CONFIGS), (td._input_grad_kernel, td.INPUT_GRAD_CONFIGS),
+                          (td._scale_grad_kernel, td.SCALE_GRAD_CONFIGS)):
         for configs in table.values():
             for c in configs if fmt["BITS"] == 4 else configs[:1]:
                 shared.append(build(kernel.fn, "*bf16", dict(fmt, FP32_DOT=False, **c.kwargs), c.num_warps,
                                     c.num_stages))
+    for configs in td.SCALE_GRAD_CONFIGS.values():  # fp32 activations take the fused scale-grad kernel too
+        c = configs[0]
+        shared.append(build(td._scale_grad_kernel.fn, "*fp32", dict(fmt, FP32_DOT=True, **c.kwargs), c.num_warps,
+                            c.num_stages))
     shared.append(build(td._dequantize_kernel, "*bf16", dict(fmt, BN=32, BK=128), 4, 3))
 print(json.dumps(shared))
 """
@@ -361,4 +433,6 @@ def test_kernels_compile_for_h100():
     done = subprocess.run([sys.executable, "-c", _COMPILE_FOR_H100], env=env, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
     shared = json.loads(done.stdout.strip().splitlines()[-1])
-    assert len(shared) == 2 * (9 + 9 + 1) - 12 and max(shared) <= 227 * 1024
+    # 4 bits: every config (forward, input-grad, scale-grad), 3 bits: each bucket's first; fp32 scale-grad per
+    # bucket; dequantize
+    assert len(shared) == (9 + 9 + 7 + 3 + 1) + (3 + 3 + 3 + 3 + 1) and max(shared) <= 227 * 1024

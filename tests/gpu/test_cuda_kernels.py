@@ -1,13 +1,14 @@
 """The Triton kernels on CUDA at LLaMA-7B sizes, against a float64 reference and the torch path.
 
 Skipped without a CUDA device. Every M bucket (1, 16, 256) and the dequantize-then-cuBLAS path (2048)
-run; fp32 activations take the cuBLAS path at every batch. gpu.sh runs these with QFT_TRITON_AUTOTUNE=0
+run; fp32 activations take the cuBLAS path at every batch. The scale gradient (PEQA) runs at 4096x4096
+with 2048 tokens. gpu.sh runs these with QFT_TRITON_AUTOTUNE=0
 (the first config of each bucket; the benchmark checks the autotuned choices against the torch path).
 """
 
 import pytest
 import torch
-from qft.kernels import dequant_matmul, triton_dequant
+from qft.kernels import dequant_matmul, torch_path, triton_dequant
 
 from qft.tensor import QuantizedTensor
 
@@ -66,3 +67,32 @@ def test_dequantize_equals_torch_path_on_cuda():
         for dtype in TOLERANCE:
             ours = triton_dequant.dequantize(qt.codes, qt.codebook(), scale, zero, **meta, dtype=dtype)
             assert torch.equal(ours, qt.dequantize(dtype)), (name, dtype)
+
+
+@pytest.mark.parametrize("name", ["int4-ch", "int4-g128", "nf4-b64"])
+def test_scale_grad_at_llama_size(name):
+    """dL/dscale against float64 and the torch path, bitwise repeatable, and without a dense dW: the call's
+    peak extra memory stays under one byte per weight (a dense fp32 dW = dyᵀx would take four)."""
+    n = k = 4096
+    m = 2048
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    qt = QuantizedTensor.quantize(torch.randn(n, k, device="cuda", generator=gen) * 0.02, name)
+    scale, zero = qt.scales()
+    args = (qt.codes, qt.codebook(), scale, zero)
+    meta = dict(bits=qt.format.bits, cols=k, block=qt.block)
+    grid = torch_path._grid(qt.codes, qt.codebook(), zero, qt.format.bits, k, qt.block)  # (rows, blocks, block)
+    for dtype in TOLERANCE:
+        x = torch.randn(m, k, device="cuda", generator=gen).to(dtype)
+        dy = torch.randn(m, n, device="cuda", generator=gen).to(dtype)
+        dscale = triton_dequant.scale_grad(x, dy, *args, **meta)
+        ref = ((dy.double().t() @ x.double()).view(grid.shape) * grid.double()).sum(dim=2).sum_to_size(scale.shape)
+        assert dscale.shape == scale.shape and dscale.dtype == scale.dtype
+        assert _rel(dscale, ref) < TOLERANCE[dtype], dtype
+        assert _rel(dscale, torch_path.scale_grad(x, dy, grid, scale, k, qt.block)) < TOLERANCE[dtype], dtype
+        del ref
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        before = torch.cuda.memory_allocated()
+        again = triton_dequant.scale_grad(x, dy, *args, **meta)  # after the first call: autotuning done
+        assert torch.cuda.max_memory_allocated() - before < n * k, dtype
+        assert torch.equal(again, dscale), dtype
