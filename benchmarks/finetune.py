@@ -2,6 +2,7 @@
 
     python benchmarks/finetune.py                 # every run, each in its own process, then a table
     python benchmarks/finetune.py --runs lora lqlora-2.5 --steps 10
+    python benchmarks/finetune.py --runs lora qlora-bnb lqlora-3.0 peqa-int4-ch peqa-int4-g64 peqa-int3-g64 peqa-3.5
 
 Runs (same steps, tokens, seed, schedule, rank 64, scaling 1, all 7 projections of every layer):
   lora        full-precision fp32 model + PEFT LoRA
@@ -11,11 +12,18 @@ Runs (same steps, tokens, seed, schedule, rank 64, scaling 1, all 7 projections 
               its peak RSS holds no trace of the fp32 model it was made from
   lqlora-2.5  qft LQ-LoRA, Fisher-weighted, 2.5 bits (ILP allocation)
   lqlora-3.0  the same at 3.0 bits
+  peqa-*      qft PEQA (int-k codes and zero-points frozen, scales train): peqa-int4-ch is the
+              paper's setting, peqa-int4-g64 / peqa-int3-g64 groups of 64, peqa-3.5 a 3.5-bit
+              average with one int-k configuration per matrix from the ILP
 
 Every run trains with qft.train (AdamW, warm-up + cosine, clipping) on the train
 split and reports held-out perplexity (blocks of 512) before and after, the peak
-RSS while training and over the whole process, seconds per step and trainable
-parameters. PEFT is needed for the PEFT rows (pip install peft); it is not a qft
+RSS while training and over the whole process, seconds per step, trainable
+parameters and the adapter's bytes on disk (qft.save_adapter; PEFT's
+save_pretrained). qft runs are also exported (qft.export_merged: PEQA keeps its
+codes, LoRA-style runs are merged and re-quantized to int4) and the export read
+back with qft.load_merged: its perplexity, and the largest logit difference from
+the trained model on one held-out block. PEFT is needed for the PEFT rows (pip install peft); it is not a qft
 dependency.
 """
 
@@ -27,8 +35,10 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import torch
 from lqlora import CACHE, OUT, header
@@ -39,7 +49,8 @@ from qft.report import markdown_table
 from qft.targets import set_module
 from qft.train import train
 
-RUNS = ["lora", "qlora-bnb", "qft-nf4", "lqlora-2.5", "lqlora-3.0"]
+RUNS = ["lora", "qlora-bnb", "qft-nf4", "lqlora-2.5", "lqlora-3.0",
+        "peqa-int4-ch", "peqa-int4-g64", "peqa-int3-g64", "peqa-3.5"]
 RANK = 64
 NF4_CHECKPOINT = OUT / "qft-nf4-checkpoint"
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -98,13 +109,44 @@ def prepare(run: str, model, tokenizer):
         fisher = fisher_of(copy.deepcopy(model), tokenizer)
         return qft.quantize_and_prepare(model, bits=float(run.split("-")[1]), rank=RANK, fisher=fisher,
                                         cache_dir=CACHE, progress=False)
+    if run.startswith("peqa-"):
+        spec = run.removeprefix("peqa-")
+        bits = spec if spec.startswith("int") else float(spec)
+        return qft.quantize_and_prepare(model, bits=bits, method="peqa", cache_dir=CACHE, progress=False)
     raise ValueError(f"unknown run {run!r}; choose from {RUNS}")
 
 
 def quantized_bits(model) -> float:
-    """Real bits per weight of the qft layers' codes and scales (a loaded model has no report)."""
-    layers = [m for m in model.modules() if isinstance(m, qft.QLinear)]
-    return 8 * sum(m.weight.nbytes for m in layers) / sum(m.weight.numel() for m in layers)
+    """Bits per weight of the qft layers' formats, codes and stored scales (a loaded model has no report;
+    PEQA's trained fp32 scales are its adapter, counted in the adapter bytes)."""
+    layers = [m.weight for m in model.modules() if isinstance(m, qft.QLinear)]
+    return sum(w.format.storage_bits(w.rows, w.cols) for w in layers) / sum(w.numel() for w in layers)
+
+
+def folder_bytes(folder: Path) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir() if f.is_file())
+
+
+def adapter_bytes(run: str, model, folder: Path) -> int:
+    """The trained parts on disk: PEFT's adapter_model.safetensors, or qft's adapter folder."""
+    if run in ("lora", "qlora-bnb"):
+        model.save_pretrained(folder)
+        return (folder / "adapter_model.safetensors").stat().st_size
+    qft.save_adapter(model, folder)
+    return folder_bytes(folder)
+
+
+def export_check(model, tokenizer, folder: Path) -> tuple[float, float]:
+    """(perplexity of the export as load_merged reads it, largest |logit| difference from ``model``
+    on one held-out block)."""
+    from qft.data import default_corpus, token_blocks
+
+    qft.export_merged(model, folder, tokenizer)
+    exported = qft.load_merged(folder).float()
+    block = token_blocks(tokenizer, default_corpus()["test"]["text"])[:1]
+    with torch.no_grad():
+        diff = (model(block).logits.float() - exported(block).logits).abs().max().item()
+    return perplexity(exported, tokenizer, progress=False), diff
 
 
 def save_nf4_checkpoint() -> None:
@@ -133,15 +175,23 @@ def one_run(args) -> dict:
         result = train(model, tokenizer, steps=args.steps, batch_size=args.batch_size, block_size=512,
                        lr=args.lr, warmup=args.warmup, seed=0, progress=False, eval_blocks=0)
     after = perplexity(model, tokenizer, progress=False)
+    run = args.runs[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        stored = adapter_bytes(run, model, Path(tmp) / "adapter")
+        export_ppl, export_diff = (None, None) if run in ("lora", "qlora-bnb") else \
+            export_check(model, tokenizer, Path(tmp) / "export")
     return {
-        "run": args.runs[0],
-        "bits": {"lora": "32", "qlora-bnb": "4.127"}.get(args.runs[0]) or f"{quantized_bits(model):.3f}",
+        "run": run,
+        "bits": {"lora": "32", "qlora-bnb": "4.127"}.get(run) or f"{quantized_bits(model):.3f}",
         "ppl before": before,
         "ppl after": after,
+        "export ppl": export_ppl,
+        "export max |logit diff|": export_diff,
         "first loss": result.losses[0],
         "last loss": result.losses[-1],
         "s/step": result.seconds_per_step,
         "trainable params": result.trainable_parameters,
+        "adapter bytes": stored,
         "peak RSS training GB": rss.peak / 1e9,
         "peak RSS process GB": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 / 1e9,  # KiB on Linux
         "prepare (or load) s": prepare_s,
