@@ -53,6 +53,7 @@ RUNS = ["lora", "qlora-bnb", "qft-nf4", "lqlora-2.5", "lqlora-3.0",
         "peqa-int4-ch", "peqa-int4-g64", "peqa-int3-g64", "peqa-3.5"]
 RANK = 64
 NF4_CHECKPOINT = OUT / "qft-nf4-checkpoint"
+PEFT_RUNS = ("lora", "qlora-bnb")
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
@@ -129,7 +130,7 @@ def folder_bytes(folder: Path) -> int:
 
 def adapter_bytes(run: str, model, folder: Path) -> int:
     """The trained parts on disk: PEFT's adapter_model.safetensors, or qft's adapter folder."""
-    if run in ("lora", "qlora-bnb"):
+    if run in PEFT_RUNS:
         model.save_pretrained(folder)
         return (folder / "adapter_model.safetensors").stat().st_size
     qft.save_adapter(model, folder)
@@ -166,19 +167,22 @@ def one_run(args) -> dict:
         model, tokenizer = qft.default_model(progress=False)
         model = prepare(args.runs[0], model, tokenizer)
     prepare_s = time.perf_counter() - start
+    run = args.runs[0]
+    keep = OUT / "finetune" / run if args.keep else None
+    if keep is not None and run not in PEFT_RUNS:  # the base as prepared: the adapter's starting values
+        qft.save_quantized(model, keep / "base", tokenizer)
     # bitsandbytes 0.50.2 on CPU: after one no-grad forward, Linear4bit switches to another path whose
     # output differs from its dequantized weight and that passes no gradient to its input (see
     # RESULTS.md), which made its training both faster and wrong. So the "before" perplexity of that
     # run is taken on a copy, and the model trains untouched by inference.
-    before = perplexity(copy.deepcopy(model) if args.runs[0] == "qlora-bnb" else model, tokenizer, progress=False)
+    before = perplexity(copy.deepcopy(model) if run == "qlora-bnb" else model, tokenizer, progress=False)
     with PeakRSS() as rss:
         result = train(model, tokenizer, steps=args.steps, batch_size=args.batch_size, block_size=512,
                        lr=args.lr, warmup=args.warmup, seed=0, progress=False, eval_blocks=0)
     after = perplexity(model, tokenizer, progress=False)
-    run = args.runs[0]
     with tempfile.TemporaryDirectory() as tmp:
-        stored = adapter_bytes(run, model, Path(tmp) / "adapter")
-        export_ppl, export_diff = (None, None) if run in ("lora", "qlora-bnb") else \
+        stored = adapter_bytes(run, model, (keep or Path(tmp)) / "adapter")
+        export_ppl, export_diff = (None, None) if run in PEFT_RUNS else \
             export_check(model, tokenizer, Path(tmp) / "export")
     return {
         "run": run,
@@ -205,6 +209,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--keep", action="store_true",
+                        help="keep each run's adapter (and a qft run's base as prepared) in benchmarks/out/finetune/RUN")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--save-nf4", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -224,6 +230,7 @@ def main() -> None:
     for run in args.runs:
         cmd = [sys.executable, __file__, "--child", "--runs", run, "--steps", str(args.steps),
                "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--warmup", str(args.warmup)]
+        cmd += ["--keep"] if args.keep else []
         out = subprocess.run(cmd, capture_output=True, text=True)
         if out.returncode != 0:
             print(f"{run} failed:\n{out.stderr[-3000:]}", flush=True)
