@@ -5,6 +5,7 @@ import logging
 from qft import hf_quantizer  # noqa: F401  (registers quant_method "qft" with transformers)
 from qft.adapters import load_adapter, save_adapter
 from qft.checkpoint import load_quantized, save_quantized
+from qft.compeft import compress_adapter, decompress_adapter
 from qft.data import default_corpus, load_texts
 from qft.decompose import register_method
 from qft.evaluate import perplexity
@@ -13,6 +14,7 @@ from qft.fisher import empirical_fisher
 from qft.formats import FP8, Format, NormalFloat, UniformInt, get_format
 from qft.models import default_model
 from qft.nn import QLinear, dense_weights, mark_trainable
+from qft.peft_format import export_peft
 from qft.plot import bits_heatmap
 from qft.prepare import quantize_and_prepare
 from qft.report import quantization_error_table
@@ -33,11 +35,14 @@ __all__ = [
     "TrainConfig",
     "UniformInt",
     "bits_heatmap",
+    "compress_adapter",
+    "decompress_adapter",
     "default_corpus",
     "default_model",
     "dense_weights",
     "empirical_fisher",
     "export_merged",
+    "export_peft",
     "find_target_linears",
     "get_format",
     "load_adapter",

@@ -1,10 +1,12 @@
-"""The ``qft`` command: quantize, train, eval, export, info.
+"""The ``qft`` command: quantize, train, eval, export, compress, decompress, info.
 
     qft quantize --bits 2.5 --out smol-2.5          # the embedded SmolLM2 unless --model is given
     qft train smol-2.5 --out smol-2.5-tuned --steps 100
     qft eval smol-2.5-tuned                         # held-out perplexity (embedded corpus unless --data)
     qft export smol-2.5-tuned --merged --out smol-int4
-    qft info smol-2.5-tuned
+    qft compress adapter-a --base smol-2.5 --density 0.05 --out a.qftc   # ComPEFT ternary file
+    qft decompress a.qftc --base smol-2.5 --out adapter-a-again
+    qft info smol-2.5-tuned                         # or a .qftc file
 """
 
 from __future__ import annotations
@@ -124,15 +126,53 @@ def cmd_export(args) -> None:
     from qft.export import export_merged
 
     model, tokenizer = _load_any(args.checkpoint, args.progress, _device(args.device))
-    if args.merged:
-        export_merged(model, args.out, tokenizer, group_size=args.group_size, dtype=None if args.dtype == "auto" else getattr(torch, args.dtype))
+    if args.peft:
+        from qft.peft_format import export_peft
+
+        export_peft(model, args.out, tokenizer)
+    elif args.merged:
+        dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+        export_merged(model, args.out, tokenizer, group_size=args.group_size, dtype=dtype)
     else:
         save_quantized(model, args.out, tokenizer, dtype=_save_dtype(args))
     print(f"saved to {args.out}")
 
 
+def cmd_compress(args) -> None:
+    from qft.compeft import compress_adapter
+
+    tokenizer = None
+    if args.alpha is None and args.base:
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(args.base)
+    summary = compress_adapter(args.adapter, args.out, density=args.density, alpha=args.alpha, base=args.base,
+                               tokenizer=tokenizer, scope=args.scope, progress=args.progress)
+    _print_compressed(args.out, summary)
+
+
+def cmd_decompress(args) -> None:
+    from qft.compeft import decompress_adapter
+
+    decompress_adapter(args.file, args.out, base=args.base)
+    print(f"adapter written to {args.out}")
+
+
+def _print_compressed(path, s: dict) -> None:
+    print(f"{path}: {s['kind']} adapter ({s['method']}), {s['tensors']} tensors, {s['parameters']:,} parameters, "
+          f"{s['kept']:,} kept (density {s['density']}, alpha {s['alpha']:.4g}, {s['scope']})")
+    print(f"{s['file_bytes']:,} bytes on disk; fp16 {s['fp16_bytes']:,} ({s['fp16_bytes'] / s['file_bytes']:.1f}x); "
+          f"payload {s['payload_over_bound']:.3f}x the entropy bound")
+
+
 def cmd_info(args) -> None:
     from qft.checkpoint import checkpoint_sizes, read_config
+    from qft.compeft import MAGIC, info
+
+    path = Path(args.checkpoint)
+    if path.is_file() and path.read_bytes()[:len(MAGIC)] == MAGIC:
+        _print_compressed(path, info(path))
+        return
     from qft.formats import get_format
     from qft.report import markdown_table
 
@@ -209,6 +249,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--adapter", help="swap in this adapter (from `train --adapter-out`) before evaluating")
     p.set_defaults(run=cmd_eval)
 
+    p = sub.add_parser("compress", parents=[common], help="ComPEFT: an adapter as a small ternary .qftc file")
+    p.add_argument("adapter", help="a qft adapter (train --adapter-out) or a PEFT LoRA adapter folder")
+    p.add_argument("--out", required=True, help=".qftc file to write")
+    p.add_argument("--density", type=float, default=0.05, help="fraction of the update's entries kept")
+    p.add_argument("--alpha", type=float, help="scale = alpha x std of the update (default: searched; needs --base)")
+    p.add_argument("--base", help="the checkpoint the qft adapter was trained from (its starting values), or the "
+                                  "model a PEFT adapter applies to (for the alpha search)")
+    p.add_argument("--scope", default="global", choices=["global", "tensor"], help="top-k and scale over all "
+                   "tensors together (the paper's) or per tensor")
+    p.set_defaults(run=cmd_compress)
+
+    p = sub.add_parser("decompress", parents=[common], help="a .qftc file back to the adapter it came from")
+    p.add_argument("file")
+    p.add_argument("--out", required=True, help="adapter folder to write (qft, or PEFT when it came from PEFT)")
+    p.add_argument("--base", help="for a qft adapter: the checkpoint it was trained from")
+    p.set_defaults(run=cmd_decompress)
+
     p = sub.add_parser("export", parents=[common], help="write a checkpoint for serving")
     p.add_argument("checkpoint")
     p.add_argument("--out", required=True)
@@ -216,13 +273,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compressed-tensors pack-quantized for serving: int-k layers without low-rank parts (PEQA) "
                         "keep their codes (lossless), others are merged with their low-rank part and re-quantized "
                         "to int4")
+    p.add_argument("--peft", action="store_true",
+                   help="a PEFT LoRA adapter (the low-rank factors) plus OUT/base, the dequantized base it applies to")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="scales and unquantized weights of --merged (auto: float32 when every layer keeps its "
                         "int-k codes, as PEQA's do, so the export is exact; bfloat16 otherwise)")
     p.set_defaults(run=cmd_export)
 
-    p = sub.add_parser("info", parents=[common], help="a checkpoint's allocation and sizes")
+    p = sub.add_parser("info", parents=[common], help="a checkpoint's allocation and sizes, or what a .qftc file holds")
     p.add_argument("checkpoint")
     p.set_defaults(run=cmd_info)
     return parser

@@ -7,7 +7,7 @@ from helpers import tiny_llama
 
 from qft.cli import build_parser, main
 
-COMMANDS = ["quantize", "train", "eval", "export", "info"]
+COMMANDS = ["quantize", "train", "eval", "export", "compress", "decompress", "info"]
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -111,3 +111,21 @@ def test_a_peqa_export_evaluates_as_the_trained_model(base, tmp_path, capsys):
         assert main(["eval", "-q", str(folder), *evaluate]) == 0
         lines.append(capsys.readouterr().out.strip().splitlines()[-1])
     assert lines[2] == lines[1] != lines[0]  # the export is the trained model, which differs from the start
+
+
+def test_compress_decompress_info(base, tmp_path, capsys):
+    data = _notes(tmp_path)
+    q, a, c, back = tmp_path / "q", tmp_path / "a", tmp_path / "a.qftc", tmp_path / "back"
+    assert main(["quantize", "-q", "--model", str(base), "--bits", "nf4", "--method", "qlora", "--rank", "2",
+                 "--out", str(q)]) == 0
+    assert main(["train", "-q", str(q), "--adapter-out", str(a), "--data", str(data), "--steps", "2",
+                 "--batch-size", "1", "--block-size", "32", "--eval-blocks", "0", "--lr", "1e-2"]) == 0
+    assert main(["compress", "-q", str(a), "--out", str(c), "--density", "0.1"]) == 2
+    assert "pass base=" in capsys.readouterr().err
+    assert main(["compress", "-q", str(a), "--base", str(q), "--out", str(c), "--density", "0.1"]) == 0
+    out = capsys.readouterr().out
+    assert "qft adapter (qlora)" in out and "entropy bound" in out
+    assert main(["decompress", "-q", str(c), "--base", str(q), "--out", str(back)]) == 0
+    assert (back / "adapter.safetensors").is_file()
+    assert main(["info", str(c)]) == 0
+    assert "density 0.1" in capsys.readouterr().out

@@ -1,0 +1,109 @@
+"""Adapters that travel: a qft model's low-rank parts as a PEFT LoRA adapter, plus its base.
+
+``export_peft(model, dir)`` writes what transformers + PEFT load without qft:
+
+- ``dir/adapter_model.safetensors`` and ``dir/adapter_config.json``: every QLinear's factors under
+  PEFT's names (``base_model.model.<module>.lora_A.weight`` / ``lora_B.weight``), ``r`` and
+  ``lora_alpha`` of the most common layer, ``rank_pattern`` / ``alpha_pattern`` (anchored,
+  escaped full module names) for the others, so that PEFT's scaling lora_alpha / r equals qft's.
+- ``dir/base/``: the base the adapter applies to, as PEFT does for LoftQ and PiSSA residual bases:
+  a plain transformers checkpoint whose quantized layers hold dequant(Q) (trained scales included)
+  in the model's dtype. Load it with ``AutoModelForCausalLM.from_pretrained(dir / "base")`` and
+  wrap it with ``PeftModel.from_pretrained(base, dir)``: the logits are the qft model's within
+  floating-point tolerance (the dense matmul rounds differently from qft's dequant-matmul).
+
+Only ``nn.Linear`` projections are written (GPT-2's Conv1D would need ``fan_in_fan_out``);
+a model with no low-rank factors (PEQA: its adapter is the scales) is refused: export it with
+:func:`qft.export_merged`, which keeps its int codes.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from qft.atomic import atomic_dir
+from qft.checkpoint import shared_keys
+from qft.nn import QLinear
+
+BASE = "base"
+
+
+def _peft_config(layers: dict[str, QLinear]) -> dict:
+    ranks = {name: layer.rank for name, layer in layers.items()}
+    alphas = {name: layer.scaling * layer.rank for name, layer in layers.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    key = re.escape  # PEFT matches a pattern key as a regex anchored at a dot and at the end
+    return {
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
+        "r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
+        "target_modules": sorted(layers),
+        "rank_pattern": {key(n): v for n, v in ranks.items() if v != r},
+        "alpha_pattern": {key(n): v for n, v in alphas.items() if v != alpha},
+        "modules_to_save": None, "revision": None,
+    }
+
+
+def _check(model: nn.Module) -> dict[str, QLinear]:
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
+    if not layers:
+        raise ValueError("the model has no QLinear layer; export_peft writes models prepared or loaded by qft")
+    without = [n for n, m in layers.items() if not m.rank]
+    if without:
+        raise ValueError(f"{len(without)} layers (e.g. {without[0]}) have no low-rank factors (a PEQA model's "
+                         "adapter is its scales); PEFT's LoRA cannot hold them: use qft.export_merged")
+    return layers
+
+
+def _dense_base(model: nn.Module, layers: dict[str, QLinear], dtype: torch.dtype) -> nn.Module:
+    """A plain transformers model of the same architecture holding dequant(Q) in the quantized layers."""
+    from transformers import AutoModelForCausalLM
+
+    config = type(model.config).from_dict(model.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    base = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in layers}
+    for name, layer in layers.items():
+        state[f"{name}.weight"] = layer.weight.dequantize(torch.float32).to(dtype)
+        if layer.bias is not None:
+            state[f"{name}.bias"] = layer.bias.to(dtype)
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = base.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in shared_keys(base.state_dict())]
+    if missing or unexpected:
+        raise ValueError(f"export_peft writes nn.Linear models; this one does not map onto a plain "
+                         f"{type(base).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
+    base.tie_weights()
+    return base
+
+
+def export_peft(model: nn.Module, directory: str | os.PathLike, tokenizer=None, *,
+                dtype: torch.dtype | None = None) -> Path:
+    """Write ``model``'s low-rank factors as a PEFT LoRA adapter in ``directory`` and its base (the
+    dequantized weights, in ``dtype``, default the embeddings') in ``directory/base``."""
+    layers = _check(model)
+    dtype = dtype or model.get_input_embeddings().weight.dtype
+    tensors = {}
+    for name, layer in layers.items():
+        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
+    config = _peft_config(layers)
+    base = _dense_base(model, layers, dtype)
+    with atomic_dir(directory) as tmp:
+        save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
+        (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))
+        base.save_pretrained(tmp / BASE)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp / BASE)
+            tokenizer.save_pretrained(tmp)
+    return Path(directory)
