@@ -340,9 +340,11 @@ def _search_alpha(kind, folder, base, tokenizer, texts, initial, update, ternary
         raise ValueError("give alpha=, or base= and tokenizer= to choose it on validation text")
     model = load_base(base)
     if kind == "peft":
+        import copy
+
         from peft import PeftModel, set_peft_model_state_dict
 
-        model = PeftModel.from_pretrained(model, folder)
+        model = PeftModel.from_pretrained(copy.deepcopy(model), folder)  # the caller's model stays as it is
 
         def apply(values):
             set_peft_model_state_dict(model, values)
@@ -364,7 +366,7 @@ def _search_alpha(kind, folder, base, tokenizer, texts, initial, update, ternary
                      for n, t in ternary.items()}
         apply(_applied(initial, candidate))
         scores[start * step] = perplexity(model, tokenizer, blocks, progress=False)
-    apply({n: initial[n] + update[n].to(initial[n].dtype) for n in update})  # leave the base as trained
+    apply(initial)  # the base as it came: its adapters at their starting values
     return min(scores, key=scores.get)
 
 

@@ -151,9 +151,13 @@ def test_alpha_is_searched_on_validation_text(tmp_path):
             ids = torch.tensor([[ord(c) % 300 for c in text]])
             return type("Encoded", (), {"input_ids": ids})()
 
-    summary = compress_adapter(tmp_path / "adapter", tmp_path / "a.qftc", density=0.1, base=tmp_path / "base",
+    base = qft.load_quantized(tmp_path / "base")
+    start = {n: p.detach().clone() for n, p in qft.adapters.adapter_tensors(base).items()}
+    summary = compress_adapter(tmp_path / "adapter", tmp_path / "a.qftc", density=0.1, base=base,
                                tokenizer=Chars(), texts=texts, progress=False)
     assert summary["alpha"] > 0
+    for name, p in qft.adapters.adapter_tensors(base).items():
+        assert torch.equal(p, start[name])  # the search leaves the caller's base as it came
     with pytest.raises(ValueError, match="alpha="):
         compress_adapter(tmp_path / "adapter", tmp_path / "b.qftc", density=0.1, base=tmp_path / "base")
 
