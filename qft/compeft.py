@@ -280,7 +280,7 @@ def _initial(base, header: dict, names) -> dict[str, torch.Tensor]:
     missing = sorted(set(names) - params.keys())
     if missing:
         raise ValueError(f"the base has no adapter named {missing[:3]}")
-    return {name: params[name].detach().cpu() for name in names}
+    return {name: params[name].detach().cpu().clone() for name in names}  # a copy: the search writes params
 
 
 def load_base(base):
