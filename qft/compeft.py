@@ -321,9 +321,16 @@ def compress_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, dens
         t.scale *= alpha
     header = {"kind": kind, "adapter": own, "density": density, "alpha": alpha, "scope": scope,
               "method": own.get("method") if kind == "qft" else "peft-lora",
-              "base_sha256": own.get("base_sha256") if kind == "qft" else None}
+              "base_sha256": own.get("base_sha256") if kind == "qft" else _peft_base_hash(base)}
     save_compressed(out, ternary, header)
     return info(out)
+
+
+def _peft_base_hash(base) -> str | None:
+    """A PEFT adapter's base, when given: the SHA-256 of its state dict (checked again on decompress)."""
+    from qft.adapters import base_fingerprint
+
+    return None if base is None else base_fingerprint(load_base(base))
 
 
 def _applied(initial: dict[str, torch.Tensor], ternary: dict[str, Ternary]) -> dict[str, torch.Tensor]:
@@ -372,7 +379,8 @@ def _search_alpha(kind, folder, base, tokenizer, texts, initial, update, ternary
 
 def decompress_adapter(file: str | os.PathLike, out: str | os.PathLike, *, base=None) -> Path:
     """Write the adapter a .qftc file holds back as the kind it came from: a qft adapter folder
-    (needs ``base``, whose starting values the update is added to) or a PEFT adapter folder."""
+    (needs ``base``, whose starting values the update is added to) or a PEFT adapter folder
+    (``base``, optional, is checked against the base recorded at compression, if one was)."""
     from safetensors.torch import save_file
 
     from qft.adapters import HEADER, WEIGHTS
@@ -385,6 +393,8 @@ def decompress_adapter(file: str | os.PathLike, out: str | os.PathLike, *, base=
             save_file({n: v.contiguous() for n, v in values.items()}, str(tmp / WEIGHTS))
             (tmp / HEADER).write_text(json.dumps(header["adapter"], indent=1))
         elif header["kind"] == "peft":
+            if base is not None and header.get("base_sha256") not in (None, _peft_base_hash(base)):
+                raise ValueError(f"{file} was made for another base model (its weights differ from the one given)")
             save_file({n: t.to_dense().contiguous() for n, t in ternary.items()}, str(tmp / PEFT_WEIGHTS))
             (tmp / PEFT_CONFIG).write_text(json.dumps(header["adapter"], indent=2))
         else:

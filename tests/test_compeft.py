@@ -171,9 +171,11 @@ def test_a_peft_adapter_round_trips_and_loads_in_peft(tmp_path):
             if "lora_B" in name:
                 p.normal_(0, 0.02)
     model.save_pretrained(tmp_path / "peft")
-    summary = compress_adapter(tmp_path / "peft", tmp_path / "p.qftc", density=0.05, alpha=1.0)
+    summary = compress_adapter(tmp_path / "peft", tmp_path / "p.qftc", density=0.05, alpha=1.0, base=tiny_llama())
     assert summary["kind"] == "peft" and summary["method"] == "peft-lora"
-    decompress_adapter(tmp_path / "p.qftc", tmp_path / "back")
+    with pytest.raises(ValueError, match="another base"):
+        decompress_adapter(tmp_path / "p.qftc", tmp_path / "back", base=tiny_llama(seed=1))
+    decompress_adapter(tmp_path / "p.qftc", tmp_path / "back", base=tiny_llama())
     assert json.loads((tmp_path / "back" / "adapter_config.json").read_text())["r"] == 4
     loaded = PeftModel.from_pretrained(tiny_llama(), tmp_path / "back")
     _, ternary = load_compressed(tmp_path / "p.qftc")
