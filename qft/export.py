@@ -82,13 +82,16 @@ def group_for(in_features: int, group_size: int) -> int | None:
     return None
 
 
-def quantize_int4(w: torch.Tensor, group: int, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """Symmetric int4 per group: (int8 codes in [-8, 7], scales in ``dtype``), as compressed-tensors."""
+def quantize_symmetric(w: torch.Tensor, group: int, dtype: torch.dtype,
+                       bits: int = MERGED_BITS) -> tuple[torch.Tensor, torch.Tensor]:
+    """Symmetric int-k per group, as compressed-tensors computes it: (int8 codes in [-2^(k-1), 2^(k-1)),
+    scales absmax / (2^(k-1) - 0.5) in ``dtype``); int4: absmax / 7.5, codes in [-8, 7]."""
     rows, cols = w.shape
+    top = 1 << bits - 1
     blocks = w.float().reshape(rows, cols // group, group)
-    scale = (blocks.abs().amax(dim=-1) / 7.5).to(dtype)
+    scale = (blocks.abs().amax(dim=-1) / (top - 0.5)).to(dtype)
     scale = torch.where(scale == 0, torch.finfo(dtype).eps, scale)
-    q = torch.round(blocks / scale.float()[..., None]).clamp(-8, 7).to(torch.int8)
+    q = torch.round(blocks / scale.float()[..., None]).clamp(-top, top - 1).to(torch.int8)
     return q.reshape(rows, cols), scale
 
 
@@ -148,7 +151,7 @@ def _exact_in(t: torch.Tensor, dtype: torch.dtype) -> bool:
 
 def _merged(layer: QLinear, group_size: int, dtype: torch.dtype) -> tuple[Scheme, dict[str, torch.Tensor]]:
     group = group_for(layer.in_features, group_size)
-    q, scale = quantize_int4(layer.merged_weight(), group or layer.in_features, dtype)
+    q, scale = quantize_symmetric(layer.merged_weight(), group or layer.in_features, dtype)
     return Scheme(MERGED_BITS, True, group), {"weight_packed": pack_signed(q, MERGED_BITS), "weight_scale": scale}
 
 

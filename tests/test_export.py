@@ -19,7 +19,7 @@ from qft.export import (
     group_for,
     load_merged,
     pack_signed,
-    quantize_int4,
+    quantize_symmetric,
     unpack_signed,
 )
 from qft.nn import QLinear
@@ -84,12 +84,14 @@ def test_packing_matches_compressed_tensors_bit_layout(rng):
         assert torch.equal(unpack_signed(packed, bits, 45), codes.to(torch.int16)), bits
 
 
-def test_int4_scales_are_absmax_over_7_5(rng):
+@pytest.mark.parametrize("bits", [4, 8])
+def test_symmetric_scales_are_absmax_over_half_the_range(bits, rng):  # int4: absmax / 7.5
     w = torch.randn(4, 256, generator=rng)
-    q, scale = quantize_int4(w, 128, torch.float32)
+    q, scale = quantize_symmetric(w, 128, torch.float32, bits)
+    top = 2 ** (bits - 1)
     assert scale.shape == (4, 2)
-    assert torch.allclose(scale, w.reshape(4, 2, 128).abs().amax(-1) / 7.5)
-    assert q.min() >= -8 and q.max() <= 7
+    assert torch.allclose(scale, w.reshape(4, 2, 128).abs().amax(-1) / (top - 0.5))
+    assert q.min() >= -top and q.max() <= top - 1 and q.max() > top // 2
     back = (q.float().reshape(4, 2, 128) * scale[..., None]).reshape(4, 256)
     assert (back - w).abs().max() <= scale.max() / 2 + 1e-6
 
@@ -132,7 +134,7 @@ def test_export_reads_back_as_the_merged_int4_model(model, tmp_path):
     export_merged(model, tmp_path / "out", dtype=torch.float32)
     dense = load_merged(tmp_path / "out")
     layer = model.model.layers[1].self_attn.o_proj
-    q, scale = quantize_int4(layer.merged_weight(), 64, torch.float32)
+    q, scale = quantize_symmetric(layer.merged_weight(), 64, torch.float32)
     expected = (q.float().reshape(64, -1, 64) * scale[..., None]).reshape(64, 64)
     assert torch.equal(dense.model.layers[1].self_attn.o_proj.weight, expected)
     ids = torch.randint(0, 300, (2, 10))
@@ -169,7 +171,7 @@ def test_a_layer_that_no_group_of_16_divides_is_written_per_channel(narrow_model
     assert len(channel) == 1 and channel[0]["targets"] == down and channel[0]["weights"]["group_size"] is None
     dense = load_merged(tmp_path / "out")
     layer = narrow_model.model.layers[0].mlp.down_proj
-    codes, scale = quantize_int4(layer.merged_weight(), 72, torch.float32)
+    codes, scale = quantize_symmetric(layer.merged_weight(), 72, torch.float32)
     assert torch.equal(dense.model.layers[0].mlp.down_proj.weight, codes.float() * scale)
 
 

@@ -1,0 +1,80 @@
+"""Where the merged int4 export loses the training gain (issue 12's diagnosis).
+
+    python benchmarks/finetune.py --runs lqlora-2.5 --keep   # a trained LQ-LoRA adapter and its base
+    python benchmarks/export_gain.py
+
+Held-out perplexity of SmolLM2 (embedded corpus, 512-token blocks) for:
+  fp32                  the untouched model
+  fp32, int4 RTN        the untouched model, every projection rounded as the merged export rounds
+                        (symmetric absmax int4, groups of 128 or the largest power of two dividing)
+  trained (qft)         the trained LQ-LoRA model as qft runs it (Q + BA)
+  W' dense fp32 / bf16  W' = dequant(Q) + BA written densely (the hand-off to other quantizers)
+  W', int8 / int4 RTN   W' rounded again, symmetric absmax per group
+If int4 RTN of the untouched model already costs about what the export loses, the second
+rounding of W' is the cause, and a better rounding (GPTQ on W') is the cure.
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import torch
+from lqlora import OUT, header
+
+import qft
+from qft.evaluate import perplexity
+from qft.export import group_for, quantize_symmetric
+from qft.report import markdown_table
+from qft.targets import find_target_linears
+
+KEPT = OUT / "finetune"
+
+
+def rtn(w: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tensor:
+    """What the merged export writes, at ``bits``, dequantized: symmetric absmax round-to-nearest per group."""
+    rows, cols = w.shape
+    group = group_for(cols, group_size) or cols
+    q, scale = quantize_symmetric(w, group, torch.float32, bits)
+    return (q.float().reshape(rows, -1, group) * scale[..., None]).reshape(rows, cols)
+
+
+def dense_copy(weights: dict[str, torch.Tensor], dtype=torch.float32):
+    """The embedded model with the given projection weights."""
+    model, _ = qft.default_model(progress=False)
+    with torch.no_grad():
+        for name, layer in find_target_linears(model).items():
+            layer.weight.copy_(weights[name])
+    return model.to(dtype).eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--run", default="lqlora-2.5")
+    parser.add_argument("--max-blocks", type=int, help="evaluate only the first held-out blocks")
+    args = parser.parse_args()
+    header()
+    rows = []
+
+    def row(what, model, tokenizer):
+        ppl = perplexity(model, tokenizer, max_blocks=args.max_blocks, progress=False)
+        rows.append({"model": what, "held-out ppl": ppl})
+        print(rows[-1], flush=True)
+
+    model, tokenizer = qft.default_model(progress=False)
+    original = {n: m.weight.detach().float().clone() for n, m in find_target_linears(model).items()}
+    row("fp32", model, tokenizer)
+    row("fp32, int4 RTN (as the export rounds)", dense_copy({n: rtn(w, 4) for n, w in original.items()}), tokenizer)
+    trained = qft.load_quantized(KEPT / args.run / "base")
+    qft.load_adapter(trained, KEPT / args.run / "adapter")
+    row(f"trained {args.run} (qft: Q + BA)", trained, tokenizer)
+    merged = {n: m.merged_weight() for n, m in trained.named_modules() if isinstance(m, qft.QLinear)}
+    del trained
+    row("W' dense fp32", dense_copy(merged), tokenizer)
+    row("W' rounded to bf16 (fp32 compute)", dense_copy(merged, torch.bfloat16).float(), tokenizer)
+    row("W', int8 RTN", dense_copy({n: rtn(w, 8) for n, w in merged.items()}), tokenizer)
+    row("W', int4 RTN (the merged export)", dense_copy({n: rtn(w, 4) for n, w in merged.items()}), tokenizer)
+    print(markdown_table(rows, ".3f"))
+
+
+if __name__ == "__main__":
+    main()
