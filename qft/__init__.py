@@ -9,7 +9,7 @@ from qft.compeft import compress_adapter, decompress_adapter
 from qft.data import default_corpus, load_texts
 from qft.decompose import register_method
 from qft.evaluate import perplexity
-from qft.export import export_merged, load_merged
+from qft.export import export_dense, export_merged, load_merged
 from qft.fisher import empirical_fisher
 from qft.formats import FP8, Format, NormalFloat, UniformInt, get_format
 from qft.models import default_model
@@ -41,6 +41,7 @@ __all__ = [
     "default_model",
     "dense_weights",
     "empirical_fisher",
+    "export_dense",
     "export_merged",
     "export_peft",
     "find_target_linears",

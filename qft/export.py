@@ -17,6 +17,9 @@ A layer is written one of two ways:
   largest power of two from ``group_size`` down to MIN_GROUP that divides the
   input width, per channel when none does.
 
+``export_dense`` writes W' = dequant(Q) + scaling·B·A densely instead (bf16 by default), as
+a plain transformers checkpoint: the hand-off to any other quantizer.
+
 The folder is what llm-compressor writes (W4A16 / W4A16_ASYM, format
 "pack-quantized"), so vLLM and transformers with compressed-tensors can serve
 it: per layer ``weight_packed`` (int32), ``weight_scale`` (out, groups),
@@ -215,6 +218,45 @@ def export_merged(
         (tmp / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True, default=str))
         if getattr(model, "generation_config", None) is not None:
             model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+    return Path(directory)
+
+
+def dense_model(model: nn.Module, dtype: torch.dtype, *, merged: bool) -> nn.Module:
+    """A plain transformers model of ``model``'s architecture (no qft layers) in ``dtype``: every QLinear
+    becomes an nn.Linear holding W' = dequant(Q) + scaling·B·A (``merged``) or dequant(Q) alone."""
+    from transformers import AutoModelForCausalLM
+
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
+    config = type(model.config).from_dict(model.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    dense = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    state = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in layers}
+    for name, layer in layers.items():
+        state[f"{name}.weight"] = layer.merged_weight() if merged else layer.weight.dequantize(torch.float32)
+        if layer.bias is not None:
+            state[f"{name}.bias"] = layer.bias
+    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = dense.load_state_dict(state, strict=False)
+    missing = [k for k in missing if k not in shared_keys(dense.state_dict())]
+    if missing or unexpected:
+        raise ValueError(f"this model does not map onto a plain {type(dense).__name__} (nn.Linear projections "
+                         f"only): missing {missing[:3]}, unexpected {unexpected[:3]}")
+    dense.tie_weights()
+    return dense.eval()
+
+
+def export_dense(model: nn.Module, directory: str | os.PathLike, tokenizer=None, *,
+                 dtype: torch.dtype = torch.bfloat16) -> Path:
+    """W' = dequant(Q) + scaling·B·A for every QLinear, written densely as a plain transformers checkpoint
+    (``dtype``, bf16 by default): the hand-off to another quantizer (llm-compressor, GPTQModel, llama.cpp)."""
+    if not any(isinstance(m, QLinear) for m in model.modules()):
+        raise ValueError("the model has no QLinear layer; export_dense writes models prepared or loaded by qft")
+    dense = dense_model(model, dtype, merged=True)
+    with atomic_dir(directory) as tmp:
+        dense.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(directory)

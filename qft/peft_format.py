@@ -30,7 +30,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qft.atomic import atomic_dir
-from qft.checkpoint import shared_keys
+from qft.export import dense_model
 from qft.nn import QLinear
 
 BASE = "base"
@@ -64,29 +64,6 @@ def _check(model: nn.Module) -> dict[str, QLinear]:
     return layers
 
 
-def _dense_base(model: nn.Module, layers: dict[str, QLinear], dtype: torch.dtype) -> nn.Module:
-    """A plain transformers model of the same architecture holding dequant(Q) in the quantized layers."""
-    from transformers import AutoModelForCausalLM
-
-    config = type(model.config).from_dict(model.config.to_dict())
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    base = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    state = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in layers}
-    for name, layer in layers.items():
-        state[f"{name}.weight"] = layer.weight.dequantize(torch.float32).to(dtype)
-        if layer.bias is not None:
-            state[f"{name}.bias"] = layer.bias.to(dtype)
-    state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    missing, unexpected = base.load_state_dict(state, strict=False)
-    missing = [k for k in missing if k not in shared_keys(base.state_dict())]
-    if missing or unexpected:
-        raise ValueError(f"export_peft writes nn.Linear models; this one does not map onto a plain "
-                         f"{type(base).__name__}: missing {missing[:3]}, unexpected {unexpected[:3]}")
-    base.tie_weights()
-    return base
-
-
 def export_peft(model: nn.Module, directory: str | os.PathLike, tokenizer=None, *,
                 dtype: torch.dtype | None = None) -> Path:
     """Write ``model``'s low-rank factors as a PEFT LoRA adapter in ``directory`` and its base (the
@@ -98,7 +75,7 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, tokenizer=None, 
         tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
     config = _peft_config(layers)
-    base = _dense_base(model, layers, dtype)
+    base = dense_model(model, dtype, merged=False)
     with atomic_dir(directory) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))

@@ -271,3 +271,17 @@ def test_a_bf16_peqa_export_says_its_scales_are_rounded(tmp_path, caplog):
         export_merged(model, tmp_path / "out", dtype=torch.bfloat16)
     assert "rounded to torch.bfloat16" in caplog.text
     assert load_file(tmp_path / "out" / "model.safetensors")["model.embed_tokens.weight"].dtype == torch.bfloat16
+
+
+def test_the_dense_export_is_the_merged_model_as_plain_transformers(model, tmp_path):
+    qft.export_dense(model, tmp_path / "fp32", dtype=torch.float32)
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "fp32")
+    assert not any(isinstance(m, QLinear) for m in dense.modules())
+    assert torch.equal(dense.model.layers[0].self_attn.q_proj.weight, model.model.layers[0].self_attn.q_proj.merged_weight())
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(dense(ids).logits, model(ids).logits, rtol=1e-4, atol=1e-5)
+    qft.export_dense(model, tmp_path / "bf16")
+    assert load_file(tmp_path / "bf16" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="no QLinear"):
+        qft.export_dense(tiny_llama(), tmp_path / "x")
