@@ -123,15 +123,16 @@ def cmd_export(args) -> None:
     import torch
 
     from qft.checkpoint import save_quantized
-    from qft.export import export_merged
+    from qft.export import export_dense, export_merged
+    from qft.peft_format import export_peft
 
     model, tokenizer = _load_any(args.checkpoint, args.progress, _device(args.device))
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
     if args.peft:
-        from qft.peft_format import export_peft
-
-        export_peft(model, args.out, tokenizer)
+        export_peft(model, args.out, tokenizer, dtype=dtype)
+    elif args.dense:
+        export_dense(model, args.out, tokenizer, dtype=dtype or torch.bfloat16)
     elif args.merged:
-        dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
         export_merged(model, args.out, tokenizer, group_size=args.group_size, dtype=dtype)
     else:
         save_quantized(model, args.out, tokenizer, dtype=_save_dtype(args))
@@ -273,12 +274,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="compressed-tensors pack-quantized for serving: int-k layers without low-rank parts (PEQA) "
                         "keep their codes (lossless), others are merged with their low-rank part and re-quantized "
                         "to int4")
+    p.add_argument("--dense", action="store_true",
+                   help="W' = Q + low-rank written densely (bf16 unless --dtype): a plain transformers checkpoint")
     p.add_argument("--peft", action="store_true",
                    help="a PEFT LoRA adapter (the low-rank factors) plus OUT/base, the dequantized base it applies to")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
-                   help="scales and unquantized weights of --merged (auto: float32 when every layer keeps its "
-                        "int-k codes, as PEQA's do, so the export is exact; bfloat16 otherwise)")
+                   help="--merged: scales and unquantized weights (auto: float32 when every layer keeps its int-k "
+                        "codes, as PEQA's do, so the export is exact; bfloat16 otherwise); --dense: the weights "
+                        "(auto: bfloat16); --peft: the base (auto: the model's)")
     p.set_defaults(run=cmd_export)
 
     p = sub.add_parser("info", parents=[common], help="a checkpoint's allocation and sizes, or what a .qftc file holds")

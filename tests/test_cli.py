@@ -129,3 +129,15 @@ def test_compress_decompress_info(base, tmp_path, capsys):
     assert (back / "adapter.safetensors").is_file()
     assert main(["info", str(c)]) == 0
     assert "density 0.1" in capsys.readouterr().out
+
+
+def test_export_dense_and_peft(base, tmp_path):
+    q = tmp_path / "q"
+    assert main(["quantize", "-q", "--model", str(base), "--bits", "nf4", "--method", "loftq", "--rank", "2",
+                 "--out", str(q)]) == 0
+    assert main(["export", "-q", str(q), "--dense", "--out", str(tmp_path / "dense")]) == 0
+    config = json.loads((tmp_path / "dense" / "config.json").read_text())
+    assert "quantization_config" not in config and config["dtype"] == "bfloat16"
+    assert main(["export", "-q", str(q), "--peft", "--out", str(tmp_path / "peft")]) == 0
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == 2
+    assert (tmp_path / "peft" / "base" / "model.safetensors").is_file()
