@@ -168,10 +168,10 @@ def _print_compressed(path, s: dict) -> None:
 
 def cmd_info(args) -> None:
     from qft.checkpoint import checkpoint_sizes, read_config
-    from qft.compeft import MAGIC, info
+    from qft.compeft import info, is_compressed
 
     path = Path(args.checkpoint)
-    if path.is_file() and path.read_bytes()[:len(MAGIC)] == MAGIC:
+    if is_compressed(path):
         _print_compressed(path, info(path))
         return
     from qft.formats import get_format

@@ -202,6 +202,15 @@ def save_compressed(path: str | os.PathLike, ternary: dict[str, Ternary], header
     return len(data)
 
 
+def is_compressed(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a file that starts as a .qftc file does."""
+    path = Path(path)
+    if not path.is_file():
+        return False
+    with path.open("rb") as f:
+        return f.read(len(MAGIC)) == MAGIC
+
+
 def read_header(path: str | os.PathLike) -> tuple[dict, bytes]:
     """(header, payload) of a .qftc file, checked: magic, version, lengths, checksum."""
     path = Path(path)
