@@ -100,7 +100,7 @@ def quantization_config(model: nn.Module) -> dict:
     report = getattr(model, "qft_report", None)
     if report is not None:
         config["report"] = {"method": report.method, "budget": report.budget, "rank": report.rank,
-                            "fisher": report.fisher, "bits": report.bits,
+                            "fisher": report.fisher, "rounding": report.rounding, "bits": report.bits,
                             "bits_with_adapters": report.bits_with_adapters}
     else:  # a loaded checkpoint keeps the report it was written with
         loaded = getattr(model.config, "quantization_config", None)

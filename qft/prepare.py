@@ -18,9 +18,11 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qft.allocate import allocate, error_table, pruned_grid
-from qft.decompose import MethodOptions, get_method
+from qft.decompose import ROUNDINGS, MethodOptions, get_method
+from qft.decompose.gptq import LayerwiseHessians
 from qft.fisher import empirical_fisher
 from qft.formats import Format, get_format
+from qft.formats.base import check_choice
 from qft.nn import QLinear, dense_weight, mark_trainable
 from qft.solvers import Solution
 from qft.targets import find_target_linears, is_linear, output_head_names, set_module
@@ -44,6 +46,7 @@ class Report:
     budget: float | str
     rank: int
     fisher: bool
+    rounding: str = "rtn"
     matrices: list[MatrixReport] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # module name -> reason
     tied: dict[str, str] = field(default_factory=dict)  # module name -> the module whose weight it shares
@@ -57,7 +60,7 @@ class Report:
     def summary(self) -> str:
         lines = [
             f"qft {self.method}: {len(self.matrices)} matrices, budget {self.budget}, rank {self.rank}"
-            + (", Fisher-weighted" if self.fisher else ""),
+            + (", Fisher-weighted" if self.fisher else "") + (", GPTQ rounding" if self.rounding == "gptq" else ""),
             f"  average bits/param: {self.bits:.4f} (quantized), {self.bits_with_adapters:.4f} (with adapters)",
             f"  total error {self.total_error:.6g}, {self.seconds:.0f} s",
         ]
@@ -114,6 +117,7 @@ def quantize_and_prepare(
     iters: int = 10,
     seed: int = 0,
     solver: str = "auto",
+    rounding: str | None = None,
     cache_dir=None,
     progress: bool = True,
 ) -> nn.Module:
@@ -125,8 +129,12 @@ def quantize_and_prepare(
     method: a registered method (``qft.decompose.METHODS``): "lqlora" (iterative
       Q + L1L2), "loftq" (PEFT's one-step LoftQ), "qlora" (plain quantization,
       LoRA factors initialised as PEFT does; alpha defaults to rank), "peqa" (int-k,
-      only the scales train; a budget allocates over int2/3/4/8 per channel or group).
+      only the scales train; a budget allocates over int2/3/4/8 per channel or group),
+      "int21" (GPTQ int2-g128 + LoRA rank 32, to train with objective="lrec").
     rank: rank of the low-rank factors (default: the method's, 64; PEQA has none).
+    rounding: "rtn" (round to nearest) or "gptq" (GPTQ under each matrix's Hessian over
+      ``calibration`` texts, decoder layer by decoder layer; needs ``tokenizer``); default: the
+      method's ("gptq" for int21, else "rtn"). The bit allocation's error table stays RTN's.
     fisher: weight errors by the empirical Fisher over ``calibration`` texts
       (default: the embedded corpus's train split); needs ``tokenizer``. A dict
       (name -> Fisher diagonal, as ``qft.fisher.empirical_fisher`` returns) is used as given.
@@ -141,6 +149,10 @@ def quantize_and_prepare(
         raise ValueError(f"method {method!r} needs rank >= 1 (use method='qlora' with rank=0 for plain quantization)")
     if fisher is True and tokenizer is None:
         raise ValueError("fisher=True needs the tokenizer to read the calibration text")
+    rounding = rounding or spec.rounding
+    check_choice("rounding", rounding, ROUNDINGS)
+    if rounding == "gptq" and tokenizer is None:
+        raise ValueError("rounding='gptq' needs the tokenizer to read the calibration text (tokenizer=...)")
     if not isinstance(bits, (str, int, float)):
         raise ValueError(f"bits must be a number (average budget) or a format name, got {bits!r}")
     if isinstance(bits, int) and not isinstance(bits, bool) and spec.width_format is not None:
@@ -148,7 +160,7 @@ def quantize_and_prepare(
     start = time.perf_counter()
     targets = find_target_linears(model, target_modules, skip_modules)
     _check_weights(targets)
-    report = Report(method, bits, rank, fisher is True or isinstance(fisher, dict))
+    report = Report(method, bits, rank, fisher is True or isinstance(fisher, dict), rounding)
     report.skipped = _skipped_modules(model, targets, skip_modules)
 
     owner: dict[int, str] = {}  # id(weight parameter) -> the first target holding it
@@ -190,6 +202,9 @@ def quantize_and_prepare(
             budget = dearest
         chosen, report.solution = allocate(table, budget, solver=solver)
 
+    hessians = None
+    if rounding == "gptq":
+        hessians = LayerwiseHessians(model, tokenizer, list(unique), calibration, progress=progress)
     generator = torch.Generator().manual_seed(seed)  # one stream for every layer's random init
     quant_bits = adapter_bits = numel = 0
     built: dict[str, QLinear] = {}
@@ -197,7 +212,8 @@ def quantize_and_prepare(
                                    unit="matrix"):
         w = weights[name].float()
         f = None if fisher_map is None else fisher_map[name].to(w.device)
-        options = MethodOptions(rank, alpha, f, seed, generator, iters, layer.weight.dtype)
+        hessian = None if hessians is None else hessians.hessian(name)
+        options = MethodOptions(rank, alpha, f, seed, generator, iters, layer.weight.dtype, hessian)
         result = spec.build(w, layer.bias, fmt, options)
         qlinear = result.layer.to(w.device)
         built[name] = qlinear
@@ -214,6 +230,8 @@ def quantize_and_prepare(
         report.matrices.append(MatrixReport(name, tuple(qt.shape), fmt.name, stored / qt.numel(),
                                             result.error, (result.error / max(norm, 1e-30)) ** 0.5))
         report.total_error += result.error
+    if hessians is not None:
+        hessians.close()
     for name, first in report.tied.items():
         set_module(model, name, built[first])  # one layer object at both places: still tied
 

@@ -11,7 +11,8 @@ format, ``options`` what the caller asked for (:class:`MethodOptions`).
 ``table_rank(rank)`` says which rank the error table (bit allocation) should
 assume the adapters absorb (0 for methods without a low-rank part). What
 trains is decided by the layer the method builds (its adapters), never by
-parameter names.
+parameter names. A method rounds through :func:`quantize`, so that
+``rounding="gptq"`` (``options.hessian`` set) reaches every method alike.
 """
 
 from __future__ import annotations
@@ -21,8 +22,13 @@ from typing import Callable
 
 import torch
 
+from qft.decompose.gptq import gptq
 from qft.formats import Format
+from qft.formats.base import check_choice
 from qft.nn import QLinear
+from qft.tensor import QuantizedTensor
+
+ROUNDINGS = ("rtn", "gptq")
 
 
 @dataclass
@@ -34,6 +40,7 @@ class MethodOptions:
     generator: torch.Generator  # one stream shared by every layer of one preparation
     iters: int
     dtype: torch.dtype  # the logical dtype of the quantized weight (the model's)
+    hessian: torch.Tensor | None = None  # (in, in) calibration Hessian when rounding="gptq"
 
 
 @dataclass
@@ -52,6 +59,7 @@ class Method:
     grid: Callable[[], list[Format]] | None = None  # the candidates a budget allocates over (None: NF grid)
     default_rank: int = 64  # the rank when the caller gives none
     width_format: Callable[[int], str] | None = None  # an int ``bits`` names a format, not a budget
+    rounding: str = "rtn"  # the rounding when the caller gives none: "rtn" or "gptq"
 
 
 METHODS: dict[str, Method] = {}
@@ -59,13 +67,17 @@ METHODS: dict[str, Method] = {}
 
 def register_method(name: str, *, needs_rank: bool, table_rank: Callable[[int], int] = lambda r: r,
                     description: str = "", grid: Callable[[], list[Format]] | None = None,
-                    default_rank: int = 64, width_format: Callable[[int], str] | None = None):
+                    default_rank: int = 64, width_format: Callable[[int], str] | None = None,
+                    rounding: str = "rtn"):
     """Decorator: register ``build`` as method ``name``; ``grid`` gives the formats a bit budget
     chooses from (default: LQ-LoRA's NF grid); ``default_rank`` the rank when none is given;
-    ``width_format`` turns an integer ``bits`` into a format name (else it is a budget)."""
+    ``width_format`` turns an integer ``bits`` into a format name (else it is a budget);
+    ``rounding`` is the method's default rounding."""
+    check_choice("rounding", rounding, ROUNDINGS)
+
     def wrap(build):
         METHODS[name] = Method(name, build, needs_rank, table_rank, description or (build.__doc__ or "").strip(),
-                               grid, default_rank, width_format)
+                               grid, default_rank, width_format, rounding)
         return build
     return wrap
 
@@ -76,13 +88,20 @@ def get_method(name: str) -> Method:
     return METHODS[name]
 
 
+def quantize(w: torch.Tensor, fmt: Format, options: MethodOptions) -> QuantizedTensor:
+    """A method's Q: round-to-nearest, or GPTQ under the matrix's calibration Hessian when there is one."""
+    if options.hessian is None:
+        return QuantizedTensor.quantize(w, fmt, options.dtype)
+    return gptq(w, fmt, options.hessian, dtype=options.dtype)
+
+
 def weighted_error(w: torch.Tensor, approx: torch.Tensor, fisher: torch.Tensor | None) -> float:
     diff = (w.float() - approx.float()) ** 2
     return float((diff if fisher is None else fisher.float() * diff).sum())
 
 
 # the built-in methods register themselves on import
-from qft.decompose import lqlora, peqa, qlora  # noqa: E402,F401
+from qft.decompose import int21, lqlora, peqa, qlora  # noqa: E402,F401
 from qft.decompose.lqlora import Decomposition  # noqa: E402
 
-__all__ = ["METHODS", "Built", "Decomposition", "Method", "MethodOptions", "get_method", "register_method"]
+__all__ = ["METHODS", "ROUNDINGS", "Built", "Decomposition", "Method", "MethodOptions", "get_method", "quantize", "register_method"]

@@ -12,6 +12,9 @@ weighted-optimal factors exactly for rank-1 weights. Rounding to the nearest
 code is already element-wise optimal for any positive weight, so Q's step is
 unchanged.
 
+With a calibration Hessian H (``rounding="gptq"``), the Q-step is GPTQ(W − L1·L2) and
+the error that picks the best iterate is the output error tr(R H Rᵀ), R = W − Q − L1L2.
+
 Deterministic for a given seed: the randomized SVD draws from its own generator.
 """
 
@@ -22,6 +25,7 @@ from dataclasses import dataclass, field
 import torch
 
 from qft.decompose import Built, MethodOptions, register_method
+from qft.decompose.gptq import gptq, output_error
 from qft.formats import Format, check_weight, get_format
 from qft.nn import QLinear
 from qft.tensor import QuantizedTensor
@@ -105,6 +109,7 @@ def lqlora(
     tol: float = 1e-3,
     init: str = "svd",
     seed: int = 0,
+    hessian: torch.Tensor | None = None,
 ) -> Decomposition:
     """Decompose ``w`` into a quantized part and a rank-``rank`` part (see module docstring).
 
@@ -113,6 +118,7 @@ def lqlora(
     init: "svd" starts from L1L2 = SVD_r(W) (LQ-LoRA); "zero" from L1L2 = 0, so
     that ``iters=1`` is PEFT's LoftQ with ``loftq_iter=1``: Q = quantize(W),
     L1L2 = SVD_r(W − Q).
+    hessian: (in, in) calibration Hessian: GPTQ rounding, output error (module docstring).
     """
     w = check_weight(w)
     fmt = get_format(format)
@@ -136,9 +142,13 @@ def lqlora(
     best, history = None, []  # best: (error, target of Q, L1, L2)
     for _ in range(iters):
         target = w - l1 @ l2
-        residual = w - fmt.fake_quantize(target)
+        rounded = fmt.fake_quantize(target) if hessian is None else gptq(target, fmt, hessian).dequantize()
+        residual = w - rounded
         l1, l2, basis = low_rank(residual, rank, generator, weights, start=basis)
-        error = float((importance * (residual - l1 @ l2) ** 2).sum())
+        if hessian is None:
+            error = float((importance * (residual - l1 @ l2) ** 2).sum())
+        else:
+            error = output_error(residual, l1 @ l2, hessian)
         history.append(error)
         if best is None or error < best[0]:
             previous = None if best is None else best[0]
@@ -147,7 +157,8 @@ def lqlora(
                 continue
         break  # no longer improving by tol
     error, target, l1, l2 = best
-    return Decomposition(QuantizedTensor.quantize(target, fmt), l1, l2, error, history)
+    qweight = QuantizedTensor.quantize(target, fmt) if hessian is None else gptq(target, fmt, hessian)
+    return Decomposition(qweight, l1, l2, error, history)
 
 
 def _layer(d: Decomposition, bias, options: MethodOptions) -> Built:
@@ -159,11 +170,13 @@ def _layer(d: Decomposition, bias, options: MethodOptions) -> Built:
 
 @register_method("lqlora", needs_rank=True, description="LQ-LoRA: iterate Q = quantize(W − L1L2), L1L2 = SVD_r(W − Q)")
 def build_lqlora(w: torch.Tensor, bias, fmt: Format, options: MethodOptions) -> Built:
-    d = lqlora(w, fmt, options.rank, fisher=options.fisher, iters=options.iters, init="svd", seed=options.seed)
+    d = lqlora(w, fmt, options.rank, fisher=options.fisher, iters=options.iters, init="svd", seed=options.seed,
+               hessian=options.hessian)
     return _layer(d, bias, options)
 
 
 @register_method("loftq", needs_rank=True, description="LoftQ (PEFT's loftq_iter=1): Q = quantize(W), L1L2 = SVD_r(W − Q)")
 def build_loftq(w: torch.Tensor, bias, fmt: Format, options: MethodOptions) -> Built:
-    d = lqlora(w, fmt, options.rank, fisher=options.fisher, iters=1, init="zero", seed=options.seed)
+    d = lqlora(w, fmt, options.rank, fisher=options.fisher, iters=1, init="zero", seed=options.seed,
+               hessian=options.hessian)
     return _layer(d, bias, options)

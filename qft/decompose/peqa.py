@@ -12,10 +12,9 @@ from __future__ import annotations
 
 import torch
 
-from qft.decompose import Built, MethodOptions, register_method, weighted_error
+from qft.decompose import Built, MethodOptions, quantize, register_method, weighted_error
 from qft.formats import Format, UniformInt
 from qft.nn import QLinear
-from qft.tensor import QuantizedTensor
 
 
 def int_grid() -> list[Format]:
@@ -36,6 +35,6 @@ def build(w: torch.Tensor, bias: torch.Tensor | None, fmt: Format, options: Meth
                          "give bits as a budget, or a format such as 'int4-ch' or 'int3-g64'")
     if options.rank:
         raise ValueError("PEQA trains scales only, no low-rank factors; leave rank unset (or 0)")
-    qweight = QuantizedTensor.quantize(w, fmt, options.dtype)
+    qweight = quantize(w, fmt, options)
     layer = QLinear(qweight, bias, train_scales=True)
     return Built(layer, weighted_error(w, qweight.dequantize(torch.float32), options.fisher))

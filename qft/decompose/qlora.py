@@ -9,15 +9,14 @@ from __future__ import annotations
 
 import torch
 
-from qft.decompose import Built, MethodOptions, register_method, weighted_error
+from qft.decompose import Built, MethodOptions, quantize, register_method, weighted_error
 from qft.formats import Format
 from qft.nn import QLinear
-from qft.tensor import QuantizedTensor
 
 
 @register_method("qlora", needs_rank=False, table_rank=lambda rank: 0,
                  description="plain quantization + PEFT-initialised LoRA (B = 0)")
 def build(w: torch.Tensor, bias: torch.Tensor | None, fmt: Format, options: MethodOptions) -> Built:
-    qweight = QuantizedTensor.quantize(w, fmt, options.dtype)
+    qweight = quantize(w, fmt, options)
     layer = QLinear(qweight, bias, rank=options.rank, alpha=options.alpha, generator=options.generator)
     return Built(layer, weighted_error(w, qweight.dequantize(torch.float32), options.fisher))
