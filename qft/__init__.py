@@ -8,6 +8,7 @@ from qft.checkpoint import load_quantized, save_quantized
 from qft.compeft import compress_adapter, decompress_adapter
 from qft.data import default_corpus, load_texts
 from qft.decompose import register_method
+from qft.distill import LREC
 from qft.evaluate import perplexity
 from qft.export import export_dense, export_merged, load_merged
 from qft.fisher import empirical_fisher
@@ -28,6 +29,7 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "FP8",
+    "LREC",
     "Format",
     "NormalFloat",
     "QLinear",

@@ -36,6 +36,9 @@ def _load_base(model: str | None, progress: bool, device: str):
         return base.to(device), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    if not (Path(model) / "config.json").is_file():
+        raise ValueError(f"{model} is not a Hugging Face model folder (no config.json there); give a folder written "
+                         "by save_pretrained (the model hub is not read)")
     return AutoModelForCausalLM.from_pretrained(model).to(device).eval(), AutoTokenizer.from_pretrained(model)
 
 
@@ -71,7 +74,8 @@ def cmd_quantize(args) -> None:
     bits = int(args.bits) if args.bits.isdigit() else (
         float(args.bits) if args.bits.replace(".", "", 1).isdigit() else args.bits)
     quantize_and_prepare(model, bits=bits, method=args.method, rank=args.rank, fisher=args.fisher,
-                         tokenizer=tokenizer, iters=args.iters, seed=args.seed, progress=args.progress)
+                         tokenizer=tokenizer, iters=args.iters, seed=args.seed, rounding=args.rounding,
+                         progress=args.progress)
     print(model.qft_report.summary())
     save_quantized(model, args.out, tokenizer, dtype=_save_dtype(args))
     print(f"saved to {args.out}")
@@ -84,8 +88,16 @@ def cmd_train(args) -> None:
     if not (args.out or args.adapter_out):
         raise ValueError("say where the result goes: --out (the whole model) and/or --adapter-out (the adapter)")
     model, tokenizer = _load_any(args.checkpoint, args.progress, _device(args.device))
+    objective, teacher = "ce", None
+    if args.teacher:  # INT2.1's LREC: distil from the full-precision model
+        from qft.distill import LREC
+
+        source = None if args.teacher == "default" else args.teacher
+        teacher, _ = _load_base(source, args.progress, _device(args.teacher_device or args.device))
+        objective = LREC(ce_weight=args.ce_weight, top_k=args.top_k)
     checkpoints = args.checkpoints or f"{(args.out or args.adapter_out).rstrip('/')}-checkpoints"
     result = train(model, tokenizer, args.data, args.eval_data, output_dir=checkpoints, resume=args.resume,
+                   objective=objective, teacher=teacher,
                    progress=args.progress, steps=args.steps, batch_size=args.batch_size, grad_accum=args.grad_accum,
                    block_size=args.block_size, lr=args.lr, warmup=args.warmup, eval_every=args.eval_every,
                    eval_blocks=args.eval_blocks, save_every=args.save_every, seed=args.seed,
@@ -211,7 +223,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", parents=[common], help="quantize a model and save a qft checkpoint")
     p.add_argument("--model", help="Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--bits", default="2.5", help="average bits per parameter, or a format name such as nf4")
-    p.add_argument("--method", default="lqlora", help="a registered method: lqlora, loftq, qlora")
+    p.add_argument("--method", default="lqlora", help="a registered method: lqlora, loftq, qlora, peqa, int21")
+    p.add_argument("--rounding", choices=["rtn", "gptq"],
+                   help="round to nearest, or GPTQ over the embedded corpus (default: the method's; int21: gptq)")
     p.add_argument("--rank", type=int, help="rank of the low-rank factors (default: 64; PEQA: none)")
     p.add_argument("--fisher", action="store_true", help="weight errors by the empirical Fisher (needs text)")
     p.add_argument("--iters", type=int, default=10, help="LQ-LoRA iterations per matrix")
@@ -239,6 +253,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--gradient-checkpointing", action="store_true")
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16"],
                    help="bf16: bf16 compute under autocast, fp32 adapters and optimizer state")
+    p.add_argument("--teacher", help="distil from this full-precision model (a Hugging Face folder, or 'default' "
+                                     "for the embedded model) with INT2.1's LREC objective: KL + ce-weight x CE")
+    p.add_argument("--teacher-device", help="device of the teacher (default: --device)")
+    p.add_argument("--ce-weight", type=float, default=0.06, help="weight of the CE term in LREC")
+    p.add_argument("--top-k", type=int, help="distil only the teacher's k most likely tokens")
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_train)
 

@@ -17,6 +17,8 @@ train against a teacher can reuse this loop.
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 import json
 import logging
 import math
@@ -241,6 +243,7 @@ def train(
     resume: bool | str | Path = False,
     progress: bool = True,
     objective: str | Objective = "ce",
+    teacher: torch.nn.Module | None = None,
     **overrides,
 ) -> TrainResult:
     """Fine-tune the parameters of ``model`` that require grad (after ``quantize_and_prepare``: the
@@ -252,11 +255,20 @@ def train(
     config: a TrainConfig; keyword ``overrides`` (steps=, lr=, ...) change single fields.
     output_dir: where checkpoints go (every ``save_every`` steps, and at the end).
     resume: True to continue from the latest checkpoint in ``output_dir`` (or a path to one).
-    objective: a name in ``OBJECTIVES`` ("ce": causal-LM loss) or ``objective(model, input_ids)`` returning
-      a scalar loss.
+    objective: a name in ``OBJECTIVES`` ("ce": causal-LM loss; "lrec": distillation from ``teacher``,
+      ``qft.distill``) or ``objective(model, input_ids)`` returning a scalar loss.
+    teacher: the model a distillation objective learns from (``objective(model, input_ids, teacher=...)``);
+      it is only run, never trained, and may sit on another device or in another dtype.
     """
     config = TrainConfig(**{**asdict(config or TrainConfig()), **overrides})
     loss_fn, objective_name = _resolve_objective(objective)
+    if teacher is not None:
+        if "teacher" not in inspect.signature(loss_fn).parameters:
+            raise ValueError(f"objective {objective_name!r} does not learn from a teacher; "
+                             "use objective='lrec' with teacher=, or leave teacher out")
+        if teacher is model:
+            raise ValueError("the teacher must be a separate full-precision model, not the model being trained")
+        loss_fn = functools.partial(loss_fn, teacher=teacher)
     if config.steps < 1 or config.batch_size < 1 or config.grad_accum < 1:
         raise ValueError("steps, batch_size and grad_accum must be >= 1")
     if (config.save_every or resume) and output_dir is None:

@@ -141,3 +141,21 @@ def test_export_dense_and_peft(base, tmp_path):
     assert main(["export", "-q", str(q), "--peft", "--out", str(tmp_path / "peft")]) == 0
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["r"] == 2
     assert (tmp_path / "peft" / "base" / "model.safetensors").is_file()
+
+
+def test_int21_quantize_and_train_with_a_teacher(base, tmp_path, capsys):
+    data = _notes(tmp_path)
+    q, t = tmp_path / "q", tmp_path / "t"
+    assert main(["quantize", "-q", "--model", str(base), "--bits", "2", "--method", "int21", "--rank", "4",
+                 "--out", str(q)]) == 0
+    report = json.loads((q / "config.json").read_text())["quantization_config"]["report"]
+    assert report["method"] == "int21" and report["rounding"] == "gptq"
+    assert main(["train", "-q", str(q), "--out", str(t), "--data", str(data), "--steps", "2", "--batch-size", "1",
+                 "--block-size", "32", "--eval-blocks", "2", "--warmup", "1", "--teacher", str(base),
+                 "--top-k", "8"]) == 0
+    state = json.loads((tmp_path / "t-checkpoints" / "checkpoint-2" / "trainer_state.json").read_text())
+    assert state["objective"] == "LREC"
+    capsys.readouterr()
+    assert main(["train", "-q", str(q), "--out", str(t), "--data", str(data), "--steps", "1",
+                 "--teacher", str(tmp_path / "missing")]) != 0
+    assert "missing is not a Hugging Face model folder" in capsys.readouterr().err
