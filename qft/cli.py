@@ -145,7 +145,8 @@ def cmd_export(args) -> None:
     elif args.dense:
         export_dense(model, args.out, tokenizer, dtype=dtype or torch.bfloat16)
     elif args.merged:
-        export_merged(model, args.out, tokenizer, group_size=args.group_size, dtype=dtype)
+        export_merged(model, args.out, tokenizer, group_size=args.group_size, dtype=dtype, rounding=args.rounding,
+                      progress=args.progress)
     else:
         save_quantized(model, args.out, tokenizer, dtype=_save_dtype(args))
     print(f"saved to {args.out}")
@@ -298,6 +299,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--peft", action="store_true",
                    help="a PEFT LoRA adapter (the low-rank factors) plus OUT/base, the dequantized base it applies to")
     p.add_argument("--group-size", type=int, default=128)
+    p.add_argument("--rounding", default="rtn", choices=["rtn", "gptq"],
+                   help="--merged: how re-quantized layers round (gptq: over the embedded corpus's train split)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="--merged: scales and unquantized weights (auto: float32 when every layer keeps its int-k "
                         "codes, as PEQA's do, so the export is exact; bfloat16 otherwise); --dense: the weights "

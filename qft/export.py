@@ -15,7 +15,10 @@ A layer is written one of two ways:
   then symmetric int4 per group, scales absmax / 7.5 and codes round(w / scale)
   clamped to [-8, 7], as compressed-tensors computes them; the group is the
   largest power of two from ``group_size`` down to MIN_GROUP that divides the
-  input width, per channel when none does.
+  input width, per channel when none does. ``rounding="gptq"`` picks the same codes'
+  values with GPTQ instead (same scales; calibration Hessians gathered on a dense copy of the
+  merged model, decoder layer by decoder layer, each layer seeing the ones before it as
+  exported): plain rounding of W' loses much of what training gained (RESULTS.md).
 
 ``export_dense`` writes W' = dequant(Q) + scaling·B·A densely instead (bf16 by default), as
 a plain transformers checkpoint: the hand-off to any other quantizer.
@@ -48,7 +51,9 @@ from transformers.pytorch_utils import Conv1D
 
 from qft.atomic import atomic_dir
 from qft.checkpoint import CheckpointError, shared_keys
+from qft.decompose.gptq import Grid, LayerwiseHessians, gptq_codes
 from qft.formats import UniformInt
+from qft.formats.base import check_choice
 from qft.nn import QLinear
 from qft.packing import pack, unpack
 
@@ -152,10 +157,20 @@ def _exact_in(t: torch.Tensor, dtype: torch.dtype) -> bool:
     return torch.equal(t.detach().to(dtype).to(t.dtype), t.detach())
 
 
-def _merged(layer: QLinear, group_size: int, dtype: torch.dtype) -> tuple[Scheme, dict[str, torch.Tensor]]:
-    group = group_for(layer.in_features, group_size)
-    q, scale = quantize_symmetric(layer.merged_weight(), group or layer.in_features, dtype)
+def _merged(weight: torch.Tensor, group_size: int, dtype: torch.dtype,
+            hessian: torch.Tensor | None = None) -> tuple[Scheme, dict[str, torch.Tensor]]:
+    """W' re-quantized to symmetric int4: round to nearest, or GPTQ under ``hessian`` on the same scales."""
+    cols = weight.shape[1]
+    group = group_for(cols, group_size)
+    q, scale = quantize_symmetric(weight, group or cols, dtype)
+    if hessian is not None:
+        top = 1 << MERGED_BITS - 1
+        levels = torch.arange(-top, top, device=weight.device)
+        grid = Grid(levels.float(), torch.arange(2 * top, device=weight.device).to(torch.uint8),
+                    scale.float(), None, group or cols)
+        q = (gptq_codes(weight, grid, hessian).to(torch.int16) - top).to(torch.int8)
     return Scheme(MERGED_BITS, True, group), {"weight_packed": pack_signed(q, MERGED_BITS), "weight_scale": scale}
+
 
 
 def export_merged(
@@ -165,6 +180,9 @@ def export_merged(
     *,
     group_size: int = 128,
     dtype: torch.dtype | None = None,
+    rounding: str = "rtn",
+    calibration: list[str] | None = None,
+    progress: bool = True,
 ) -> Path:
     """Write ``model`` for serving in the compressed-tensors pack-quantized layout (see the module doc).
 
@@ -172,9 +190,14 @@ def export_merged(
       int-k codes (PEQA): the export then gives exactly the trained model's fp32 logits; bfloat16
       otherwise. vLLM's int kernels take fp16/bf16 scales: pass one, and trained scales are rounded to it.
     group_size: the largest group of re-quantized layers (a power of two, at least MIN_GROUP).
+    rounding: of the re-quantized layers: "rtn" (round to nearest) or "gptq" (over ``calibration``
+      texts, default the embedded corpus's train split; needs ``tokenizer``).
     """
     if group_size < MIN_GROUP or group_size & (group_size - 1):
         raise ValueError(f"group_size={group_size}: use a power of two of at least {MIN_GROUP} (e.g. 128)")
+    check_choice("rounding", rounding, ("rtn", "gptq"))
+    if rounding == "gptq" and tokenizer is None:
+        raise ValueError("rounding='gptq' needs the tokenizer to read the calibration text (tokenizer=...)")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
     if not layers:
         raise ValueError("the model has no QLinear layer; export_merged writes models prepared or loaded by qft")
@@ -190,13 +213,30 @@ def export_merged(
         if key in shared or module in layers:
             continue
         out[key] = value.to(dtype) if value.is_floating_point() else value
+    hessians = dense = None
+    if rounding == "gptq":
+        dense = dense_model(model, torch.float32, merged=True).to(next(model.parameters()).device)
+        merged_names = [n for n, m in layers.items() if not keeps_codes(m)]
+        hessians = LayerwiseHessians(dense, tokenizer, merged_names, calibration, progress=progress)
     for name, layer in layers.items():
-        scheme, tensors = _codes_kept(layer, dtype) if keeps_codes(layer) else _merged(layer, group_size, dtype)
+        if keeps_codes(layer):
+            scheme, tensors = _codes_kept(layer, dtype)
+        else:
+            weight = layer.merged_weight()
+            scheme, tensors = _merged(weight, group_size, dtype, None if hessians is None else hessians.hessian(name))
+            if dense is not None:  # later layers calibrate on this one as a reader will compute it
+                state = {f"{name}.{k}": v for k, v in tensors.items()}
+                state[f"{name}.weight_shape"] = torch.tensor(weight.shape)
+                with torch.no_grad():
+                    dense.get_submodule(name).weight.copy_(_dequantized(Path(directory), name, scheme, state))
         groups.setdefault(scheme, []).append(name)
         out.update({f"{name}.{k}": v for k, v in tensors.items()})
         out[f"{name}.weight_shape"] = torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)
         if layer.bias is not None:
             out[f"{name}.bias"] = layer.bias.to(dtype)
+    if hessians is not None:
+        hessians.close()
+        del dense
     rounded = [n for n, m in layers.items() if keeps_codes(m) and not _exact_in(m.weight.tensors["scale"], dtype)]
     if rounded:
         logger.warning("the scales of %d int-k layers (e.g. %s) are rounded to %s, so the export is close to, "

@@ -15,3 +15,18 @@ def tiny_llama(seed: int = 0, vocab_size: int = 300) -> LlamaForCausalLM:
     config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=128)
     return LlamaForCausalLM(config).eval()
+
+
+class Chars:
+    """A character-level tokenizer for the tiny models (vocabulary 300)."""
+
+    eos_token = None
+
+    def __call__(self, text, return_tensors=None, add_special_tokens=False):
+        return type("Enc", (), {"input_ids": torch.tensor([[ord(c) % 300 for c in text]])})()
+
+    def save_pretrained(self, directory) -> None:
+        """Nothing to write: exports that save their tokenizer take this one too."""
+
+
+CALIBRATION = ["the quick brown fox jumps over the lazy dog; " * 60, "pack my box with five dozen liquor jugs. " * 60]

@@ -5,7 +5,7 @@ import logging
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import CALIBRATION, Chars, tiny_llama
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, CompressedTensorsConfig, LlamaConfig, LlamaForCausalLM
 
@@ -141,6 +141,27 @@ def test_export_reads_back_as_the_merged_int4_model(model, tmp_path):
     with torch.no_grad():
         a, b = model(ids).logits, dense(ids).logits
     assert (a - b).norm() < 0.2 * a.norm()  # int4 rounding of a random model, not a different model
+
+
+def test_a_gptq_export_keeps_the_scales_and_lowers_the_output_error(model, tmp_path):
+    from qft.data import token_blocks
+
+    export_merged(model, tmp_path / "rtn")
+    export_merged(model, tmp_path / "gptq", Chars(), rounding="gptq", calibration=CALIBRATION, progress=False)
+    rtn, gptq = load_file(tmp_path / "rtn" / "model.safetensors"), load_file(tmp_path / "gptq" / "model.safetensors")
+    assert rtn.keys() == gptq.keys()
+    scales = [k for k in rtn if k.endswith("weight_scale")]
+    assert scales and all(torch.equal(rtn[k], gptq[k]) for k in scales)
+    assert not torch.equal(rtn["model.layers.0.mlp.down_proj.weight_packed"],
+                           gptq["model.layers.0.mlp.down_proj.weight_packed"])
+    ids = token_blocks(Chars(), CALIBRATION, 64)
+    with torch.no_grad():
+        target = model(ids).logits
+        error = {k: float(((load_merged(tmp_path / k)(ids).logits.float() - target) ** 2).mean()) for k in ("rtn", "gptq")}
+    assert error["gptq"] < 0.8 * error["rtn"]
+    assert_compressed_tensors_reads_what_load_merged_reads(tmp_path / "gptq", layer_names(*PROJECTIONS))
+    with pytest.raises(ValueError, match="needs the tokenizer"):
+        export_merged(model, tmp_path / "x", rounding="gptq")
 
 
 def test_compressed_tensors_loads_the_export(narrow_model, tmp_path):

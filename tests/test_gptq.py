@@ -3,24 +3,13 @@
 import pytest
 import torch
 from conftest import ALL_FORMATS
-from helpers import tiny_llama
+from helpers import CALIBRATION as TEXTS
+from helpers import Chars, tiny_llama
 
 import qft
 from qft.decompose.gptq import LayerwiseHessians, gptq, output_error
 from qft.decompose.lqlora import lqlora
 from qft.tensor import QuantizedTensor
-
-
-class Chars:
-    """A character-level tokenizer for the tiny model."""
-
-    eos_token = None
-
-    def __call__(self, text, return_tensors=None, add_special_tokens=False):
-        return type("Enc", (), {"input_ids": torch.tensor([[ord(c) % 300 for c in text]])})()
-
-
-TEXTS = ["the quick brown fox jumps over the lazy dog; " * 60, "pack my box with five dozen liquor jugs. " * 60]
 
 
 @pytest.mark.parametrize("name", ALL_FORMATS)
