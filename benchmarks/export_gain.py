@@ -9,6 +9,7 @@ Held-out perplexity of SmolLM2 (embedded corpus, 512-token blocks) for:
                         (symmetric absmax int4, groups of 128 or the largest power of two dividing)
   trained (qft)         the trained LQ-LoRA model as qft runs it (Q + BA)
   W' dense fp32 / bf16  W' = dequant(Q) + BA written densely (the hand-off to other quantizers)
+  W', int4 GPTQ         the export with rounding="gptq" (same scales, GPTQ's codes)
   W', int8 / int4 RTN   W' rounded again, symmetric absmax per group
 If int4 RTN of the untouched model already costs about what the export loses, the second
 rounding of W' is the cause, and a better rounding (GPTQ on W') is the cure.
@@ -17,6 +18,7 @@ rounding of W' is the cause, and a better rounding (GPTQ on W') is the cure.
 from __future__ import annotations
 
 import argparse
+import tempfile
 
 import torch
 from lqlora import OUT, header
@@ -67,6 +69,9 @@ def main() -> None:
     trained = qft.load_quantized(KEPT / args.run / "base")
     qft.load_adapter(trained, KEPT / args.run / "adapter")
     row(f"trained {args.run} (qft: Q + BA)", trained, tokenizer)
+    with tempfile.TemporaryDirectory() as tmp:
+        qft.export_merged(trained, tmp, tokenizer, rounding="gptq", progress=False)
+        row("W', int4 GPTQ (export_merged rounding='gptq', bf16 scales)", qft.load_merged(tmp).float(), tokenizer)
     merged = {n: m.merged_weight() for n, m in trained.named_modules() if isinstance(m, qft.QLinear)}
     del trained
     row("W' dense fp32", dense_copy(merged), tokenizer)

@@ -14,8 +14,9 @@ of 512, lr 2e-4, warm-up 3, cosine, seed 0), held-out perplexity over every 512-
   lqlora-2.5           qft LQ-LoRA, Fisher-weighted, 2.5 bits, rank 64, trained on CE
   lqlora-2.5-lrec      the same trained with LREC
 
-Trained runs are also exported merged to int4 (compressed-tensors, groups of 128 or 64) with
-round-to-nearest and with GPTQ, and read back with qft.load_merged. Reported: seconds to prepare
+The LQ-LoRA runs are also exported merged to int4 (compressed-tensors, groups of 128 or 64) with
+round-to-nearest and with GPTQ, and read back with qft.load_merged (the int2 runs are not: their
+perplexity is far from anything an int4 export would be compared with). Reported: seconds to prepare
 (GPTQ's time for the whole model is the gptq rows'), s/step, peak RSS while training (teacher
 included for LREC runs: the fp32 teacher shares the process).
 """
@@ -85,6 +86,8 @@ def one_run(args) -> dict:
     row["s/step"] = result.seconds_per_step
     row["peak RSS training GB"] = rss.peak / 1e9
     del teacher
+    if not run.startswith("lqlora"):
+        return row
     row["export int4 RTN ppl"] = exported_ppl(model, tokenizer, "rtn")
     start = time.perf_counter()
     row["export int4 GPTQ ppl"] = exported_ppl(model, tokenizer, "gptq")

@@ -220,7 +220,8 @@ class LayerwiseHessians:
         prefix = f"{self.path}.{self.current}."
         here = {n: self.model.get_submodule(n) for n in self.names if n.startswith(prefix)}
         sums = {n: None for n in here}
-        handles = [module.register_forward_hook(self._accumulate(n, sums)) for n, module in here.items()]
+        last: dict = {}  # q/k/v (and gate/up) read one tensor: its XᵀX is computed once
+        handles = [module.register_forward_hook(self._accumulate(n, sums, last)) for n, module in here.items()]
         try:
             self._run(layer)
         finally:
@@ -235,9 +236,11 @@ class LayerwiseHessians:
         self.bar.close()
 
     @staticmethod
-    def _accumulate(name: str, sums: dict) -> Callable:
+    def _accumulate(name: str, sums: dict, last: dict) -> Callable:
         def hook(module, args, output):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            xtx = x.t() @ x
-            sums[name] = xtx if sums[name] is None else sums[name] + xtx
+            x = args[0]
+            if last.get("x") is not x:  # held, so no later tensor can be mistaken for it
+                flat = x.detach().reshape(-1, x.shape[-1]).float()
+                last["x"], last["xtx"] = x, flat.t() @ flat
+            sums[name] = last["xtx"] if sums[name] is None else sums[name] + last["xtx"]
         return hook
