@@ -45,11 +45,9 @@ class Grid:
     zero: torch.Tensor | None  # like scale, or None (symmetric)
     block: int
 
-    def column(self, j: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """(scale, zero) of column ``j``, each (rows or 1,)."""
-        b = j // self.block
-        zero = self.zero[:, b] if self.zero is not None else torch.zeros_like(self.scale[:, b])
-        return self.scale[:, b], zero
+    def per_column(self, blocks: torch.Tensor, cols: int) -> torch.Tensor:
+        """A per-block tensor (rows or 1, n_blocks) spread to one column each: (rows or 1, cols)."""
+        return blocks.repeat_interleave(self.block, dim=1)[:, :cols]
 
 
 def format_grid(w: torch.Tensor, fmt: Format) -> tuple[Grid, dict[str, torch.Tensor]]:
@@ -98,20 +96,23 @@ def gptq_codes(w: torch.Tensor, grid: Grid, hessian: torch.Tensor, *, damp: floa
     order = torch.argsort(torch.diag(hessian), descending=True, stable=True) if act_order else torch.arange(cols, device=w.device)
     w, hessian = w[:, order], hessian[order][:, order]
     u = _inverse_cholesky(hessian, damp)
+    scale = grid.per_column(grid.scale, cols)[:, order]
+    zero = grid.per_column(grid.zero, cols)[:, order] if grid.zero is not None else torch.zeros_like(scale)
+    inverse = 1 / torch.where(scale > 0, scale, torch.ones_like(scale))
     midpoints = (grid.codebook[1:] + grid.codebook[:-1]) / 2
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=w.device)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
+        block = w[:, start:end].clone()
         errors = torch.empty(rows, end - start, device=w.device)
-        for i in range(start, end):
-            scale, zero = grid.column(int(order[i]))
-            column = w[:, i]
-            safe = torch.where(scale > 0, scale, torch.ones_like(scale))
-            code = torch.bucketize((column / safe + zero).contiguous(), midpoints)
+        for j in range(end - start):
+            i = start + j
+            column = block[:, j]
+            code = torch.bucketize(column * inverse[:, i] + zero[:, i], midpoints)
             codes[:, i] = grid.code_of[code]
-            err = (column - (grid.codebook[code] - zero) * scale) / u[i, i]
-            w[:, i:end] -= err[:, None] * u[i, i:end][None, :]
-            errors[:, i - start] = err
+            err = (column - (grid.codebook[code] - zero[:, i]) * scale[:, i]) / u[i, i]
+            block[:, j:] -= err[:, None] * u[i, i:end][None, :]
+            errors[:, j] = err
         w[:, end:] -= errors @ u[start:end, end:]
     result = torch.empty_like(codes)
     result[:, order] = codes
