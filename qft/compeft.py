@@ -16,7 +16,10 @@ between them with a Golomb–Rice code (unary quotients in one stream, fixed-wid
 in another, so both decode without a loop; at parameter 0 the code is a bitmask, which is what
 dense updates get); signs take one bit each; the scale is in the header. Layout::
 
-    b"QFTC" | u8 version | u32 header length | JSON header | payload | SHA-256 of all before it
+    b"QFTC" | u8 version | u32 header length | zlib(JSON header) | payload | SHA-256 of all before it
+
+The header is deflated because it is not small: one entry per tensor (an LQ-LoRA adapter of
+SmolLM2 has 420), 135 KB as plain JSON, as much as the payload of a 1 %-density update.
 
 A file that is truncated, altered, of another kind, or made for another base is refused with a
 :class:`qft.checkpoint.CheckpointError` (or ValueError for the base) before anything is built.
@@ -29,6 +32,7 @@ import json
 import math
 import os
 import struct
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -194,8 +198,8 @@ def save_compressed(path: str | os.PathLike, ternary: dict[str, Ternary], header
                         "count": t.positions.numel(), "scale": t.scale, "positions": meta,
                         "offset": len(payload), "position_bytes": len(positions), "sign_bytes": len(signs)})
         payload += positions + signs
-    head = json.dumps({**header, "format_version": FORMAT_VERSION, "payload_bytes": len(payload),
-                       "tensors": entries}, sort_keys=True).encode()
+    head = zlib.compress(json.dumps({**header, "format_version": FORMAT_VERSION, "payload_bytes": len(payload),
+                                     "tensors": entries}, sort_keys=True).encode(), 9)
     body = _PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)) + head + bytes(payload)
     data = body + hashlib.sha256(body).digest()
     atomic_write_bytes(path, data)
@@ -224,8 +228,8 @@ def read_header(path: str | os.PathLike) -> tuple[dict, bytes]:
     if _PREFIX.size + head_len > len(body):
         raise CheckpointError(f"{path} is truncated (its header runs past the end); copy it again")
     try:
-        header = json.loads(body[_PREFIX.size:_PREFIX.size + head_len])
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        header = json.loads(zlib.decompress(body[_PREFIX.size:_PREFIX.size + head_len]))
+    except (zlib.error, json.JSONDecodeError, UnicodeDecodeError) as err:
         raise CheckpointError(f"{path}: unreadable header ({err}); the file is damaged") from err
     payload = body[_PREFIX.size + head_len:]
     if len(payload) != header.get("payload_bytes"):
