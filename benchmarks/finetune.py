@@ -202,16 +202,40 @@ def one_run(args) -> dict:
     }
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS)
+def training_arguments(parser: argparse.ArgumentParser, runs: list[str]) -> None:
+    """The options every side-by-side training benchmark shares (the finetune benchmark's defaults)."""
+    parser.add_argument("--runs", nargs="+", default=runs, choices=runs)
     parser.add_argument("--steps", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=2)
     parser.add_argument("--lr", type=float, default=2e-4)
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+
+
+def run_children(script: str, args, extra: tuple[str, ...] = (), setting: str = "") -> list[dict]:
+    """Each of ``args.runs`` in a process of its own (a clean peak RSS), as ``script --child``; their rows."""
+    OUT.mkdir(exist_ok=True)
+    header()
+    print(f"# {args.steps} steps x {args.batch_size} blocks of 512 tokens, lr {args.lr}, warm-up {args.warmup}, "
+          f"cosine, {setting}seed 0", flush=True)
+    rows = []
+    for run in args.runs:
+        cmd = [sys.executable, script, "--child", "--runs", run, "--steps", str(args.steps),
+               "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--warmup", str(args.warmup), *extra]
+        out = subprocess.run(cmd, capture_output=True, text=True)
+        if out.returncode != 0:
+            print(f"{run} failed:\n{out.stderr[-3000:]}", flush=True)
+            continue
+        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    training_arguments(parser, RUNS)
     parser.add_argument("--keep", action="store_true",
                         help="keep each run's adapter (and a qft run's base as prepared) in benchmarks/out/finetune/RUN")
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--save-nf4", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.save_nf4:
@@ -220,23 +244,9 @@ def main() -> None:
     if args.child:
         print(json.dumps(one_run(args)), flush=True)
         return
-    OUT.mkdir(exist_ok=True)
-    header()
-    print(f"# {args.steps} steps x {args.batch_size} blocks of 512 tokens, lr {args.lr}, warm-up {args.warmup}, "
-          f"cosine, rank {RANK}, seed 0", flush=True)
     if "qft-nf4" in args.runs:
         subprocess.run([sys.executable, __file__, "--save-nf4"], check=True)
-    rows = []
-    for run in args.runs:
-        cmd = [sys.executable, __file__, "--child", "--runs", run, "--steps", str(args.steps),
-               "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--warmup", str(args.warmup)]
-        cmd += ["--keep"] if args.keep else []
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            print(f"{run} failed:\n{out.stderr[-3000:]}", flush=True)
-            continue
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(rows[-1], flush=True)
+    rows = run_children(__file__, args, ("--keep",) if args.keep else (), setting=f"rank {RANK}, ")
     (OUT / "finetune.json").write_text(json.dumps(rows, indent=1))
     print(markdown_table(rows, ".3f"))
 

@@ -26,14 +26,12 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import subprocess
-import sys
 import tempfile
 import time
 
 import torch
-from finetune import PeakRSS, quantized_bits
-from lqlora import CACHE, OUT, fisher_of, header
+from finetune import PeakRSS, quantized_bits, run_children, training_arguments
+from lqlora import CACHE, OUT, fisher_of
 
 import qft
 from qft.evaluate import perplexity
@@ -97,30 +95,12 @@ def one_run(args) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--runs", nargs="+", default=RUNS, choices=RUNS)
-    parser.add_argument("--steps", type=int, default=30)
-    parser.add_argument("--batch-size", type=int, default=2)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
+    training_arguments(parser, RUNS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(one_run(args)), flush=True)
         return
-    OUT.mkdir(exist_ok=True)
-    header()
-    print(f"# {args.steps} steps x {args.batch_size} blocks of 512 tokens, lr {args.lr}, warm-up {args.warmup}, "
-          "cosine, seed 0", flush=True)
-    rows = []
-    for run in args.runs:
-        cmd = [sys.executable, __file__, "--child", "--runs", run, "--steps", str(args.steps),
-               "--batch-size", str(args.batch_size), "--lr", str(args.lr), "--warmup", str(args.warmup)]
-        out = subprocess.run(cmd, capture_output=True, text=True)
-        if out.returncode != 0:
-            print(f"{run} failed:\n{out.stderr[-3000:]}", flush=True)
-            continue
-        rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
-        print(rows[-1], flush=True)
+    rows = run_children(__file__, args)
     (OUT / "int21.json").write_text(json.dumps(rows, indent=1))
     keys = list(dict.fromkeys(k for r in rows for k in r))  # untrained runs have fewer columns
     print(markdown_table([{k: r.get(k, "") for k in keys} for r in rows], ".3f"))
