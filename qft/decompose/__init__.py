@@ -22,7 +22,7 @@ from typing import Callable
 
 import torch
 
-from qft.decompose.gptq import gptq
+from qft.decompose.gptq import gptq as gptq_rounding  # not ``gptq``: that name is the submodule
 from qft.formats import Format
 from qft.formats.base import check_choice
 from qft.nn import QLinear
@@ -92,7 +92,7 @@ def quantize(w: torch.Tensor, fmt: Format, options: MethodOptions) -> QuantizedT
     """A method's Q: round-to-nearest, or GPTQ under the matrix's calibration Hessian when there is one."""
     if options.hessian is None:
         return QuantizedTensor.quantize(w, fmt, options.dtype)
-    return gptq(w, fmt, options.hessian, dtype=options.dtype)
+    return gptq_rounding(w, fmt, options.hessian, dtype=options.dtype)
 
 
 def weighted_error(w: torch.Tensor, approx: torch.Tensor, fisher: torch.Tensor | None) -> float:
