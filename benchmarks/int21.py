@@ -14,9 +14,8 @@ of 512, lr 2e-4, warm-up 3, cosine, seed 0), held-out perplexity over every 512-
   lqlora-2.5           qft LQ-LoRA, Fisher-weighted, 2.5 bits, rank 64, trained on CE
   lqlora-2.5-lrec      the same trained with LREC
 
-The LQ-LoRA runs are also exported merged to int4 (compressed-tensors, groups of 128 or 64) with
-round-to-nearest and with GPTQ, and read back with qft.load_merged (the int2 runs are not: their
-perplexity is far from anything an int4 export would be compared with). Reported: seconds to prepare
+The merged int4 export with and without GPTQ is measured by benchmarks/export_gain.py (on the
+finetune benchmark's LQ-LoRA 2.5 run, the same as this one's lqlora-2.5). Reported: seconds to prepare
 (GPTQ's time for the whole model is the gptq rows'), s/step, peak RSS while training (teacher
 included for LREC runs: the fp32 teacher shares the process).
 """
@@ -26,7 +25,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import tempfile
 import time
 
 import torch
@@ -54,12 +52,6 @@ def prepare(run: str, model, tokenizer):
     raise ValueError(f"unknown run {run!r}; choose from {RUNS}")
 
 
-def exported_ppl(model, tokenizer, rounding: str) -> float:
-    with tempfile.TemporaryDirectory() as tmp:
-        qft.export_merged(model, tmp, tokenizer, rounding=rounding, progress=False)
-        return perplexity(qft.load_merged(tmp).float(), tokenizer, progress=False)
-
-
 def one_run(args) -> dict:
     run = args.runs[0]
     torch.manual_seed(0)
@@ -83,13 +75,6 @@ def one_run(args) -> dict:
     row["ppl after"] = perplexity(model, tokenizer, progress=False)
     row["s/step"] = result.seconds_per_step
     row["peak RSS training GB"] = rss.peak / 1e9
-    del teacher
-    if not run.startswith("lqlora"):
-        return row
-    row["export int4 RTN ppl"] = exported_ppl(model, tokenizer, "rtn")
-    start = time.perf_counter()
-    row["export int4 GPTQ ppl"] = exported_ppl(model, tokenizer, "gptq")
-    row["GPTQ export s"] = time.perf_counter() - start
     return row
 
 
