@@ -40,19 +40,21 @@ def rtn(w: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tensor:
     return (q.float().reshape(rows, -1, group) * scale[..., None]).reshape(rows, cols)
 
 
-def dense_copy(weights: dict[str, torch.Tensor], dtype=torch.float32):
-    """The embedded model with the given projection weights."""
+def dense_copy(weights: dict[str, torch.Tensor]):
+    """The embedded model (fp32) with the given projection weights."""
     model, _ = qft.default_model(progress=False)
     with torch.no_grad():
         for name, layer in find_target_linears(model).items():
             layer.weight.copy_(weights[name])
-    return model.to(dtype).eval()
+    return model.eval()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="lqlora-2.5")
     parser.add_argument("--max-blocks", type=int, help="evaluate only the first held-out blocks")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["fp32", "gptq"],
+                        help="leave out the untouched-model rows or the GPTQ export (the slow ones)")
     args = parser.parse_args()
     header()
     rows = []
@@ -63,19 +65,21 @@ def main() -> None:
         print(rows[-1], flush=True)
 
     model, tokenizer = qft.default_model(progress=False)
-    original = {n: m.weight.detach().float().clone() for n, m in find_target_linears(model).items()}
-    row("fp32", model, tokenizer)
-    row("fp32, int4 RTN (as the export rounds)", dense_copy({n: rtn(w, 4) for n, w in original.items()}), tokenizer)
+    if "fp32" not in args.skip:
+        original = {n: m.weight.detach().float().clone() for n, m in find_target_linears(model).items()}
+        row("fp32", model, tokenizer)
+        row("fp32, int4 RTN (as the export rounds)", dense_copy({n: rtn(w, 4) for n, w in original.items()}), tokenizer)
     trained = qft.load_quantized(KEPT / args.run / "base")
     qft.load_adapter(trained, KEPT / args.run / "adapter")
     row(f"trained {args.run} (qft: Q + BA)", trained, tokenizer)
-    with tempfile.TemporaryDirectory() as tmp:
-        qft.export_merged(trained, tmp, tokenizer, rounding="gptq", progress=False)
-        row("W', int4 GPTQ (export_merged rounding='gptq', bf16 scales)", qft.load_merged(tmp).float(), tokenizer)
+    if "gptq" not in args.skip:
+        with tempfile.TemporaryDirectory() as tmp:
+            qft.export_merged(trained, tmp, tokenizer, rounding="gptq", progress=False)
+            row("W', int4 GPTQ (export_merged rounding='gptq', bf16 scales)", qft.load_merged(tmp).float(), tokenizer)
     merged = {n: m.merged_weight() for n, m in trained.named_modules() if isinstance(m, qft.QLinear)}
     del trained
     row("W' dense fp32", dense_copy(merged), tokenizer)
-    row("W' rounded to bf16 (fp32 compute)", dense_copy(merged, torch.bfloat16).float(), tokenizer)
+    row("W' rounded to bf16 (fp32 compute)", dense_copy({n: w.bfloat16().float() for n, w in merged.items()}), tokenizer)
     row("W', int8 RTN", dense_copy({n: rtn(w, 8) for n, w in merged.items()}), tokenizer)
     row("W', int4 RTN (the merged export)", dense_copy({n: rtn(w, 4) for n, w in merged.items()}), tokenizer)
     print(markdown_table(rows, ".3f"))
