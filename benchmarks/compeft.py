@@ -77,9 +77,14 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--runs", nargs="+", default=RUNS)
     parser.add_argument("--densities", nargs="+", type=float, default=DENSITIES)
+    parser.add_argument("--scope", default="global", choices=["global", "tensor"],
+                        help="top-k and scale over the whole adapter (the paper's code) or per tensor")
+    parser.add_argument("--append", action="store_true",
+                        help="add these rows to benchmarks/out/compeft.json (table and picture) instead of replacing")
     args = parser.parse_args()
     header()
-    rows = []
+    saved = OUT / "compeft.json"
+    rows = json.loads(saved.read_text()) if args.append and saved.exists() else []
     for run in args.runs:
         model, tokenizer, base, swap = model_for(run)
         full = perplexity(model, tokenizer, progress=False)
@@ -89,7 +94,7 @@ def main() -> None:
             with tempfile.TemporaryDirectory() as tmp:
                 start = time.perf_counter()
                 summary = compress_adapter(KEPT / run / "adapter", Path(tmp) / "a.qftc", density=density,
-                                           base=base, tokenizer=tokenizer, progress=False)
+                                           base=base, tokenizer=tokenizer, scope=args.scope, progress=False)
                 compress_s = time.perf_counter() - start
                 start = time.perf_counter()
                 _, ternary = load_compressed(Path(tmp) / "a.qftc")
@@ -100,7 +105,7 @@ def main() -> None:
                 xz, xz_encode, xz_decode = lzma_bytes(ternary)
             swap(KEPT / run / "adapter")
             rows.append({
-                "adapter": run, "density": density, "alpha": summary["alpha"], ".qftc bytes": summary["file_bytes"],
+                "adapter": run if args.scope == "global" else f"{run} (per tensor)", "density": density, "alpha": summary["alpha"], ".qftc bytes": summary["file_bytes"],
                 "x smaller than fp16": summary["fp16_bytes"] / summary["file_bytes"],
                 "x smaller than fp32": 2 * summary["fp16_bytes"] / summary["file_bytes"],
                 "payload / entropy bound": summary["payload_over_bound"], "lzma bytes (same content)": xz,
@@ -108,7 +113,7 @@ def main() -> None:
                 "compress s (incl. alpha search)": compress_s, "ppl": ppl, "ppl change %": 100 * (ppl / full - 1),
             })
             print(rows[-1], flush=True)
-    (OUT / "compeft.json").write_text(json.dumps(rows, indent=1))
+    saved.write_text(json.dumps(rows, indent=1))
     print(markdown_table(rows, ".4g"))
     plot(rows)
 
