@@ -2,6 +2,7 @@
 
     python benchmarks/finetune.py --runs lora lqlora-2.5 peqa-int4-ch --keep   # trains, keeps adapters
     python benchmarks/compeft.py                                              # then this
+    python benchmarks/compeft.py --runs lora --scope tensor --append          # PEFT LoRA per tensor too
 
 For each kept adapter (benchmarks/out/finetune/<run>/) and each density, the adapter is
 compressed with qft.compress_adapter (α searched on 4 blocks of the corpus's *train* split),
