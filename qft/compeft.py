@@ -28,6 +28,7 @@ A file that is truncated, altered, of another kind, or made for another base is 
 from __future__ import annotations
 
 import hashlib
+import logging
 import json
 import math
 import os
@@ -41,6 +42,8 @@ import torch
 
 from qft.atomic import atomic_write_bytes
 from qft.checkpoint import CheckpointError
+
+logger = logging.getLogger(__name__)
 
 MAGIC = b"QFTC"
 FORMAT_VERSION = 1
@@ -111,6 +114,11 @@ def compress(update: torch.Tensor | dict[str, torch.Tensor], density: float, alp
         positions = torch.nonzero(mask).reshape(-1)
         out[name] = Ternary(tuple(update[name].shape), positions, t[positions] < 0, scale, update[name].dtype)
         start += t.numel()
+    empty = [name for name, t in out.items() if t.positions.numel() == 0 and bool(flat[name].any())]
+    if empty:
+        logger.warning("global top-%g keeps nothing of %d of %d tensors (e.g. %s): their updates are much smaller "
+                       "than the others' (PEFT LoRA's B after short training); scope='tensor' keeps each tensor's "
+                       "own top entries and scale", density, len(empty), len(out), empty[0])
     return out
 
 

@@ -1,6 +1,7 @@
 """ComPEFT: ternary updates, their file (Rice-coded positions, sign bits, checksum), and adapters."""
 
 import json
+import logging
 import math
 
 import pytest
@@ -193,3 +194,16 @@ def test_info_reports_sizes_against_fp16_and_the_bound(tmp_path):
     assert summary["parameters"] == n and summary["kept"] == round(0.05 * n)
     assert summary["fp16_bytes"] == 2 * n and summary["payload_over_bound"] < 1.1
     assert math.isfinite(summary["entropy_bound_bytes"])
+
+
+def test_global_scope_warns_when_a_tensor_keeps_nothing(caplog):
+    from qft.compeft import compress
+
+    update = {"lora_A": torch.randn(8, 64), "lora_B": 1e-4 * torch.randn(64, 8)}  # B ≪ A, as after short training
+    with caplog.at_level(logging.WARNING, logger="qft.compeft"):
+        out = compress(update, 0.1)
+    assert out["lora_B"].positions.numel() == 0 and "scope='tensor'" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="qft.compeft"):
+        per_tensor = compress(update, 0.1, scope="tensor")
+    assert per_tensor["lora_B"].positions.numel() == 51 and not caplog.text  # 10 % of 512, rounded
