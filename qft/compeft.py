@@ -158,22 +158,31 @@ def rice_cost(gaps: np.ndarray, k: int) -> int:
     return int((gaps >> k).sum()) + gaps.size * (k + 1)
 
 
-def encode_positions(positions: torch.Tensor) -> tuple[bytes, dict]:
+def encode_positions(positions: torch.Tensor, numel: int) -> tuple[bytes, dict]:
     """The Rice code of the gaps between sorted positions, with the cheapest parameter k. At k = 0 it
     is a bitmask up to the last kept entry (a 0 per kept entry, a 1 per skipped one), so a dense
-    update never costs more than a bitmask."""
-    gaps = np.diff(positions.numpy().astype(np.int64), prepend=-1) - 1
+    update never costs more than a bitmask. When more than half of the entries are kept, the
+    positions *not* kept are coded instead (``complement``): a nearly full tensor costs little."""
+    kept = positions.numpy().astype(np.int64)
+    complement = 2 * kept.size > numel
+    if complement:
+        mask = np.ones(numel, dtype=bool)
+        mask[kept] = False
+        kept = np.flatnonzero(mask)
+    gaps = np.diff(kept, prepend=-1) - 1
     around = int(math.log2(gaps.mean() + 1)) if gaps.size else 0  # the best k is near log2 of the mean gap
     k = min(range(max(0, around - 2), around + 3), key=lambda k: rice_cost(gaps, k))
     q, r = gaps >> k, gaps & ((1 << k) - 1)
     unary = np.ones(int(q.sum()) + gaps.size, dtype=bool)
     unary[np.cumsum(q + 1) - 1] = False  # each quotient's stop bit
     rem = ((r[:, None] >> np.arange(k)) & 1).astype(bool).reshape(-1)
-    return _bits_to_bytes(np.concatenate([unary, rem])), {"k": k, "unary_bits": unary.size}
+    return _bits_to_bytes(np.concatenate([unary, rem])), {"k": k, "unary_bits": unary.size, "complement": complement}
 
 
 def decode_positions(data: bytes, count: int, numel: int, meta: dict) -> torch.Tensor:
-    k, n_unary = int(meta["k"]), int(meta["unary_bits"])
+    k, n_unary, complement = int(meta["k"]), int(meta["unary_bits"]), bool(meta.get("complement"))
+    if complement:
+        count = numel - count
     bits = _bytes_to_bits(data, n_unary + count * k)
     stops = np.flatnonzero(~bits[:n_unary])
     if stops.size != count:
@@ -183,6 +192,10 @@ def decode_positions(data: bytes, count: int, numel: int, meta: dict) -> torch.T
     pos = np.cumsum((q << k) + r + 1) - 1
     if pos.size and pos[-1] >= numel:
         raise CheckpointError("a compressed tensor's positions do not fit its shape")
+    if complement:
+        mask = np.ones(numel, dtype=bool)
+        mask[pos] = False
+        pos = np.flatnonzero(mask)
     return torch.from_numpy(pos.astype(np.int64))
 
 
@@ -200,7 +213,7 @@ def save_compressed(path: str | os.PathLike, ternary: dict[str, Ternary], header
     """Write ``ternary`` (and ``header``'s fields) to ``path`` atomically; returns the bytes written."""
     payload, entries = bytearray(), []
     for name, t in ternary.items():
-        positions, meta = encode_positions(t.positions)
+        positions, meta = encode_positions(t.positions, math.prod(t.shape))
         signs = _bits_to_bytes(t.negative.numpy())
         entries.append({"name": name, "shape": list(t.shape), "dtype": str(t.dtype).removeprefix("torch."),
                         "count": t.positions.numel(), "scale": t.scale, "positions": meta,

@@ -58,7 +58,7 @@ def test_bad_density_and_nan_are_refused():
         compress(torch.tensor([1.0, float("nan")]), 0.5)
 
 
-@pytest.mark.parametrize("density", [0.01, 0.02, 0.05, 0.1, 0.2, 0.5])
+@pytest.mark.parametrize("density", [0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 0.8, 0.99])
 def test_the_file_decodes_exactly_and_is_near_the_entropy_bound(density, tmp_path):
     update = _update(seed=1, shapes=((512, 400),))
     ternary = compress(update, density, alpha=1.3)
@@ -75,6 +75,7 @@ def test_the_file_decodes_exactly_and_is_near_the_entropy_bound(density, tmp_pat
     if density == 0.5:  # parameter 0: a bitmask up to the last kept entry
         assert header["tensors"][0]["positions"]["k"] == 0
         assert payload <= math.ceil(512 * 400 / 8) + math.ceil(ternary["t0"].positions.numel() / 8)
+    assert header["tensors"][0]["positions"]["complement"] == (density > 0.5)  # nearly full: the gaps are coded
 
 
 @pytest.mark.parametrize("damage", ["flip", "truncate", "foreign", "empty"])
