@@ -98,8 +98,19 @@ def gptq_codes(w: torch.Tensor, grid: Grid, hessian: torch.Tensor, *, damp: floa
     u = _inverse_cholesky(hessian, damp)
     scale = grid.per_column(grid.scale, cols)[:, order]
     zero = grid.per_column(grid.zero, cols)[:, order] if grid.zero is not None else torch.zeros_like(scale)
-    inverse = 1 / torch.where(scale > 0, scale, torch.ones_like(scale))
-    midpoints = (grid.codebook[1:] + grid.codebook[:-1]) / 2
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    # Rounding as round-to-nearest does it (x / scale in float32): so that under H = I the codes are
+    # RTN's bit for bit. Consecutive-integer codebooks (int-k) round half to even like torch.round;
+    # others take the nearest entry (ties to the lower, as NF's nearest_code), + zero exact in float64.
+    size = grid.codebook.numel()
+    integer = torch.equal(grid.codebook, grid.codebook[0] + torch.arange(size, device=w.device))
+    midpoints = ((grid.codebook[1:] + grid.codebook[:-1]) / 2).double()
+
+    def nearest(x: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        if integer:
+            return (torch.round(x) + zero - grid.codebook[0]).clamp(0, size - 1).long()
+        return torch.bucketize(x.double() + zero.double(), midpoints)
+
     codes = torch.empty(rows, cols, dtype=torch.uint8, device=w.device)
     for start in range(0, cols, block_size):
         end = min(start + block_size, cols)
@@ -108,7 +119,7 @@ def gptq_codes(w: torch.Tensor, grid: Grid, hessian: torch.Tensor, *, damp: floa
         for j in range(end - start):
             i = start + j
             column = block[:, j]
-            code = torch.bucketize(column * inverse[:, i] + zero[:, i], midpoints)
+            code = nearest(column / safe[:, i], zero[:, i])
             codes[:, i] = grid.code_of[code]
             err = (column - (grid.codebook[code] - zero[:, i]) * scale[:, i]) / u[i, i]
             block[:, j:] -= err[:, None] * u[i, i:end][None, :]
