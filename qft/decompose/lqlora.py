@@ -139,11 +139,11 @@ def lqlora(
         l1, l2, _ = low_rank(w, rank, generator, weights)
     else:
         l1, l2 = w.new_zeros(w.shape[0], rank), w.new_zeros(rank, w.shape[1])
-    best, history = None, []  # best: (error, target of Q, L1, L2)
+    best, history = None, []  # best: (error, target of Q, L1, L2, Q when GPTQ made it)
     for _ in range(iters):
         target = w - l1 @ l2
-        rounded = fmt.fake_quantize(target) if hessian is None else gptq(target, fmt, hessian).dequantize()
-        residual = w - rounded
+        quantized = None if hessian is None else gptq(target, fmt, hessian)
+        residual = w - (fmt.fake_quantize(target) if quantized is None else quantized.dequantize())
         l1, l2, basis = low_rank(residual, rank, generator, weights, start=basis)
         if hessian is None:
             error = float((importance * (residual - l1 @ l2) ** 2).sum())
@@ -152,13 +152,14 @@ def lqlora(
         history.append(error)
         if best is None or error < best[0]:
             previous = None if best is None else best[0]
-            best = (error, target, l1, l2)
+            best = (error, target, l1, l2, quantized)
             if previous is None or error < previous * (1 - tol):
                 continue
         break  # no longer improving by tol
-    error, target, l1, l2 = best
-    qweight = QuantizedTensor.quantize(target, fmt) if hessian is None else gptq(target, fmt, hessian)
-    return Decomposition(qweight, l1, l2, error, history)
+    error, target, l1, l2, quantized = best
+    if quantized is None:
+        quantized = QuantizedTensor.quantize(target, fmt)
+    return Decomposition(quantized, l1, l2, error, history)
 
 
 def _layer(d: Decomposition, bias, options: MethodOptions) -> Built:
