@@ -28,8 +28,8 @@ A file that is truncated, altered, of another kind, or made for another base is 
 from __future__ import annotations
 
 import hashlib
-import logging
 import json
+import logging
 import math
 import os
 import struct

@@ -51,6 +51,7 @@ from transformers.pytorch_utils import Conv1D
 
 from qft.atomic import atomic_dir
 from qft.checkpoint import CheckpointError, shared_keys
+from qft.decompose import ROUNDINGS
 from qft.decompose.gptq import Grid, LayerwiseHessians, gptq_codes
 from qft.formats import UniformInt
 from qft.formats.base import check_choice
@@ -195,7 +196,7 @@ def export_merged(
     """
     if group_size < MIN_GROUP or group_size & (group_size - 1):
         raise ValueError(f"group_size={group_size}: use a power of two of at least {MIN_GROUP} (e.g. 128)")
-    check_choice("rounding", rounding, ("rtn", "gptq"))
+    check_choice("rounding", rounding, ROUNDINGS)
     if rounding == "gptq" and tokenizer is None:
         raise ValueError("rounding='gptq' needs the tokenizer to read the calibration text (tokenizer=...)")
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
