@@ -9,7 +9,9 @@ Held-out perplexity of SmolLM2 (embedded corpus, 512-token blocks) for:
                         (symmetric absmax int4, groups of 128 or the largest power of two dividing)
   trained (qft)         the trained LQ-LoRA model as qft runs it (Q + BA)
   W' dense fp32 / bf16  W' = dequant(Q) + BA written densely (the hand-off to other quantizers)
-  W', int4 GPTQ         the export with rounding="gptq" (same scales, GPTQ's codes)
+  W', exported          export_merged as each of EXPORTS configures it: symmetric (W4A16) or
+                        asymmetric (W4A16_ASYM, a zero-point per group), round to nearest or GPTQ
+                        (same scales, GPTQ's codes), GPTQ with act-order; bf16 scales, read back
   W', int8 / int4 RTN   W' rounded again, symmetric absmax per group
 If int4 RTN of the untouched model already costs about what the export loses, the second
 rounding of W' is the cause, and a better rounding (GPTQ on W') is the cure.
@@ -19,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import tempfile
+import time
 
 import torch
 from lqlora import OUT, header
@@ -30,6 +33,13 @@ from qft.report import markdown_table
 from qft.targets import find_target_linears
 
 KEPT = OUT / "finetune"
+EXPORTS = {
+    "sym-gptq": {"rounding": "gptq"},
+    "sym-gptq-act": {"rounding": "gptq", "act_order": True},
+    "asym-rtn": {"symmetric": False},
+    "asym-gptq": {"symmetric": False, "rounding": "gptq"},
+    "asym-gptq-act": {"symmetric": False, "rounding": "gptq", "act_order": True},
+}
 
 
 def rtn(w: torch.Tensor, bits: int, group_size: int = 128) -> torch.Tensor:
@@ -53,8 +63,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--run", default="lqlora-2.5")
     parser.add_argument("--max-blocks", type=int, help="evaluate only the first held-out blocks")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["fp32", "gptq"],
-                        help="leave out the untouched-model rows or the GPTQ export (the slow ones)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["fp32", "dense"],
+                        help="leave out the untouched-model rows or the rows of W' rounded in memory")
+    parser.add_argument("--exports", nargs="*", default=list(EXPORTS), choices=list(EXPORTS),
+                        help="the export_merged settings to measure (the GPTQ ones take minutes each)")
     args = parser.parse_args()
     header()
     rows = []
@@ -72,10 +84,16 @@ def main() -> None:
     trained = qft.load_quantized(KEPT / args.run / "base")
     qft.load_adapter(trained, KEPT / args.run / "adapter")
     row(f"trained {args.run} (qft: Q + BA)", trained, tokenizer)
-    if "gptq" not in args.skip:
+    for name in args.exports:
         with tempfile.TemporaryDirectory() as tmp:
-            qft.export_merged(trained, tmp, tokenizer, rounding="gptq", progress=False)
-            row("W', int4 GPTQ (export_merged rounding='gptq', bf16 scales)", qft.load_merged(tmp).float(), tokenizer)
+            start = time.perf_counter()
+            qft.export_merged(trained, tmp, tokenizer, progress=False, **EXPORTS[name])
+            seconds = time.perf_counter() - start
+            row(f"W', exported {name} {EXPORTS[name]}", qft.load_merged(tmp).float(), tokenizer)
+            rows[-1]["export s"] = seconds
+    if "dense" in args.skip:
+        print(markdown_table(rows, ".3f"))
+        return
     merged = {n: m.merged_weight() for n, m in trained.named_modules() if isinstance(m, qft.QLinear)}
     del trained
     row("W' dense fp32", dense_copy(merged), tokenizer)

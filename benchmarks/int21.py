@@ -11,6 +11,7 @@ of 512, lr 2e-4, warm-up 3, cosine, seed 0), held-out perplexity over every 512-
                        (64 blocks of 512 tokens of the corpus's train split); no training
   int2-gptq-ce         INT2.1's model (GPTQ int2-g128 + LoRA rank 32, alpha 128) trained on CE alone
   int21                the same trained with LREC: KL(fp32 teacher || student) + 0.06 CE
+  int21-top64          the same with the KL over the teacher's 64 most likely tokens only
   lqlora-2.5           qft LQ-LoRA, Fisher-weighted, 2.5 bits, rank 64, trained on CE
   lqlora-2.5-lrec      the same trained with LREC
 
@@ -36,7 +37,7 @@ from qft.evaluate import perplexity
 from qft.report import markdown_table
 
 RUNS = ["fp32", "int2-rtn", "int2-gptq", "int3-rtn", "int3-gptq", "int4-rtn", "int4-gptq",
-        "int2-gptq-ce", "int21", "lqlora-2.5", "lqlora-2.5-lrec"]
+        "int2-gptq-ce", "int21", "int21-top64", "lqlora-2.5", "lqlora-2.5-lrec"]
 
 
 def prepare(run: str, model, tokenizer):
@@ -44,7 +45,7 @@ def prepare(run: str, model, tokenizer):
         width, rounding = run.split("-")
         return qft.quantize_and_prepare(model, bits=f"{width}-g128", method="qlora", rank=0, rounding=rounding,
                                         tokenizer=tokenizer, progress=False)
-    if run in ("int2-gptq-ce", "int21"):
+    if run in ("int2-gptq-ce", "int21", "int21-top64"):
         return qft.quantize_and_prepare(model, bits=2, method="int21", tokenizer=tokenizer, progress=False)
     if run.startswith("lqlora-2.5"):
         fisher = fisher_of(copy.deepcopy(model), tokenizer)
@@ -59,7 +60,8 @@ def one_run(args) -> dict:
     row = {"run": run}
     if run == "fp32":
         return {**row, "bits": "32", "ppl": perplexity(model, tokenizer, progress=False)}
-    teacher = qft.default_model(progress=False)[0] if run in ("int21", "lqlora-2.5-lrec") else None
+    distilled = run in ("int21", "int21-top64", "lqlora-2.5-lrec")
+    teacher = qft.default_model(progress=False)[0] if distilled else None
     start = time.perf_counter()
     model = prepare(run, model, tokenizer)
     row["prepare s"] = time.perf_counter() - start
@@ -67,7 +69,7 @@ def one_run(args) -> dict:
     row["ppl"] = perplexity(model, tokenizer, progress=False)
     if not any(p.requires_grad for p in model.parameters()):
         return row
-    objective = "lrec" if teacher is not None else "ce"
+    objective = qft.LREC(top_k=64 if run.endswith("top64") else None) if distilled else "ce"
     with PeakRSS() as rss:
         result = qft.train(model, tokenizer, steps=args.steps, batch_size=args.batch_size, block_size=512, lr=args.lr,
                            warmup=args.warmup, seed=0, progress=False, eval_blocks=0, objective=objective,
@@ -87,8 +89,7 @@ def main() -> None:
         return
     rows = run_children(__file__, args)
     (OUT / "int21.json").write_text(json.dumps(rows, indent=1))
-    keys = list(dict.fromkeys(k for r in rows for k in r))  # untrained runs have fewer columns
-    print(markdown_table([{k: r.get(k, "") for k in keys} for r in rows], ".3f"))
+    print(markdown_table(rows, ".3f"))  # untrained runs have fewer columns
 
 
 if __name__ == "__main__":

@@ -146,7 +146,7 @@ def cmd_export(args) -> None:
         export_dense(model, args.out, tokenizer, dtype=dtype or torch.bfloat16)
     elif args.merged:
         export_merged(model, args.out, tokenizer, group_size=args.group_size, dtype=dtype, rounding=args.rounding,
-                      progress=args.progress)
+                      symmetric=not args.asymmetric, act_order=args.act_order, progress=args.progress)
     else:
         save_quantized(model, args.out, tokenizer, dtype=_save_dtype(args))
     print(f"saved to {args.out}")
@@ -301,6 +301,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--rounding", default="rtn", choices=["rtn", "gptq"],
                    help="--merged: how re-quantized layers round (gptq: over the embedded corpus's train split)")
+    p.add_argument("--asymmetric", action="store_true",
+                   help="--merged: re-quantize to int4 with a zero-point per group (W4A16_ASYM) instead of symmetric")
+    p.add_argument("--act-order", action="store_true",
+                   help="--merged --rounding gptq: visit columns by decreasing activation energy")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="--merged: scales and unquantized weights (auto: float32 when every layer keeps its int-k "
                         "codes, as PEQA's do, so the export is exact; bfloat16 otherwise); --dense: the weights "

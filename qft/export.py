@@ -52,11 +52,12 @@ from transformers.pytorch_utils import Conv1D
 from qft.atomic import atomic_dir
 from qft.checkpoint import CheckpointError, shared_keys
 from qft.decompose import ROUNDINGS
-from qft.decompose.gptq import Grid, LayerwiseHessians, gptq_codes
+from qft.decompose.gptq import Grid, LayerwiseHessians, gptq, gptq_codes
 from qft.formats import UniformInt
 from qft.formats.base import check_choice
 from qft.nn import QLinear
 from qft.packing import pack, unpack
+from qft.tensor import QuantizedTensor
 
 logger = logging.getLogger(__name__)
 
@@ -135,9 +136,8 @@ def keeps_codes(layer: QLinear) -> bool:
     return isinstance(layer.weight.format, UniformInt) and layer.lora_A is None
 
 
-def _codes_kept(layer: QLinear, dtype: torch.dtype) -> tuple[Scheme, dict[str, torch.Tensor]]:
-    """The layer's codes, zero-points and scales as they are (groups split to divide the width)."""
-    weight = layer.weight
+def _codes_of(weight: QuantizedTensor, dtype: torch.dtype) -> tuple[Scheme, dict[str, torch.Tensor]]:
+    """An int-k weight's codes, zero-points and scales as they are (groups split to divide the width)."""
     fmt, rows, cols = weight.format, weight.rows, weight.cols
     _, zero = fmt.decode_scales(weight.tensors, rows, cols)
     scale = weight.tensors["scale"].detach()  # the stored (trained) scale, in its own dtype
@@ -158,20 +158,24 @@ def _exact_in(t: torch.Tensor, dtype: torch.dtype) -> bool:
     return torch.equal(t.detach().to(dtype).to(t.dtype), t.detach())
 
 
-def _merged(weight: torch.Tensor, group_size: int, dtype: torch.dtype,
-            hessian: torch.Tensor | None = None) -> tuple[Scheme, dict[str, torch.Tensor]]:
-    """W' re-quantized to symmetric int4: round to nearest, or GPTQ under ``hessian`` on the same scales."""
+def _merged(weight: torch.Tensor, group_size: int, dtype: torch.dtype, hessian: torch.Tensor | None = None, *,
+            symmetric: bool = True, act_order: bool = False) -> tuple[Scheme, dict[str, torch.Tensor]]:
+    """W' re-quantized to int4, symmetric (absmax) or asymmetric (min-max with a zero-point, qft's int4
+    format): round to nearest, or GPTQ under ``hessian`` on the same scales."""
     cols = weight.shape[1]
     group = group_for(cols, group_size)
+    if not symmetric:
+        fmt = UniformInt(MERGED_BITS, group)
+        q = QuantizedTensor.quantize(weight, fmt) if hessian is None else gptq(weight, fmt, hessian, act_order=act_order)
+        return _codes_of(q, dtype)
     q, scale = quantize_symmetric(weight, group or cols, dtype)
     if hessian is not None:
         top = 1 << MERGED_BITS - 1
         levels = torch.arange(-top, top, device=weight.device)
         grid = Grid(levels.float(), torch.arange(2 * top, device=weight.device).to(torch.uint8),
                     scale.float(), None, group or cols)
-        q = (gptq_codes(weight, grid, hessian).to(torch.int16) - top).to(torch.int8)
+        q = (gptq_codes(weight, grid, hessian, act_order=act_order).to(torch.int16) - top).to(torch.int8)
     return Scheme(MERGED_BITS, True, group), {"weight_packed": pack_signed(q, MERGED_BITS), "weight_scale": scale}
-
 
 
 def export_merged(
@@ -183,6 +187,8 @@ def export_merged(
     dtype: torch.dtype | None = None,
     rounding: str = "rtn",
     calibration: list[str] | None = None,
+    symmetric: bool = True,
+    act_order: bool = False,
     progress: bool = True,
 ) -> Path:
     """Write ``model`` for serving in the compressed-tensors pack-quantized layout (see the module doc).
@@ -193,6 +199,9 @@ def export_merged(
     group_size: the largest group of re-quantized layers (a power of two, at least MIN_GROUP).
     rounding: of the re-quantized layers: "rtn" (round to nearest) or "gptq" (over ``calibration``
       texts, default the embedded corpus's train split; needs ``tokenizer``).
+    symmetric: re-quantized layers as compressed-tensors' W4A16 (absmax scales, no zero-point) or, False,
+      W4A16_ASYM (min-max scales and a zero-point per group; closer to W', RESULTS.md).
+    act_order: GPTQ visits columns by decreasing Hessian diagonal (scales stay the static groups').
     """
     if group_size < MIN_GROUP or group_size & (group_size - 1):
         raise ValueError(f"group_size={group_size}: use a power of two of at least {MIN_GROUP} (e.g. 128)")
@@ -221,10 +230,11 @@ def export_merged(
         hessians = LayerwiseHessians(dense, tokenizer, merged_names, calibration, progress=progress)
     for name, layer in layers.items():
         if keeps_codes(layer):
-            scheme, tensors = _codes_kept(layer, dtype)
+            scheme, tensors = _codes_of(layer.weight, dtype)
         else:
             weight = layer.merged_weight()
-            scheme, tensors = _merged(weight, group_size, dtype, None if hessians is None else hessians.hessian(name))
+            hessian = None if hessians is None else hessians.hessian(name)
+            scheme, tensors = _merged(weight, group_size, dtype, hessian, symmetric=symmetric, act_order=act_order)
             if dense is not None:  # later layers calibrate on this one as a reader will compute it
                 state = {f"{name}.{k}": v for k, v in tensors.items()}
                 state[f"{name}.weight_shape"] = torch.tensor(weight.shape)
@@ -242,14 +252,14 @@ def export_merged(
     if rounded:
         logger.warning("the scales of %d int-k layers (e.g. %s) are rounded to %s, so the export is close to, "
                        "not exactly, the trained model; export in float32 for that", len(rounded), rounded[0], dtype)
-    merged = {s.group for s in groups if s.symmetric}
-    if merged - {group_size, None}:
+    merged = {n: group_for(m.in_features, group_size) for n, m in layers.items() if not keeps_codes(m)}
+    if set(merged.values()) - {group_size, None}:
         logger.info("group size %d does not divide every input width; re-quantized layers use groups %s",
-                    group_size, sorted(g for g in merged if g))
-    if None in merged:
+                    group_size, sorted({g for g in merged.values() if g}))
+    if None in merged.values():
         logger.warning("no power of two from %d down to %d divides the input width of %s; "
                        "these layers are written per channel (one scale per output row)", group_size, MIN_GROUP,
-                       [n for s, names in groups.items() if s.symmetric and s.group is None for n in names])
+                       [n for n, g in merged.items() if g is None])
     config = model.config.to_dict()
     config["dtype"] = str(dtype).removeprefix("torch.")
     config["quantization_config"] = compressed_tensors_config(groups, ignore)

@@ -45,11 +45,11 @@ def quantization_error_table(
 
 
 def markdown_table(rows: list[dict], floatfmt: str = ".4f") -> str:
-    """Render rows of equal keys as a Markdown table."""
+    """Render rows as a Markdown table: the columns are every row's keys, in order; a missing cell is empty."""
     if not rows:
         return ""
-    keys = list(rows[0])
+    keys = list(dict.fromkeys(k for r in rows for k in r))
     cell = lambda v: format(v, floatfmt) if isinstance(v, float) else str(v)  # noqa: E731
     lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(cell(r[k]) for k in keys) + " |" for r in rows]
+    lines += ["| " + " | ".join(cell(r.get(k, "")) for k in keys) + " |" for r in rows]
     return "\n".join(lines)

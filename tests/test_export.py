@@ -164,6 +164,35 @@ def test_a_gptq_export_keeps_the_scales_and_lowers_the_output_error(model, tmp_p
         export_merged(model, tmp_path / "x", rounding="gptq")
 
 
+def test_an_asymmetric_export_is_qfts_int4_of_the_merged_weight(model, tmp_path):
+    from qft.data import token_blocks
+    from qft.tensor import QuantizedTensor
+
+    export_merged(model, tmp_path / "sym", dtype=torch.float32)
+    export_merged(model, tmp_path / "asym", dtype=torch.float32, symmetric=False)
+    export_merged(model, tmp_path / "gptq", Chars(), dtype=torch.float32, symmetric=False, rounding="gptq",
+                  act_order=True, calibration=CALIBRATION, progress=False)
+    q = json.loads((tmp_path / "asym" / "config.json").read_text())["quantization_config"]
+    assert {g["weights"]["symmetric"] for g in q["config_groups"].values()} == {False}
+    sym, asym, gptq = (load_merged(tmp_path / k) for k in ("sym", "asym", "gptq"))
+    weight_error = {"sym": 0.0, "asym": 0.0}
+    for name, layer in model.named_modules():
+        if isinstance(layer, QLinear):
+            w = layer.merged_weight().detach()
+            expected = QuantizedTensor.quantize(w, f"int4-g{group_for(w.shape[1], 128)}").dequantize()
+            assert torch.equal(asym.get_submodule(name).weight, expected), name
+            for key, dense in (("sym", sym), ("asym", asym)):
+                weight_error[key] += float(((dense.get_submodule(name).weight - w) ** 2).sum())
+    assert weight_error["asym"] < 0.9 * weight_error["sym"]  # a zero-point spends no level outside [min, max]
+    ids = token_blocks(Chars(), CALIBRATION, 64)
+    with torch.no_grad():
+        target = model(ids).logits
+        error = {k: float(((m(ids).logits - target) ** 2).mean()) for k, m in (("asym", asym), ("gptq", gptq))}
+    assert error["gptq"] < 0.8 * error["asym"]
+    with torch.no_grad():  # compressed-tensors decompresses the same model
+        assert torch.equal(load_with_compressed_tensors(tmp_path / "gptq")(ids).logits, gptq(ids).logits)
+
+
 def test_compressed_tensors_loads_the_export(narrow_model, tmp_path):
     export_merged(narrow_model, tmp_path / "out")
     assert_compressed_tensors_reads_what_load_merged_reads(tmp_path / "out", layer_names(*PROJECTIONS))

@@ -253,3 +253,10 @@ def test_a_registered_method_is_dispatched_to():
         del METHODS["rtn-test"]
     assert calls == ["int4-g128"] * 14 and model.qft_report.method == "rtn-test"
     assert not any(p.requires_grad for p in model.parameters())  # nothing to train: no adapters
+
+
+def test_a_table_of_rows_with_different_columns_leaves_missing_cells_empty():
+    from qft.report import markdown_table
+
+    table = markdown_table([{"run": "fp32", "ppl": 12.5}, {"run": "int2", "ppl": 3.0, "s/step": 1.25}], ".2f")
+    assert table.splitlines() == ["| run | ppl | s/step |", "|---|---|---|", "| fp32 | 12.50 |  |", "| int2 | 3.00 | 1.25 |"]
