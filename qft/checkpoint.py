@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 from torch import nn
 
 from qft.atomic import atomic_dir
-from qft.nn import QLinear, mark_trainable
+from qft.nn import LAYERS, QFT_LAYERS, mark_trainable
 from qft.targets import set_module
 
 logger = logging.getLogger(__name__)
@@ -36,7 +36,8 @@ FORMAT_VERSION = 2  # 2: per-tensor dtypes recorded, alpha in the config, the we
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 _DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "I32": torch.int32,
-           "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8, "F64": torch.float64}
+           "I64": torch.int64, "U8": torch.uint8, "I8": torch.int8, "F64": torch.float64,
+           "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2}
 
 
 class CheckpointError(ValueError):
@@ -44,11 +45,11 @@ class CheckpointError(ValueError):
 
 
 def module_specs(model: nn.Module) -> dict[str, dict]:
-    """What it takes to rebuild each QLinear of ``model`` as an empty layer (a layer that sits at
-    several places, tied, is described once and the others say ``same_as``)."""
+    """What it takes to rebuild each qft layer of ``model`` (QLinear, HaloLinear) as an empty layer (a
+    layer that sits at several places, tied, is described once and the others say ``same_as``)."""
     specs, first = {}, {}
     for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, QLinear):
+        if isinstance(m, QFT_LAYERS):
             if id(m) in first:
                 specs[name] = {"same_as": first[id(m)]}
             else:
@@ -58,7 +59,7 @@ def module_specs(model: nn.Module) -> dict[str, dict]:
 
 
 def swap_in_empty_layers(model: nn.Module, specs: dict[str, dict]) -> None:
-    """Put an empty QLinear (on the current default device) at every place ``specs`` lists."""
+    """Put an empty qft layer (on the current default device) at every place ``specs`` lists."""
     for name, spec in specs.items():
         try:
             old = model.get_submodule(name)
@@ -70,7 +71,11 @@ def swap_in_empty_layers(model: nn.Module, specs: dict[str, dict]) -> None:
         if getattr(old, "in_features", None) is not None and [old.out_features, old.in_features] != spec["shape"]:
             raise CheckpointError(f"{name} is {[old.out_features, old.in_features]} in the model, "
                                   f"{spec['shape']} in the checkpoint")
-        set_module(model, name, QLinear.empty(spec))
+        kind = spec.get("layer", "qlinear")  # format version 2 wrote QLinear specs without a "layer"
+        if kind not in LAYERS:
+            raise CheckpointError(f"{name} is a {kind!r} layer, which this qft version does not know; "
+                                  f"it reads {sorted(LAYERS)} (update qft)")
+        set_module(model, name, LAYERS[kind].empty(spec))
 
 
 def shared_keys(state: dict[str, torch.Tensor]) -> set[str]:
@@ -136,7 +141,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
     """
     specs = module_specs(model)
     if not specs:
-        raise ValueError("the model has no QLinear layer; call qft.quantize_and_prepare(model) before saving")
+        raise ValueError("the model has no qft layer; call qft.quantize_and_prepare(model) before saving")
     state = model.state_dict()
     again = tied_layer_keys(state, specs)
     drop = shared_keys(state) - again

@@ -101,6 +101,37 @@ def _check_weights(targets: dict[str, nn.Module]) -> None:
             raise ValueError(f"{name}.weight holds NaN or Inf values; fix the model before quantizing")
 
 
+def _prepare_whole(spec, model, rank, alpha, seed, target_modules, skip_modules, progress, options) -> nn.Module:
+    """A method without a bit budget (``Method.prepare``): it swaps in its own layers; the report
+    says what they store and how far their weights are from the originals."""
+    start = time.perf_counter()
+    targets = find_target_linears(model, target_modules, skip_modules)
+    _check_weights(targets)
+    weights = {name: dense_weight(layer).detach().float() for name, layer in targets.items()}
+    layers = spec.prepare(model, targets, rank=rank, alpha=alpha, seed=seed, progress=progress, **options)
+    report = Report(spec.name, str(options or "defaults"), max((m.rank for m in layers.values()), default=0), False)
+    report.skipped = _skipped_modules(model, targets, skip_modules)
+    stored = adapters = numel = 0
+    for name, layer in layers.items():
+        w = weights[name]
+        trained = set(layer.adapters().values())
+        held = sum(8 * t.numel() * t.element_size() for t in layer.state_dict(keep_vars=True).values())
+        extra = sum(8 * p.numel() * p.element_size() for p in trained)
+        base = held - (extra if layer.peft else 0)
+        stored, adapters, numel = stored + base, adapters + (extra if layer.peft else 0), numel + w.numel()
+        error = float(((layer.base_weight() - w) ** 2).sum())
+        report.matrices.append(MatrixReport(name, tuple(w.shape), layer.extra_repr(), base / w.numel(), error,
+                                            (error / max(float((w**2).sum()), 1e-30)) ** 0.5))
+        report.total_error += error
+    mark_trainable(model)
+    report.bits = stored / max(numel, 1)
+    report.bits_with_adapters = (stored + adapters) / max(numel, 1)
+    report.seconds = time.perf_counter() - start
+    model.qft_report = report
+    logger.info("%s", report.summary())
+    return model
+
+
 def quantize_and_prepare(
     model: nn.Module,
     bits: float | str = 2.5,
@@ -120,6 +151,7 @@ def quantize_and_prepare(
     rounding: str | None = None,
     cache_dir=None,
     progress: bool = True,
+    **method_options,
 ) -> nn.Module:
     """Quantize ``model``'s projections and leave only the adapters trainable.
 
@@ -130,7 +162,9 @@ def quantize_and_prepare(
       Q + L1L2), "loftq" (PEFT's one-step LoftQ), "qlora" (plain quantization,
       LoRA factors initialised as PEFT does; alpha defaults to rank), "peqa" (int-k,
       only the scales train; a budget allocates over int2/3/4/8 per channel or group),
-      "int21" (GPTQ int2-g128 + LoRA rank 32, to train with objective="lrec").
+      "int21" (GPTQ int2-g128 + LoRA rank 32, to train with objective="lrec"), "halo" (FP8/INT8
+      matmuls behind Hadamard rotations; no bit budget: options level=0|1|2, precision="fp8"|"int8",
+      granularity="tensor"|"row", grad_format="e4m3"|"e5m2", peft=False|True, see qft.decompose.halo).
     rank: rank of the low-rank factors (default: the method's, 64; PEQA has none).
     rounding: "rtn" (round to nearest) or "gptq" (GPTQ under each matrix's Hessian over
       ``calibration`` texts, decoder layer by decoder layer; needs ``tokenizer``); default: the
@@ -142,9 +176,15 @@ def quantize_and_prepare(
       name suffix); the output head is skipped unless ``skip_modules`` says otherwise.
     """
     spec = get_method(method)
+    unknown = sorted(set(method_options) - set(spec.options))
+    if unknown:
+        raise ValueError(f"quantize_and_prepare got unexpected option(s) {unknown}; method {method!r} takes "
+                         + (f"{list(spec.options)}" if spec.options else "none beyond the common arguments"))
     rank = spec.default_rank if rank is None else rank
     if rank < 0:
         raise ValueError(f"rank must be >= 0, got {rank}")
+    if spec.prepare is not None:
+        return _prepare_whole(spec, model, rank, alpha, seed, target_modules, skip_modules, progress, method_options)
     if spec.needs_rank and rank == 0:
         raise ValueError(f"method {method!r} needs rank >= 1 (use method='qlora' with rank=0 for plain quantization)")
     if fisher is True and tokenizer is None:

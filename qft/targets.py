@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from torch import nn
 
-from qft.nn.qlinear import QLinear, is_conv1d
+from qft.nn import QFT_LAYERS
+from qft.nn.qlinear import is_conv1d
 
 
 def is_linear(module: nn.Module) -> bool:
@@ -35,9 +36,9 @@ def find_target_linears(
     skip_modules: leave these alone (same matching). Default: the output head
       (the model's output embeddings); pass [] to quantize it too.
     """
-    done = [n for n, m in model.named_modules() if isinstance(m, QLinear)]
+    done = [n for n, m in model.named_modules() if isinstance(m, QFT_LAYERS)]
     if done:
-        raise ValueError(f"the model is already quantized by qft ({len(done)} QLinear layers, e.g. {done[0]}); "
+        raise ValueError(f"the model is already prepared by qft ({len(done)} qft layers, e.g. {done[0]}); "
                          "quantize_and_prepare takes the original float model (reload it to quantize again)")
     skip = output_head_names(model) if skip_modules is None else set(skip_modules)
     found = {}

@@ -9,7 +9,11 @@ calls it once per target matrix, after the format of that matrix is chosen:
 ``w`` is the float32 (out, in) weight on its own device, ``fmt`` the chosen
 format, ``options`` what the caller asked for (:class:`MethodOptions`).
 ``table_rank(rank)`` says which rank the error table (bit allocation) should
-assume the adapters absorb (0 for methods without a low-rank part). What
+assume the adapters absorb (0 for methods without a low-rank part).
+
+A method that does not quantize matrix by matrix under a bit budget (HALO: low-precision
+matmuls) registers ``prepare(model, targets, settings) -> model`` instead, with the
+names of the options it takes (``quantize_and_prepare(..., level=2)``). What
 trains is decided by the layer the method builds (its adapters), never by
 parameter names. A method rounds through :func:`quantize`, so that
 ``rounding="gptq"`` (``options.hessian`` set) reaches every method alike.
@@ -52,7 +56,7 @@ class Built:
 @dataclass(frozen=True)
 class Method:
     name: str
-    build: Callable[[torch.Tensor, torch.Tensor | None, Format, MethodOptions], Built]
+    build: Callable[[torch.Tensor, torch.Tensor | None, Format, MethodOptions], Built] | None
     needs_rank: bool  # rank >= 1 required
     table_rank: Callable[[int], int]
     description: str
@@ -60,6 +64,8 @@ class Method:
     default_rank: int = 64  # the rank when the caller gives none
     width_format: Callable[[int], str] | None = None  # an int ``bits`` names a format, not a budget
     rounding: str = "rtn"  # the rounding when the caller gives none: "rtn" or "gptq"
+    prepare: Callable[..., torch.nn.Module] | None = None  # replaces the per-matrix pipeline
+    options: tuple[str, ...] = ()  # the method's own keyword options of quantize_and_prepare
 
 
 METHODS: dict[str, Method] = {}
@@ -82,6 +88,17 @@ def register_method(name: str, *, needs_rank: bool, table_rank: Callable[[int], 
     return wrap
 
 
+def register_prepare_method(name: str, *, options: tuple[str, ...], default_rank: int = 0, description: str = ""):
+    """Decorator: register ``prepare(model, targets, *, rank, alpha, seed, progress, **options)`` as method
+    ``name``, for a method that replaces the per-matrix pipeline (no bit budget, no error table)."""
+
+    def wrap(prepare):
+        METHODS[name] = Method(name, None, False, lambda r: 0, description or (prepare.__doc__ or "").strip(),
+                               default_rank=default_rank, prepare=prepare, options=options)
+        return prepare
+    return wrap
+
+
 def get_method(name: str) -> Method:
     if name not in METHODS:
         raise ValueError(f"unknown method {name!r}; choose one of {sorted(METHODS)}")
@@ -101,7 +118,8 @@ def weighted_error(w: torch.Tensor, approx: torch.Tensor, fisher: torch.Tensor |
 
 
 # the built-in methods register themselves on import
-from qft.decompose import int21, lqlora, peqa, qlora  # noqa: E402,F401
+from qft.decompose import halo, int21, lqlora, peqa, qlora  # noqa: E402,F401
 from qft.decompose.lqlora import Decomposition  # noqa: E402
 
-__all__ = ["METHODS", "ROUNDINGS", "Built", "Decomposition", "Method", "MethodOptions", "get_method", "quantize", "register_method"]
+__all__ = ["METHODS", "ROUNDINGS", "Built", "Decomposition", "Method", "MethodOptions", "get_method", "quantize",
+           "register_method", "register_prepare_method"]

@@ -1,6 +1,28 @@
-"""Modules that hold quantized weights."""
+"""Modules that hold quantized weights, and the one place that decides what trains."""
+
+from torch import nn
 
 from qft.nn.dense_cache import dense_weights
-from qft.nn.qlinear import QLinear, dense_weight, mark_trainable
+from qft.nn.halo import HaloLinear, HaloSettings
+from qft.nn.qlinear import QLinear, dense_weight
 
-__all__ = ["QLinear", "dense_weight", "dense_weights", "mark_trainable"]
+LAYERS = {"qlinear": QLinear, "halo": HaloLinear}  # a checkpoint's spec names its layer by these keys
+QFT_LAYERS = tuple(LAYERS.values())
+
+
+def mark_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
+    """What trains: each qft layer's ``adapters()`` (low-rank factors, trainable scales, a HALO
+    layer's own weight); everything else is frozen."""
+    trainable = {}
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, module in model.named_modules():
+        if isinstance(module, QFT_LAYERS):
+            for n, p in module.adapters().items():
+                p.requires_grad_(True)
+                trainable[f"{name}.{n}" if name else n] = p
+    return trainable
+
+
+__all__ = ["LAYERS", "QFT_LAYERS", "HaloLinear", "HaloSettings", "QLinear", "dense_weight", "dense_weights",
+           "mark_trainable"]

@@ -333,16 +333,3 @@ def is_conv1d(module: nn.Module) -> bool:
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The (out_features, in_features) weight of an nn.Linear or a transformers Conv1D."""
     return module.weight.detach().t() if is_conv1d(module) else module.weight.detach()
-
-
-def mark_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The one place that decides what trains: the adapters of qft layers; everything else is frozen."""
-    trainable = {}
-    for p in model.parameters():
-        p.requires_grad_(False)
-    for name, module in model.named_modules():
-        if isinstance(module, QLinear):
-            for n, p in module.adapters().items():
-                p.requires_grad_(True)
-                trainable[f"{name}.{n}" if name else n] = p
-    return trainable

@@ -1,0 +1,199 @@
+"""HaloLinear: a linear layer whose three matmuls run in FP8 or INT8 behind Hadamard rotations (HALO).
+
+Training a linear layer takes three products — forward Y = X·Wᵀ, input gradient dX = E·W and
+weight gradient dW = Eᵀ·X (E = dL/dY) — and HALO (Ashkboos et al., 2025) casts both operands of
+each to 8 bits after rotating them with Hadamard matrices H, which spreads outliers over the
+rotated dimension so that one absmax scale wastes less range. By level, as IST-DASLab/HALO's
+training functions define them (H over in_features, H_T over tokens):
+
+- level 0: no rotation.
+- level 1: Y = Q(XH)·Q(WH)ᵀ (the rotation cancels inside the product); dX = [Q(E)·Q(WH)]·Hᵀ and
+  dW = [Q(E)ᵀ·Q(XH)]·Hᵀ reuse the rotated operands and undo H on the output.
+- level 2: level 1, and E is rotated over its tokens for dX: dX = H_T·[Q(H_Tᵀ·E)·Q(WH)]·Hᵀ
+  (the token count is zero-padded to the next size a Hadamard matrix is built for).
+
+Q casts to ``precision`` ("fp8": E4M3, gradients E4M3 or E5M2; "int8") with one absmax scale per
+tensor (HALO's kernels) or per row (``granularity="row"``): ``qft.kernels.low_precision``. The
+rotated operands are saved for the backward in the input's dtype and cast per product.
+
+Two kinds of layer:
+
+- full fine-tuning (``peft=False``): ``weight`` is the high-precision master weight and trains;
+- HALO-PEFT (``peft=True``): the base is frozen and stored cast — ``weight_codes`` (FP8 or int8
+  values of W·H, or of W at level 0) and ``weight_scale`` — and a LoRA adapter (A, B, scaling
+  alpha/rank, PEFT's initialisation) trains in high precision beside it, as in HALO's PEFT code.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+
+import torch
+from torch import nn
+
+from qft.kernels.hadamard import _split, factorisation, hadamard_transform
+from qft.kernels.low_precision import FP8_FORMATS, GRANULARITIES, PRECISIONS, low_precision_matmul, quantize
+
+LEVELS = (0, 1, 2)
+
+
+@dataclass(frozen=True)
+class HaloSettings:
+    level: int = 2
+    precision: str = "fp8"
+    granularity: str = "tensor"
+    grad_format: str = "e4m3"  # FP8 gradients: "e4m3" or "e5m2" (int8 ignores it)
+
+    def __post_init__(self) -> None:
+        for name, value, allowed in (("level", self.level, LEVELS), ("precision", self.precision, PRECISIONS),
+                                     ("granularity", self.granularity, GRANULARITIES),
+                                     ("grad_format", self.grad_format, tuple(FP8_FORMATS))):
+            if value not in allowed:
+                raise ValueError(f"unknown HALO {name} {value!r}; choose one of {list(allowed)}")
+
+
+def _padded_tokens(t: int) -> int:
+    """The least size ≥ t that a Hadamard matrix is built for."""
+    while _split(t) is None:
+        t += 1
+    return t
+
+
+def _rotate_tokens(e: torch.Tensor, transpose: bool) -> torch.Tensor:
+    """H_Tᵀ·e (``transpose=False``) or H_T·e over the rows of ``e`` (tokens), zero-padded to a supported size."""
+    t = e.shape[0]
+    padded = _padded_tokens(t)
+    if padded != t:
+        e = torch.cat([e, e.new_zeros(padded - t, e.shape[1])])
+    return hadamard_transform(e.t().contiguous(), transpose=transpose).t()
+
+
+class _HaloMatmul(torch.autograd.Function):
+    """x (tokens, in) @ weight (out, in)ᵀ with HALO's three low-precision products. ``rotated``: the
+    weight is already W·H (a frozen HALO-PEFT base)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, settings: HaloSettings, rotated: bool):
+        xr = hadamard_transform(x) if settings.level else x
+        wr = hadamard_transform(weight) if settings.level and not rotated else weight
+        ctx.save_for_backward(xr, wr)
+        ctx.settings, ctx.dtypes = settings, (x.dtype, weight.dtype)
+        return low_precision_matmul(xr, wr, settings.precision, settings.granularity).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dy):
+        xr, wr = ctx.saved_tensors
+        s: HaloSettings = ctx.settings
+        grad = s.grad_format
+        dx = dw = None
+        if ctx.needs_input_grad[0]:
+            e = _rotate_tokens(dy, transpose=False) if s.level == 2 else dy
+            dxr = low_precision_matmul(e, wr.t(), s.precision, s.granularity, fp8_a=grad)  # e @ wr
+            if s.level == 2:
+                dxr = _rotate_tokens(dxr, transpose=True)[: dy.shape[0]]
+            dx = (hadamard_transform(dxr, transpose=True) if s.level else dxr).to(ctx.dtypes[0])
+        if ctx.needs_input_grad[1]:
+            dwr = low_precision_matmul(dy.t(), xr.t(), s.precision, s.granularity, fp8_a=grad)  # eᵀ @ xr
+            dw = (hadamard_transform(dwr, transpose=True) if s.level else dwr).to(ctx.dtypes[1])
+        return dx, dw, None, None
+
+
+def halo_matmul(x: torch.Tensor, weight: torch.Tensor, settings: HaloSettings, *, rotated: bool = False) -> torch.Tensor:
+    """x (…, in) @ weightᵀ with HALO's low-precision forward and backward products."""
+    y = _HaloMatmul.apply(x.reshape(-1, x.shape[-1]), weight, settings, rotated)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+class HaloLinear(nn.Module):
+    """A Linear trained through HALO's low-precision products (module doc)."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, *, settings: HaloSettings,
+                 peft: bool = False, rank: int = 0, alpha: float | None = None,
+                 generator: torch.Generator | None = None, adapter_dtype: torch.dtype = torch.float32) -> None:
+        super().__init__()
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be (out_features, in_features), got shape {tuple(weight.shape)}")
+        if peft and rank < 1:
+            raise ValueError("HALO-PEFT trains a LoRA adapter beside the frozen base: give rank >= 1")
+        if not peft and rank:
+            raise ValueError("full HALO fine-tuning trains the weight itself; rank applies with peft=True")
+        self.out_features, self.in_features = weight.shape
+        if settings.level:
+            factorisation(self.in_features)  # the rotation's size: raises, naming the nearest supported ones
+        self.settings, self.peft, self.rank = settings, peft, rank
+        self.scaling = float(alpha if alpha is not None else rank) / rank if rank else 0.0
+        self.lora_A = self.lora_B = None
+        bias = None if bias is None else bias.detach().clone()
+        if not peft:
+            self.weight = nn.Parameter(weight.detach().clone())
+            self.bias = None if bias is None else nn.Parameter(bias)
+            return
+        w = weight.detach().float()
+        codes, scale = quantize(hadamard_transform(w) if settings.level else w, settings.precision,
+                                settings.granularity)
+        self.register_buffer("weight_codes", codes)
+        self.register_buffer("weight_scale", scale)
+        self.register_buffer("bias", bias)
+        gen = generator if generator is not None else torch.Generator().manual_seed(0)
+        bound = 1 / math.sqrt(self.in_features)  # as PEFT's LoRA: A Kaiming-uniform, B zero
+        a = (torch.rand(rank, self.in_features, generator=gen) * 2 - 1) * bound
+        self.lora_A = nn.Parameter(a.to(device=weight.device, dtype=adapter_dtype))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=weight.device, dtype=adapter_dtype))
+
+    def base_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The weight the products see, unrotated: W (full) or the frozen cast base (PEFT)."""
+        if not self.peft:
+            return self.weight.detach().to(dtype)
+        w = self.weight_codes.float() * self.weight_scale
+        return (hadamard_transform(w, transpose=True) if self.settings.level else w).to(dtype)
+
+    def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W (+ scaling·B·A for HALO-PEFT): the dense weight to export."""
+        w = self.base_weight(torch.float32)
+        if self.rank:
+            w = w + self.scaling * (self.lora_B.detach().float() @ self.lora_A.detach().float())
+        return w.to(dtype)
+
+    def adapters(self) -> dict[str, nn.Parameter]:
+        """What trains: the weight and bias (full), or the LoRA factors (PEFT)."""
+        names = ("weight", "bias") if not self.peft else ("lora_A", "lora_B")
+        return {n: p for n in names if isinstance(p := getattr(self, n), nn.Parameter)}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.peft:
+            stored = self.weight_codes.float() * self.weight_scale
+            y = halo_matmul(x, stored.to(x.dtype), self.settings, rotated=True)
+        else:
+            y = halo_matmul(x, self.weight, self.settings)
+        if self.bias is not None:
+            y = y + self.bias.to(y.dtype)
+        if self.rank:
+            a = self.lora_A
+            y = y + self.scaling * ((x.to(a.dtype) @ a.t()) @ self.lora_B.t()).to(y.dtype)
+        return y
+
+    def spec(self) -> dict:
+        """What it takes to rebuild the layer empty (checkpoints record it)."""
+        return {"layer": "halo", "shape": [self.out_features, self.in_features], **asdict(self.settings),
+                "peft": self.peft, "rank": self.rank, "alpha": self.scaling * self.rank if self.rank else None,
+                "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in self.state_dict().items()}}
+
+    @classmethod
+    def empty(cls, spec: dict, device=None) -> HaloLinear:
+        """A layer of the layout ``spec`` describes, zeros everywhere: a checkpoint fills it."""
+        dtypes = {k: getattr(torch, v) for k, v in spec["dtypes"].items()}
+        settings = HaloSettings(spec["level"], spec["precision"], spec["granularity"], spec["grad_format"])
+        weight = torch.zeros(spec["shape"], device=device)
+        bias = torch.zeros(spec["shape"][0], device=device) if "bias" in dtypes else None
+        layer = cls(weight, bias, settings=settings, peft=spec["peft"], rank=spec["rank"], alpha=spec["alpha"],
+                    adapter_dtype=dtypes.get("lora_A", torch.float32))
+        for name, t in list(layer.state_dict(keep_vars=True).items()):
+            t.data = t.data.to(dtypes[name])
+        return layer
+
+    def extra_repr(self) -> str:
+        s = self.settings
+        kind = f"peft rank={self.rank}" if self.peft else "full"
+        return (f"in={self.in_features}, out={self.out_features}, level={s.level}, {s.precision}, "
+                f"scales per {s.granularity}, {kind}")
