@@ -174,8 +174,11 @@ def test_qlora_draws_every_layer_from_one_stream():
 
 def test_an_already_prepared_model_is_refused_clearly():
     model = quantize_and_prepare(tiny_llama(), bits="nf4", method="qlora", rank=2, progress=False)
-    with pytest.raises(ValueError, match="already quantized by qft"):
+    with pytest.raises(ValueError, match="already prepared by qft"):
         quantize_and_prepare(model, bits="nf4")
+    halo = quantize_and_prepare(tiny_llama(), method="halo", progress=False)
+    with pytest.raises(ValueError, match="already prepared by qft"):
+        quantize_and_prepare(halo, bits="nf4")
 
 
 def test_meta_weights_are_refused_clearly():
