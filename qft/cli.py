@@ -73,9 +73,11 @@ def cmd_quantize(args) -> None:
     # "4" stays an int (PEQA reads it as a width), "2.5" is a budget, anything else a format name
     bits = int(args.bits) if args.bits.isdigit() else (
         float(args.bits) if args.bits.replace(".", "", 1).isdigit() else args.bits)
+    halo = {k: getattr(args, k) for k in ("level", "precision", "granularity", "grad_format", "peft")
+            if getattr(args, k) not in (None, False)}  # a method's own options, when given
     quantize_and_prepare(model, bits=bits, method=args.method, rank=args.rank, fisher=args.fisher,
                          tokenizer=tokenizer, iters=args.iters, seed=args.seed, rounding=args.rounding,
-                         progress=args.progress)
+                         progress=args.progress, **halo)
     print(model.qft_report.summary())
     save_quantized(model, args.out, tokenizer, dtype=_save_dtype(args))
     print(f"saved to {args.out}")
@@ -224,13 +226,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", parents=[common], help="quantize a model and save a qft checkpoint")
     p.add_argument("--model", help="Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
     p.add_argument("--bits", default="2.5", help="average bits per parameter, or a format name such as nf4")
-    p.add_argument("--method", default="lqlora", help="a registered method: lqlora, loftq, qlora, peqa, int21")
+    p.add_argument("--method", default="lqlora", help="a registered method: lqlora, loftq, qlora, peqa, int21, halo")
     p.add_argument("--rounding", choices=["rtn", "gptq"],
                    help="round to nearest, or GPTQ over the embedded corpus (default: the method's; int21: gptq)")
     p.add_argument("--rank", type=int, help="rank of the low-rank factors (default: 64; PEQA: none)")
     p.add_argument("--fisher", action="store_true", help="weight errors by the empirical Fisher (needs text)")
     p.add_argument("--iters", type=int, default=10, help="LQ-LoRA iterations per matrix")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--level", type=int, choices=[0, 1, 2], help="halo: Hadamard rotation level (default 2)")
+    p.add_argument("--precision", choices=["fp8", "int8"], help="halo: the matmuls' precision (default fp8)")
+    p.add_argument("--granularity", choices=["tensor", "row"], help="halo: one scale per tensor or per row")
+    p.add_argument("--grad-format", choices=["e4m3", "e5m2"], help="halo, fp8: the gradients' format")
+    p.add_argument("--peft", action="store_true", help="halo: frozen 8-bit base + LoRA of --rank (default 16)")
     p.add_argument("--out", required=True, help="folder to write")
     p.set_defaults(run=cmd_quantize)
 

@@ -159,3 +159,17 @@ def test_int21_quantize_and_train_with_a_teacher(base, tmp_path, capsys):
     assert main(["train", "-q", str(q), "--out", str(t), "--data", str(data), "--steps", "1",
                  "--teacher", str(tmp_path / "missing")]) != 0
     assert "missing is not a Hugging Face model folder" in capsys.readouterr().err
+
+
+def test_halo_quantize_train_and_reload(base, tmp_path, capsys):
+    data = _notes(tmp_path)
+    q, t = tmp_path / "q", tmp_path / "t"
+    assert main(["quantize", "-q", "--model", str(base), "--method", "halo", "--precision", "int8", "--level", "1",
+                 "--peft", "--rank", "4", "--out", str(q)]) == 0
+    config = json.loads((q / "config.json").read_text())["quantization_config"]
+    layer = config["modules"]["model.layers.0.mlp.down_proj"]
+    assert layer["layer"] == "halo" and layer["precision"] == "int8" and layer["level"] == 1 and layer["rank"] == 4
+    assert main(["train", "-q", str(q), "--out", str(t), "--data", str(data), "--steps", "2", "--batch-size", "1",
+                 "--block-size", "32", "--eval-blocks", "2", "--warmup", "1"]) == 0
+    assert "step 2: held-out perplexity" in capsys.readouterr().out
+    assert main(["eval", "-q", str(t), "--data", str(data), "--block-size", "32", "--max-blocks", "2"]) == 0
