@@ -55,7 +55,7 @@ from qft.decompose import ROUNDINGS
 from qft.decompose.gptq import Grid, LayerwiseHessians, gptq, gptq_codes
 from qft.formats import UniformInt
 from qft.formats.base import check_choice
-from qft.nn import QLinear
+from qft.nn import QFT_LAYERS, QLinear
 from qft.packing import pack, unpack
 from qft.tensor import QuantizedTensor
 
@@ -131,9 +131,9 @@ def compressed_tensors_config(groups: dict[Scheme, list[str]], ignore: list[str]
     }
 
 
-def keeps_codes(layer: QLinear) -> bool:
+def keeps_codes(layer: nn.Module) -> bool:
     """Whether the layer's own int-k codes are exported unchanged (no low-rank part to merge)."""
-    return isinstance(layer.weight.format, UniformInt) and layer.lora_A is None
+    return isinstance(layer, QLinear) and isinstance(layer.weight.format, UniformInt) and layer.lora_A is None
 
 
 def _codes_of(weight: QuantizedTensor, dtype: torch.dtype) -> tuple[Scheme, dict[str, torch.Tensor]]:
@@ -208,9 +208,9 @@ def export_merged(
     check_choice("rounding", rounding, ROUNDINGS)
     if rounding == "gptq" and tokenizer is None:
         raise ValueError("rounding='gptq' needs the tokenizer to read the calibration text (tokenizer=...)")
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QFT_LAYERS)}
     if not layers:
-        raise ValueError("the model has no QLinear layer; export_merged writes models prepared or loaded by qft")
+        raise ValueError("the model has no qft layer; export_merged writes models prepared or loaded by qft")
     if dtype is None:
         dtype = torch.float32 if all(keeps_codes(m) for m in layers.values()) else torch.bfloat16
     ignore = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and n not in layers]
@@ -275,18 +275,19 @@ def export_merged(
 
 
 def dense_model(model: nn.Module, dtype: torch.dtype, *, merged: bool) -> nn.Module:
-    """A plain transformers model of ``model``'s architecture (no qft layers) in ``dtype``: every QLinear
-    becomes an nn.Linear holding W' = dequant(Q) + scaling·B·A (``merged``) or dequant(Q) alone."""
+    """A plain transformers model of ``model``'s architecture (no qft layers) in ``dtype``: every qft layer
+    becomes an nn.Linear holding W' = dequant(Q) + scaling·B·A (``merged``) or dequant(Q) alone (a HALO
+    layer: its weight, or its 8-bit base + B·A)."""
     from transformers import AutoModelForCausalLM
 
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, QFT_LAYERS)}
     config = type(model.config).from_dict(model.config.to_dict())
     if hasattr(config, "quantization_config"):
         del config.quantization_config
     dense = AutoModelForCausalLM.from_config(config, dtype=dtype)
     state = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in layers}
     for name, layer in layers.items():
-        state[f"{name}.weight"] = layer.merged_weight() if merged else layer.weight.dequantize(torch.float32)
+        state[f"{name}.weight"] = layer.merged_weight() if merged else layer.base_weight()
         if layer.bias is not None:
             state[f"{name}.bias"] = layer.bias
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
@@ -303,8 +304,8 @@ def export_dense(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
                  dtype: torch.dtype = torch.bfloat16) -> Path:
     """W' = dequant(Q) + scaling·B·A for every QLinear, written densely as a plain transformers checkpoint
     (``dtype``, bf16 by default): the hand-off to another quantizer (llm-compressor, GPTQModel, llama.cpp)."""
-    if not any(isinstance(m, QLinear) for m in model.modules()):
-        raise ValueError("the model has no QLinear layer; export_dense writes models prepared or loaded by qft")
+    if not any(isinstance(m, QFT_LAYERS) for m in model.modules()):
+        raise ValueError("the model has no qft layer; export_dense writes models prepared or loaded by qft")
     dense = dense_model(model, dtype, merged=True)
     with atomic_dir(directory) as tmp:
         dense.save_pretrained(tmp)

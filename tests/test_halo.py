@@ -181,3 +181,25 @@ def test_int8_falls_back_where_int_mm_cannot_run(monkeypatch):
     monkeypatch.setattr(low_precision, "_fast_int8", lambda a, b: False)
     a, b = torch.randn(5, 40), torch.randn(7, 40)
     assert rel(low_precision_matmul(a, b, "int8"), a @ b.t()) < TOLERANCE["int8"]
+
+
+@pytest.mark.parametrize("peft", [False, True])
+def test_a_halo_model_exports_dense_and_merged_int4(peft, tmp_path):
+    from qft.export import export_dense, export_merged, load_merged
+    from transformers import AutoModelForCausalLM
+
+    model = qft.quantize_and_prepare(tiny_llama(), method="halo", peft=peft, level=1, progress=False)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, HaloLinear) and peft:
+                layer.lora_B.normal_(0, 0.02)  # a trained adapter, so the merge has something to add
+    export_dense(model, tmp_path / "dense", dtype=torch.float32)
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    for name, layer in model.named_modules():
+        if isinstance(layer, HaloLinear):
+            assert torch.equal(dense.get_submodule(name).weight, layer.merged_weight())
+    export_merged(model, tmp_path / "int4", dtype=torch.float32)
+    x = torch.randint(0, 300, (2, 16))
+    with torch.no_grad():
+        reference = dense(x).logits
+        assert rel(load_merged(tmp_path / "int4")(x).logits, reference) < 0.2  # int4 of a random model

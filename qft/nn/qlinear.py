@@ -283,6 +283,10 @@ class QLinear(nn.Module):
         """The parameters that train (low-rank factors, trainable scales), by name."""
         return {n: getattr(self, n) for n in ADAPTERS if getattr(self, n) is not None}
 
+    def base_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """dequant(Q): the frozen weight without the low-rank part."""
+        return self.weight.dequantize(dtype)
+
     def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """dequant(W) + scaling · B·A as one dense matrix (trained scales included)."""
         with torch.no_grad():
