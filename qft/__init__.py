@@ -7,14 +7,14 @@ from qft.adapters import load_adapter, save_adapter
 from qft.checkpoint import load_quantized, save_quantized
 from qft.compeft import compress_adapter, decompress_adapter
 from qft.data import default_corpus, load_texts
-from qft.decompose import register_method
+from qft.decompose import register_method, register_prepare_method
 from qft.distill import LREC
 from qft.evaluate import perplexity
 from qft.export import export_dense, export_merged, load_merged
 from qft.fisher import empirical_fisher
 from qft.formats import FP8, Format, NormalFloat, UniformInt, get_format
 from qft.models import default_model
-from qft.nn import QLinear, dense_weights, mark_trainable
+from qft.nn import HaloLinear, HaloSettings, QLinear, dense_weights, mark_trainable
 from qft.peft_format import export_peft
 from qft.plot import bits_heatmap
 from qft.prepare import quantize_and_prepare
@@ -31,6 +31,8 @@ __all__ = [
     "FP8",
     "LREC",
     "Format",
+    "HaloLinear",
+    "HaloSettings",
     "NormalFloat",
     "QLinear",
     "QuantizedTensor",
@@ -57,6 +59,7 @@ __all__ = [
     "quantization_error_table",
     "quantize_and_prepare",
     "register_method",
+    "register_prepare_method",
     "register_objective",
     "save_adapter",
     "save_quantized",
