@@ -6,7 +6,7 @@
 #    own CUDA torch, with qft installed offline into it (wheels of missing packages from .whl/);
 # 2. pytest tests/gpu and tests/test_triton_kernels.py on CUDA (first config of each bucket:
 #    QFT_TRITON_AUTOTUNE=0, so the compiles stay few);
-# 3. benchmarks/gpu_kernels.py and benchmarks/gpu_train.py (autotuned kernels);
+# 3. benchmarks/gpu_kernels.py, benchmarks/gpu_train.py (autotuned kernels) and benchmarks/gpu_halo.py;
 # and writes benchmarks/RESULTS-gpu.md. Made to finish within 8 minutes on one H100 (most of it installs
 # and compiles). A failed test is recorded there, the benchmarks still run, and the script exits 1.
 set -euo pipefail
@@ -47,7 +47,7 @@ echo "installed in $((SECONDS - start)) s"
 
 tests_log=$(mktemp)
 tests_rc=0
-QFT_TRITON_AUTOTUNE=0 $py -m pytest -q -n 8 tests/gpu tests/test_triton_kernels.py 2>&1 | tee "$tests_log" \
+QFT_TRITON_AUTOTUNE=0 $py -m pytest -q -n 8 tests/gpu tests/test_triton_kernels.py tests/test_hadamard.py 2>&1 | tee "$tests_log" \
     || tests_rc=$?
 echo "tests done at $((SECONDS - start)) s"
 
@@ -65,7 +65,7 @@ print("- Command: `benchmarks/gpu.sh`\n")
 EOF
     echo "## Tests on CUDA"
     echo
-    echo "\`QFT_TRITON_AUTOTUNE=0 pytest -n 8 tests/gpu tests/test_triton_kernels.py\`: $(tail -n 1 "$tests_log")"
+    echo "\`QFT_TRITON_AUTOTUNE=0 pytest -n 8 tests/gpu tests/test_triton_kernels.py tests/test_hadamard.py\`: $(tail -n 1 "$tests_log")"
     echo
     echo "## Dequant-matmul kernels (benchmarks/gpu_kernels.py)"
     echo
@@ -74,6 +74,10 @@ EOF
     echo "## One training step (benchmarks/gpu_train.py)"
     echo
     $py benchmarks/gpu_train.py
+    echo
+    echo "## HALO's linear layer, forward + backward (benchmarks/gpu_halo.py)"
+    echo
+    $py benchmarks/gpu_halo.py
 } > "$results.tmp"
 mv "$results.tmp" "$results"
 echo "wrote $results in $((SECONDS - start)) s"
