@@ -82,4 +82,4 @@ def low_precision_matmul(a: torch.Tensor, b: torch.Tensor, precision: str, granu
     """a @ bᵀ (a (m, k), b (n, k), any float dtype) with both operands cast to ``precision``; float32."""
     qa, sa = quantize(a, precision, granularity, fp8_a)
     qb, sb = quantize(b, precision, granularity, fp8_b)
-    return scaled_matmul(qa, sa, qb.contiguous(), sb)
+    return scaled_matmul(qa.contiguous(), sa, qb.contiguous(), sb)  # row-major codes, as _scaled_mm wants them
