@@ -156,6 +156,11 @@ def test_halo_peft_freezes_an_8_bit_base_and_trains_lora(precision, dtype):
     x = torch.randn(3, layer.in_features)
     with torch.no_grad():  # B = 0: the layer is its 8-bit base
         torch.testing.assert_close(layer(x), x @ layer.base_weight().t(), rtol=0.05, atol=0.05)
+    codes, scale = layer.weight_codes.clone(), layer.weight_scale.clone()
+    model.to(torch.bfloat16)  # a cast of the model leaves the stored base exactly as it was
+    assert torch.equal(layer.weight_codes.float(), codes.float()) and layer.weight_codes.dtype == dtype
+    assert torch.equal(layer.weight_scale, scale) and layer.lora_A.dtype == torch.bfloat16
+    assert model(torch.randint(0, 300, (1, 8))).logits.dtype == torch.bfloat16
 
 
 @pytest.mark.parametrize("options", [dict(level=2, precision="fp8"), dict(level=1, precision="int8", peft=True)])

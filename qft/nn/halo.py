@@ -141,6 +141,15 @@ class HaloLinear(nn.Module):
         self.lora_A = nn.Parameter(a.to(device=weight.device, dtype=adapter_dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=weight.device, dtype=adapter_dtype))
 
+    def _apply(self, fn, recurse=True):
+        frozen = {n: self._buffers[n] for n in ("weight_codes", "weight_scale") if n in self._buffers}
+        super()._apply(fn, recurse)
+        for name, old in frozen.items():
+            moved = self._buffers[name]
+            if moved.dtype != old.dtype:  # a cast of the model: the stored 8-bit base and its scale stay exact
+                self._buffers[name] = old.to(moved.device)
+        return self
+
     def base_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """The weight the products see, unrotated: W (full) or the frozen cast base (PEFT)."""
         if not self.peft:
