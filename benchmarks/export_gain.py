@@ -34,10 +34,10 @@ from qft.targets import find_target_linears
 
 KEPT = OUT / "finetune"
 EXPORTS = {
-    "sym-gptq": {"rounding": "gptq"},
+    "sym-gptq": {"rounding": "gptq", "act_order": False},
     "sym-gptq-act": {"rounding": "gptq", "act_order": True},
     "asym-rtn": {"symmetric": False},
-    "asym-gptq": {"symmetric": False, "rounding": "gptq"},
+    "asym-gptq": {"symmetric": False, "rounding": "gptq", "act_order": False},
     "asym-gptq-act": {"symmetric": False, "rounding": "gptq", "act_order": True},
 }
 

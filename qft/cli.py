@@ -310,8 +310,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="--merged: how re-quantized layers round (gptq: over the embedded corpus's train split)")
     p.add_argument("--asymmetric", action="store_true",
                    help="--merged: re-quantize to int4 with a zero-point per group (W4A16_ASYM) instead of symmetric")
-    p.add_argument("--act-order", action="store_true",
-                   help="--merged --rounding gptq: visit columns by decreasing activation energy")
+    p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                   help="--merged --rounding gptq: visit columns by decreasing activation energy (default: on)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bfloat16", "float16", "float32"],
                    help="--merged: scales and unquantized weights (auto: float32 when every layer keeps its int-k "
                         "codes, as PEQA's do, so the export is exact; bfloat16 otherwise); --dense: the weights "
