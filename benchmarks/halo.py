@@ -144,7 +144,8 @@ def draw(rows: list[dict]) -> None:
                 ax.plot(range(1, len(row["losses"]) + 1), row["losses"], style, label=row["run"])
         ax.set_title({"full": "full fine-tuning (projections)", "peft": "PEFT (LoRA r64)"}[kind])
         ax.set_xlabel("step")
-        ax.legend(fontsize=7)
+        if ax.lines:
+            ax.legend(fontsize=7)
     axes[0].set_ylabel("training loss")
     fig.tight_layout()
     fig.savefig(PICTURE, dpi=110)
