@@ -156,6 +156,10 @@ def test_halo_peft_freezes_an_8_bit_base_and_trains_lora(precision, dtype):
     x = torch.randn(3, layer.in_features)
     with torch.no_grad():  # B = 0: the layer is its 8-bit base
         torch.testing.assert_close(layer(x), x @ layer.base_weight().t(), rtol=0.05, atol=0.05)
+    xx, g = x.clone().requires_grad_(), torch.randn(3, layer.out_features)
+    layer(xx).backward(g)  # the input gradient goes through the frozen 8-bit base, dequantized per product
+    assert rel(xx.grad, g @ layer.base_weight()) < TOLERANCE[precision]
+    assert layer.lora_B.grad is not None and not layer.lora_B.grad.eq(0).all()
     codes, scale = layer.weight_codes.clone(), layer.weight_scale.clone()
     model.to(torch.bfloat16)  # a cast of the model leaves the stored base exactly as it was
     assert torch.equal(layer.weight_codes.float(), codes.float()) and layer.weight_codes.dtype == dtype

@@ -69,21 +69,33 @@ def _rotate_tokens(e: torch.Tensor, transpose: bool) -> torch.Tensor:
     return hadamard_transform(e.t().contiguous(), transpose=transpose).t()
 
 
+def _dequantized(frozen: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """A frozen HALO-PEFT base (codes, scale) as float32: codes · scale, per tensor or per row."""
+    codes, scale = frozen
+    return codes.float() * scale
+
+
 class _HaloMatmul(torch.autograd.Function):
-    """x (tokens, in) @ weight (out, in)ᵀ with HALO's three low-precision products. ``rotated``: the
-    weight is already W·H (a frozen HALO-PEFT base)."""
+    """x (tokens, in) @ Wᵀ with HALO's three low-precision products. W is ``weight`` (it trains), or,
+    with ``weight=None``, ``frozen`` = (codes, scale) of a frozen W·H (HALO-PEFT): dequantized for each
+    product, so no dense copy of the base stays alive between forward and backward."""
 
     @staticmethod
-    def forward(ctx, x, weight, settings: HaloSettings, rotated: bool):
+    def forward(ctx, x, weight, settings: HaloSettings, frozen):
         xr = hadamard_transform(x) if settings.level else x
-        wr = hadamard_transform(weight) if settings.level and not rotated else weight
-        ctx.save_for_backward(xr, wr)
-        ctx.settings, ctx.dtypes = settings, (x.dtype, weight.dtype)
+        if weight is None:
+            wr = _dequantized(frozen)
+            ctx.save_for_backward(xr)
+        else:
+            wr = hadamard_transform(weight) if settings.level else weight
+            ctx.save_for_backward(xr, wr)
+        ctx.settings, ctx.frozen, ctx.dtypes = settings, frozen, (x.dtype, None if weight is None else weight.dtype)
         return low_precision_matmul(xr, wr, settings.precision, settings.granularity).to(x.dtype)
 
     @staticmethod
     def backward(ctx, dy):
-        xr, wr = ctx.saved_tensors
+        xr, *rest = ctx.saved_tensors
+        wr = rest[0] if rest else _dequantized(ctx.frozen)
         s: HaloSettings = ctx.settings
         grad = s.grad_format
         dx = dw = None
@@ -99,10 +111,13 @@ class _HaloMatmul(torch.autograd.Function):
         return dx, dw, None, None
 
 
-def halo_matmul(x: torch.Tensor, weight: torch.Tensor, settings: HaloSettings, *, rotated: bool = False) -> torch.Tensor:
-    """x (…, in) @ weightᵀ with HALO's low-precision forward and backward products."""
-    y = _HaloMatmul.apply(x.reshape(-1, x.shape[-1]), weight, settings, rotated)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+def halo_matmul(x: torch.Tensor, weight: torch.Tensor | tuple[torch.Tensor, torch.Tensor],
+                settings: HaloSettings) -> torch.Tensor:
+    """x (…, in) @ Wᵀ with HALO's low-precision forward and backward products; ``weight`` is W, or the
+    (codes, scale) of a frozen, already rotated W·H (HALO-PEFT's base)."""
+    frozen = weight if isinstance(weight, tuple) else None
+    y = _HaloMatmul.apply(x.reshape(-1, x.shape[-1]), None if frozen else weight, settings, frozen)
+    return y.reshape(*x.shape[:-1], (frozen[0] if frozen else weight).shape[0])
 
 
 class HaloLinear(nn.Module):
@@ -154,7 +169,7 @@ class HaloLinear(nn.Module):
         """The weight the products see, unrotated: W (full) or the frozen cast base (PEFT)."""
         if not self.peft:
             return self.weight.detach().to(dtype)
-        w = self.weight_codes.float() * self.weight_scale
+        w = _dequantized((self.weight_codes, self.weight_scale))
         return (hadamard_transform(w, transpose=True) if self.settings.level else w).to(dtype)
 
     def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
@@ -171,8 +186,7 @@ class HaloLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.peft:
-            stored = self.weight_codes.float() * self.weight_scale
-            y = halo_matmul(x, stored.to(x.dtype), self.settings, rotated=True)
+            y = halo_matmul(x, (self.weight_codes, self.weight_scale), self.settings)
         else:
             y = halo_matmul(x, self.weight, self.settings)
         if self.bias is not None:
