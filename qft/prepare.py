@@ -107,13 +107,12 @@ def _prepare_whole(spec, model, rank, alpha, seed, target_modules, skip_modules,
     start = time.perf_counter()
     targets = find_target_linears(model, target_modules, skip_modules)
     _check_weights(targets)
-    weights = {name: dense_weight(layer).detach().float() for name, layer in targets.items()}
     layers = spec.prepare(model, targets, rank=rank, alpha=alpha, seed=seed, progress=progress, **options)
     report = Report(spec.name, str(options or "defaults"), max((m.rank for m in layers.values()), default=0), False)
     report.skipped = _skipped_modules(model, targets, skip_modules)
     stored = adapters = numel = 0
     for name, layer in layers.items():
-        w = weights[name]
+        w = dense_weight(targets[name]).detach().float()  # the original, still held by ``targets``
         trained = set(layer.adapters().values())
         held = sum(8 * t.numel() * t.element_size() for t in layer.state_dict(keep_vars=True).values())
         extra = sum(8 * p.numel() * p.element_size() for p in trained)
@@ -184,6 +183,11 @@ def quantize_and_prepare(
     if rank < 0:
         raise ValueError(f"rank must be >= 0, got {rank}")
     if spec.prepare is not None:
+        ignored = [n for n, v in (("fisher", fisher), ("rounding", rounding), ("formats", formats),
+                                  ("calibration", calibration)) if v]
+        if ignored:
+            raise ValueError(f"method {method!r} has no bit budget to allocate or rounding to choose; drop {ignored} "
+                             f"(its options: {list(spec.options)})")
         return _prepare_whole(spec, model, rank, alpha, seed, target_modules, skip_modules, progress, method_options)
     if spec.needs_rank and rank == 0:
         raise ValueError(f"method {method!r} needs rank >= 1 (use method='qlora' with rank=0 for plain quantization)")

@@ -12,8 +12,9 @@ format, ``options`` what the caller asked for (:class:`MethodOptions`).
 assume the adapters absorb (0 for methods without a low-rank part).
 
 A method that does not quantize matrix by matrix under a bit budget (HALO: low-precision
-matmuls) registers ``prepare(model, targets, settings) -> model`` instead, with the
-names of the options it takes (``quantize_and_prepare(..., level=2)``). What
+matmuls) registers a whole-model ``prepare(model, targets, *, rank, alpha, seed, progress,
+**options) -> {name: layer}`` instead (:func:`register_prepare_method`), with the names of the
+options it takes (``quantize_and_prepare(..., level=2)``); it swaps its layers in itself. What
 trains is decided by the layer the method builds (its adapters), never by
 parameter names. A method rounds through :func:`quantize`, so that
 ``rounding="gptq"`` (``options.hessian`` set) reaches every method alike.
@@ -64,7 +65,7 @@ class Method:
     default_rank: int = 64  # the rank when the caller gives none
     width_format: Callable[[int], str] | None = None  # an int ``bits`` names a format, not a budget
     rounding: str = "rtn"  # the rounding when the caller gives none: "rtn" or "gptq"
-    prepare: Callable[..., torch.nn.Module] | None = None  # replaces the per-matrix pipeline
+    prepare: Callable[..., dict[str, torch.nn.Module]] | None = None  # replaces the per-matrix pipeline
     options: tuple[str, ...] = ()  # the method's own keyword options of quantize_and_prepare
 
 
