@@ -9,6 +9,7 @@ from qft.compeft import compress_adapter, decompress_adapter
 from qft.data import default_corpus, load_texts
 from qft.decompose import register_method, register_prepare_method
 from qft.distill import LREC
+from qft.distributed import gathered, replicate, shard
 from qft.evaluate import perplexity
 from qft.export import export_dense, export_merged, load_merged
 from qft.fisher import empirical_fisher
@@ -49,6 +50,7 @@ __all__ = [
     "export_merged",
     "export_peft",
     "find_target_linears",
+    "gathered",
     "get_format",
     "load_adapter",
     "load_merged",
@@ -61,7 +63,9 @@ __all__ = [
     "register_method",
     "register_prepare_method",
     "register_objective",
+    "replicate",
     "save_adapter",
     "save_quantized",
+    "shard",
     "train",
 ]

@@ -25,6 +25,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
+from qft import distributed
 from qft.atomic import atomic_dir
 from qft.nn import LAYERS, QFT_LAYERS, mark_trainable
 from qft.targets import set_module
@@ -139,10 +140,21 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
     max_shard_size: bytes per file; above it the tensors go into several files plus an index,
       as ``save_pretrained`` writes them.
     """
+    model = distributed.unwrap(model)
+    if distributed.world()[1] > 1:  # a sharded or replicated run: gather, rank 0 writes, the others wait
+        with distributed.gathered(model):
+            if distributed.world()[0] == 0:
+                _save(model, directory, tokenizer, dtype, max_shard_size)
+        torch.distributed.barrier()
+        return Path(directory)
+    return _save(model, directory, tokenizer, dtype, max_shard_size)
+
+
+def _save(model: nn.Module, directory, tokenizer, dtype, max_shard_size) -> Path:
     specs = module_specs(model)
     if not specs:
         raise ValueError("the model has no qft layer; call qft.quantize_and_prepare(model) before saving")
-    state = model.state_dict()
+    state = distributed.state_dict(model)
     again = tied_layer_keys(state, specs)
     drop = shared_keys(state) - again
     out = {}
@@ -161,7 +173,7 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
     config = model.config.to_dict()
     if dtype is not None:
         config["dtype"] = str(dtype).removeprefix("torch.")
-    config["architectures"] = [type(model).__name__]
+    config["architectures"] = [distributed.model_class(model).__name__]
     config["quantization_config"] = quantization_config(model)
     config["quantization_config"]["modules"] = specs
     shards = _shards(out, max_shard_size)

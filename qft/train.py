@@ -33,6 +33,7 @@ import torch
 from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
+from qft import distributed
 from qft.atomic import atomic_dir
 from qft.data import load_texts, token_blocks
 from qft.evaluate import perplexity
@@ -273,6 +274,15 @@ def train(
         raise ValueError("steps, batch_size and grad_accum must be >= 1")
     if (config.save_every or resume) and output_dir is None:
         raise ValueError("checkpoints need output_dir=")
+    rank, world = distributed.world()
+    if world > 1 and config.batch_size % world:
+        raise ValueError(f"batch_size {config.batch_size} is the global batch and must divide by the world size {world}")
+    if world > 1 and not (distributed.is_sharded(model) or distributed.is_replicated(model)):
+        raise ValueError(f"this is one of {world} processes, but the model is neither sharded nor replicated: "
+                         "wrap it with qft.shard(model) (FSDP2) or qft.replicate(model) (DDP) before training")
+    if world > 1 and output_dir is not None:
+        raise ValueError("training checkpoints (output_dir=) are single-process only; after a distributed run, "
+                         "write the model with qft.save_quantized(model, directory), which gathers it")
     blocks = _blocks(data, "train", tokenizer, config.block_size)
     if eval_data is None and not isinstance(data, (list, torch.Tensor)):
         eval_data = data  # its own held-out split
@@ -326,12 +336,15 @@ def train(
                 group["lr"] = lr
             total = 0.0
             for micro in range(config.grad_accum):
-                ids = blocks[_batch_indices(len(blocks), config, step, micro)].to(device)
+                # the global micro-batch; under torchrun each rank takes its share
+                ids = blocks[_batch_indices(len(blocks), config, step, micro)].tensor_split(world)[rank].to(device)
                 with _autocast(config.precision, device):
                     loss = loss_fn(model, ids)
                 (loss / config.grad_accum).backward()
                 total += float(loss.detach()) / config.grad_accum
-                result.tokens += ids.numel()
+                result.tokens += ids.numel() * world
+            if world > 1:  # the mean over the global batch (gradients are averaged by FSDP/DDP)
+                total = distributed.mean_over_ranks(total)
             if config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params.values(), config.max_grad_norm)
             optimizer.step()

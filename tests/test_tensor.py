@@ -64,3 +64,33 @@ def test_from_tensors_rejects_bad_input():
 def test_dequantize_dtype(rng):
     qt = QuantizedTensor.quantize(torch.randn(4, 64, generator=rng), "int4-g32")
     assert qt.dequantize(torch.bfloat16).dtype == torch.bfloat16
+
+
+@pytest.mark.parametrize("name", ALL_FORMATS)
+@pytest.mark.parametrize("n", [2, 3])
+def test_fsdp_shards_hold_1_over_n_and_gather_back_exactly(name, n, rng):
+    """What FSDP2 does (chunk rows, all-gather every rank's pieces, rebuild) without processes: each
+    shard holds ceil(1/n) of every inner tensor, and the rebuilt weight is the original, bit for bit."""
+    q = QuantizedTensor.quantize(torch.randn(48, 160, generator=rng), name)
+    shards = torch.chunk(q, n, dim=0)  # FSDP2 calls this on the parameter
+    assert len(shards) == n and all(s.shape == (48 // n, 160) for s in shards)
+    for key, t in q._inner().items():
+        assert all(s._inner()[key].numel() == -(-t.numel() // n) for s in shards)
+    gathered = [torch.cat([s._inner()[k] for s in shards]) for k in q._inner()]
+    _, meta = shards[1].fsdp_pre_all_gather(None, None, None, None, None)
+    whole, _ = shards[0].fsdp_post_all_gather(tuple(gathered), meta, torch.float32)
+    assert whole.format == q.format and whole.shape == q.shape
+    for key, t in q._inner().items():
+        assert torch.equal(whole._inner()[key], t)
+    assert torch.equal(whole.dequantize(), q.dequantize())
+    zero = q.new_zeros((48 // n, 160))  # FSDP2's padded shard, filled by copy_
+    zero.narrow(0, 0, 48 // n).copy_(shards[1])
+    assert all(torch.equal(a, b) for a, b in zip(zero._inner().values(), shards[1]._inner().values()))
+
+
+def test_fsdp_shards_refuse_uneven_rows_and_dequantizing(rng):
+    q = QuantizedTensor.quantize(torch.randn(50, 64, generator=rng), "int4-g64")
+    with pytest.raises(ValueError, match="50 rows"):
+        q.shards(4)
+    with pytest.raises(RuntimeError, match="FSDP shards"):
+        q.shards(2)[0].dequantize()

@@ -25,6 +25,7 @@ import math
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.distributed.tensor import DTensor
 
 from qft.kernels import dequant_matmul
 from qft.tensor import QuantizedTensor, _decode_name
@@ -227,7 +228,10 @@ class QLinear(nn.Module):
 
     def __setattr__(self, name: str, value) -> None:
         # transformers' loader sets each checkpoint tensor as an attribute of its module
-        if "_parameters" in self.__dict__ and "weight" in self._parameters and name in self._flat_names():
+        # (FSDP2 swaps sharded DTensor parameters and their gathered wholes: those go through as they are)
+        if ("_parameters" in self.__dict__ and isinstance(self._parameters.get("weight"), QuantizedTensor)
+                and name in self._flat_names() and not isinstance(value, DTensor)
+                and not isinstance(self._parameters.get(name), DTensor)):
             self._assign_flat(name, value, copy=False)
         else:
             super().__setattr__(name, value)

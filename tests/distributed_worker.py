@@ -1,0 +1,114 @@
+"""One rank of tests/test_distributed.py: run with
+``torchrun --nproc-per-node 2 tests/distributed_worker.py fsdp|ddp OUT_DIR`` (gloo).
+
+Every rank builds the same tiny prepared model, computes the single-process reference (logits,
+the gradients of the combined batch, qft.train's losses) on an unwrapped copy, then shards (FSDP2)
+or replicates (DDP) the model and records what the test asserts, in OUT_DIR/rank{R}.json.
+"""
+
+import copy
+import json
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).parent))
+from helpers import tiny_llama  # noqa: E402
+
+import qft  # noqa: E402
+from qft.tensor import QuantizedTensor  # noqa: E402
+
+
+def prepared():
+    model = tiny_llama(seed=0)
+    return qft.quantize_and_prepare(model, bits="nf3-b64", method="qlora", rank=4, progress=False)
+
+
+def trainable_grads(model) -> dict[str, torch.Tensor]:
+    out = {}
+    for name, p in qft.distributed.unwrap(model).named_parameters():
+        if p.requires_grad and p.grad is not None:
+            g = p.grad
+            out[name] = g.full_tensor() if hasattr(g, "full_tensor") else g
+    return out
+
+
+def frozen_inner(model) -> dict[str, torch.Tensor]:
+    """Every inner tensor of every quantized weight, gathered whole."""
+    with qft.gathered(model) as m:
+        return {f"{n}/{k}": t.clone() for n, p in m.named_parameters() if isinstance(p, QuantizedTensor)
+                for k, t in p._inner().items()}
+
+
+def main() -> None:
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    torch.manual_seed(0)
+    batch = torch.randint(0, 300, (4, 32))
+
+    # the single-process reference, before the process group exists
+    reference = prepared()
+    with torch.no_grad():
+        ref_logits = reference(input_ids=batch).logits
+    ref_model = copy.deepcopy(reference)
+    ref_model.train()
+    ref_model(input_ids=batch, labels=batch).loss.backward()
+    ref_grads = trainable_grads(ref_model)
+    single = copy.deepcopy(reference)
+    ref_losses = qft.train(single, None, batch, steps=3, batch_size=4, lr=1e-3, warmup=0, eval_blocks=0, max_grad_norm=0,
+                           progress=False).losses
+
+    dist.init_process_group("gloo")
+    rank, world = dist.get_rank(), dist.get_world_size()
+    mine = batch.tensor_split(world)[rank]
+    record: dict = {"rank": rank, "world": world}
+    try:  # an unwrapped model would train each rank on its own half without syncing: refused
+        qft.train(prepared(), None, batch, steps=1, batch_size=4, eval_blocks=0, progress=False)
+        record["unwrapped refused"] = False
+    except ValueError as e:
+        record["unwrapped refused"] = "neither sharded nor replicated" in str(e)
+    model = prepared()
+    before = {n: t.clone() for n, p in model.named_parameters() if isinstance(p, QuantizedTensor)
+              for n, t in [(f"{n}/{k}", t) for k, t in p._inner().items()]}
+    if mode == "fsdp":
+        qft.shard(model)
+        local = next(p for n, p in model.named_parameters() if n.endswith("q_proj.weight"))
+        whole = before[next(k for k in before if k.endswith("q_proj.weight/codes"))]
+        record["local codes numel"] = local.to_local().codes.numel()
+        record["whole codes numel"] = whole.numel()
+        wrapped = model
+    else:
+        wrapped = qft.replicate(model)
+    with torch.no_grad():
+        logits = wrapped(input_ids=batch).logits
+    record["forward bitwise equal"] = bool(torch.equal(logits, ref_logits))
+    wrapped.train()
+    wrapped(input_ids=mine, labels=mine).loss.backward()
+    grads = trainable_grads(wrapped)
+    record["grad names equal"] = sorted(grads) == sorted(ref_grads)
+    record["grad max rel diff"] = max(float((grads[n] - ref_grads[n]).norm() / ref_grads[n].norm().clamp_min(1e-30))
+                                     for n in ref_grads)
+    after = frozen_inner(wrapped)
+    record["frozen unchanged"] = all(torch.equal(after[k], v) for k, v in before.items())
+    record["frozen no grad"] = all(p.grad is None for p in qft.distributed.unwrap(wrapped).parameters()
+                                   if not p.requires_grad)
+    for p in wrapped.parameters():
+        p.grad = None
+
+    qft.save_quantized(wrapped, out / "ckpt")
+    dist.barrier()
+    loaded = qft.load_quantized(out / "ckpt")
+    with torch.no_grad():
+        record["loaded logits equal"] = bool(torch.equal(loaded(input_ids=batch).logits, ref_logits))
+
+    losses = qft.train(wrapped, None, batch, steps=3, batch_size=4, lr=1e-3, warmup=0, eval_blocks=0, max_grad_norm=0,
+                       progress=False).losses
+    record["train losses"] = losses
+    record["reference losses"] = ref_losses
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
