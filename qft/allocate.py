@@ -26,7 +26,9 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import math
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -111,6 +113,31 @@ def _cache_key(weights, fisher, formats, rank, seed) -> str:
     return h.hexdigest()[:24]
 
 
+def _shape(weights: Mapping[str, torch.Tensor], name: str) -> tuple[int, ...]:
+    """A weight's shape; a mapping that reads weights from disk (qft.streaming) says it without reading."""
+    shape = getattr(weights, "shape", None)
+    return tuple(shape(name)) if callable(shape) else tuple(weights[name].shape)
+
+
+class _Subset(Mapping):
+    """Some entries of a mapping, each read from it on access (never all held at once)."""
+
+    def __init__(self, weights: Mapping[str, torch.Tensor], names: list[str]) -> None:
+        self.weights, self.names = weights, list(dict.fromkeys(names))
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return self.weights[name]
+
+    def shape(self, name: str) -> tuple[int, ...]:
+        return _shape(self.weights, name)
+
+    def __iter__(self):
+        return iter(self.names)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+
 def default_cache_dir() -> Path:
     base = os.environ.get("QFT_CACHE") or os.path.join(os.environ.get("XDG_CACHE_HOME", "~/.cache"), "qft")
     return Path(base).expanduser()
@@ -130,8 +157,9 @@ def error_table(
     """Estimated decomposition error of every matrix in every format (see module docstring)."""
     formats = [get_format(f) for f in formats]
     names = list(weights)
-    numel = np.array([weights[n].numel() for n in names], dtype=np.float64)
-    costs = np.array([[f.storage_bits(*weights[n].shape) for f in formats] for n in names], dtype=np.float64)
+    shapes = {n: _shape(weights, n) for n in names}
+    numel = np.array([math.prod(shapes[n]) for n in names], dtype=np.float64)
+    costs = np.array([[f.storage_bits(*shapes[n]) for f in formats] for n in names], dtype=np.float64)
 
     path = None
     if cache_dir is not False:
@@ -192,7 +220,7 @@ def pruned_grid(
     formats = [get_format(f) for f in (formats or nf_grid())]
     names = list(weights)
     picks = [names[i] for i in np.linspace(0, len(names) - 1, min(sample, len(names))).round().astype(int)]
-    sub = {n: weights[n] for n in dict.fromkeys(picks)}
+    sub = _Subset(weights, picks)
     sub_fisher = None if fisher is None else {n: fisher[n] for n in sub}
     table = error_table(sub, formats, rank, fisher=sub_fisher, seed=seed, row_stride=row_stride,
                         cache_dir=cache_dir, progress=progress)

@@ -69,13 +69,20 @@ def cmd_quantize(args) -> None:
     from qft.checkpoint import save_quantized
     from qft.prepare import quantize_and_prepare
 
-    model, tokenizer = _load_base(args.model, args.progress, _device(args.device))
+    if args.streaming:  # the folder itself: each weight is read from disk when it is quantized
+        if args.model is None:
+            raise ValueError("--streaming reads a model folder: give --model DIR")
+        from transformers import AutoTokenizer
+
+        model, tokenizer = args.model, AutoTokenizer.from_pretrained(args.model)
+    else:
+        model, tokenizer = _load_base(args.model, args.progress, _device(args.device))
     # "4" stays an int (PEQA reads it as a width), "2.5" is a budget, anything else a format name
     bits = int(args.bits) if args.bits.isdigit() else (
         float(args.bits) if args.bits.replace(".", "", 1).isdigit() else args.bits)
     halo = {k: getattr(args, k) for k in ("level", "precision", "granularity", "grad_format", "peft")
             if getattr(args, k) not in (None, False)}  # a method's own options, when given
-    quantize_and_prepare(model, bits=bits, method=args.method, rank=args.rank, fisher=args.fisher,
+    model = quantize_and_prepare(model, bits=bits, method=args.method, rank=args.rank, fisher=args.fisher,
                          tokenizer=tokenizer, iters=args.iters, seed=args.seed, rounding=args.rounding,
                          progress=args.progress, **halo)
     print(model.qft_report.summary())
@@ -231,6 +238,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round to nearest, or GPTQ over the embedded corpus (default: the method's; int21: gptq)")
     p.add_argument("--rank", type=int, help="rank of the low-rank factors (default: 64; PEQA: none)")
     p.add_argument("--fisher", action="store_true", help="weight errors by the empirical Fisher (needs text)")
+    p.add_argument("--streaming", action="store_true",
+                   help="read --model's weights one at a time from its safetensors files (never the whole "
+                        "model in full precision; not with --fisher or --rounding gptq)")
     p.add_argument("--iters", type=int, default=10, help="LQ-LoRA iterations per matrix")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--level", type=int, choices=[0, 1, 2], help="halo: Hadamard rotation level (default 2)")

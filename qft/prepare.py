@@ -10,6 +10,7 @@ returned; ``model.qft_report`` says what was done.
 from __future__ import annotations
 
 import logging
+import os
 import time
 from dataclasses import dataclass, field
 
@@ -25,6 +26,7 @@ from qft.formats import Format, get_format
 from qft.formats.base import check_choice
 from qft.nn import QLinear, dense_weight, mark_trainable
 from qft.solvers import Solution
+from qft.streaming import TargetWeights, open_model
 from qft.targets import find_target_linears, is_linear, output_head_names, set_module
 
 logger = logging.getLogger(__name__)
@@ -132,7 +134,7 @@ def _prepare_whole(spec, model, rank, alpha, seed, target_modules, skip_modules,
 
 
 def quantize_and_prepare(
-    model: nn.Module,
+    model: nn.Module | str | os.PathLike,
     bits: float | str = 2.5,
     method: str = "lqlora",
     rank: int | None = None,
@@ -154,6 +156,10 @@ def quantize_and_prepare(
 ) -> nn.Module:
     """Quantize ``model``'s projections and leave only the adapters trainable.
 
+    model: a model, or a folder with its config.json and safetensors files: the model is then
+      built with its target weights left on the meta device and each is read from disk only while
+      it is measured and quantized (``qft.streaming``), never the whole model in full precision.
+
     bits: average bits per parameter of the quantized parts (the ILP picks one NF
       configuration per matrix), or a format name such as "nf4" or "nf3-b64-dq8b256"
       to use one format everywhere.
@@ -174,6 +180,13 @@ def quantize_and_prepare(
     target_modules / skip_modules: which Linear (or Conv1D) layers to quantize (name or
       name suffix); the output head is skipped unless ``skip_modules`` says otherwise.
     """
+    streamed = None
+    if isinstance(model, (str, os.PathLike)):
+        if fisher is True or rounding == "gptq":
+            raise ValueError("fisher=True and rounding='gptq' run calibration text through the whole model in full "
+                             "precision, which streaming quantization never holds: load the model "
+                             "(from_pretrained) and pass it, or pass a precomputed Fisher dict")
+        model, streamed_targets, streamed = open_model(model, target_modules, skip_modules)  # weights on disk
     spec = get_method(method)
     unknown = sorted(set(method_options) - set(spec.options))
     if unknown:
@@ -188,6 +201,8 @@ def quantize_and_prepare(
         if ignored:
             raise ValueError(f"method {method!r} has no bit budget to allocate or rounding to choose; drop {ignored} "
                              f"(its options: {list(spec.options)})")
+        if streamed is not None:
+            raise ValueError(f"method {method!r} trains or rotates whole weights and takes a loaded model, not a folder")
         return _prepare_whole(spec, model, rank, alpha, seed, target_modules, skip_modules, progress, method_options)
     if spec.needs_rank and rank == 0:
         raise ValueError(f"method {method!r} needs rank >= 1 (use method='qlora' with rank=0 for plain quantization)")
@@ -202,8 +217,11 @@ def quantize_and_prepare(
     if isinstance(bits, int) and not isinstance(bits, bool) and spec.width_format is not None:
         bits = spec.width_format(bits)  # e.g. PEQA: bits=4 means int4 per channel, not a 4.0 budget
     start = time.perf_counter()
-    targets = find_target_linears(model, target_modules, skip_modules)
-    _check_weights(targets)
+    if streamed is None:
+        targets = find_target_linears(model, target_modules, skip_modules)
+        _check_weights(targets)
+    else:
+        targets = streamed_targets
     report = Report(method, bits, rank, fisher is True or isinstance(fisher, dict), rounding)
     report.skipped = _skipped_modules(model, targets, skip_modules)
 
@@ -213,7 +231,10 @@ def quantize_and_prepare(
         if first != name:
             report.tied[name] = first
     unique = {name: layer for name, layer in targets.items() if name not in report.tied}
-    weights = {name: dense_weight(layer) for name, layer in unique.items()}
+    if streamed is None:
+        weights = {name: dense_weight(layer) for name, layer in unique.items()}
+    else:
+        weights = TargetWeights(streamed, unique)  # each read from disk when needed
 
     fisher_map = fisher if isinstance(fisher, dict) else None
     if fisher is True:

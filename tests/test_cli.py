@@ -173,3 +173,14 @@ def test_halo_quantize_train_and_reload(base, tmp_path, capsys):
                  "--block-size", "32", "--eval-blocks", "2", "--warmup", "1"]) == 0
     assert "step 2: held-out perplexity" in capsys.readouterr().out
     assert main(["eval", "-q", str(t), "--data", str(data), "--block-size", "32", "--max-blocks", "2"]) == 0
+
+
+def test_streaming_quantize_writes_the_same_checkpoint(base, tmp_path):
+    from safetensors.torch import load_file
+
+    loaded, streamed = tmp_path / "loaded", tmp_path / "streamed"
+    for out, extra in ((loaded, []), (streamed, ["--streaming"])):
+        assert main(["quantize", "-q", "--model", str(base), "--bits", "nf3-b64", "--method", "qlora", "--rank", "2",
+                     "--out", str(out), *extra]) == 0
+    a, b = load_file(loaded / "model.safetensors"), load_file(streamed / "model.safetensors")
+    assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
