@@ -6,7 +6,9 @@
 With qft imported, AutoModelForCausalLM.from_pretrained reads the checkpoint
 (the registered "qft" quantizer) and only the low-rank factors require grad,
 so Trainer (or accelerate) updates just those. The result is saved with
-qft.save_quantized, so it stays packed.
+qft.save_quantized, so it stays packed. Under `torchrun --nproc-per-node N` Trainer wraps the
+model in DDP itself; qft.distributed.exclude_frozen keeps the quantized weights out of DDP's
+broadcasts (they are broadcast once), and rank 0 writes the result.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/hf-trained")
     args = parser.parse_args()
 
-    model = AutoModelForCausalLM.from_pretrained(args.checkpoint)
+    model = qft.distributed.exclude_frozen(AutoModelForCausalLM.from_pretrained(args.checkpoint))
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     blocks = token_blocks(tokenizer, qft.load_texts(args.data, "train", tokenizer=tokenizer), args.block_size)
     dataset = Dataset.from_dict({"input_ids": blocks.tolist(), "labels": blocks.tolist()})
@@ -42,11 +44,13 @@ def main() -> None:
         lr_scheduler_type="cosine", warmup_steps=max(1, args.steps // 10), logging_steps=5, save_strategy="no",
         report_to=[], use_cpu=not torch.cuda.is_available(), seed=0,
     )
-    Trainer(model=model, args=training, train_dataset=dataset).train()
+    trainer = Trainer(model=model, args=training, train_dataset=dataset)
+    trainer.train()
 
-    print(f"held-out perplexity after: {qft.perplexity(model, tokenizer, max_blocks=12):.2f}")
-    qft.save_quantized(model, args.out, tokenizer)
-    print(f"saved to {args.out}")
+    if trainer.is_world_process_zero():
+        print(f"held-out perplexity after: {qft.perplexity(model, tokenizer, max_blocks=12):.2f}")
+        qft.save_quantized(model, args.out, tokenizer)
+        print(f"saved to {args.out}")
 
 
 if __name__ == "__main__":

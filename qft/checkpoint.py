@@ -139,9 +139,12 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
       as they are. Packed codes and stored scales are always kept exactly.
     max_shard_size: bytes per file; above it the tensors go into several files plus an index,
       as ``save_pretrained`` writes them.
+    A model under ``qft.shard`` (FSDP2) or ``qft.replicate`` (DDP): call this on every rank; the
+    model is gathered and rank 0 writes one ordinary checkpoint.
     """
-    model = distributed.unwrap(model)
-    if distributed.world()[1] > 1:  # a sharded or replicated run: gather, rank 0 writes, the others wait
+    if distributed.is_sharded(model) or distributed.is_replicated(model):
+        # every rank calls this: the model is gathered, rank 0 writes, the others wait for it
+        model = distributed.unwrap(model)
         with distributed.gathered(model):
             if distributed.world()[0] == 0:
                 _save(model, directory, tokenizer, dtype, max_shard_size)

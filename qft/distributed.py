@@ -88,16 +88,24 @@ def _broadcast(t: torch.Tensor) -> None:
         t._decoded = None
 
 
-def replicate(model: nn.Module, **ddp_kwargs) -> nn.parallel.DistributedDataParallel:
-    """``DistributedDataParallel(model)`` where only what trains is DDP's: the frozen state
-    (quantized weights, biases, HALO's 8-bit bases, norms, embeddings) is broadcast once from
-    rank 0 here and excluded from DDP's broadcasts and gradient all-reduce."""
+def exclude_frozen(model: nn.Module) -> nn.Module:
+    """Broadcast the frozen state (quantized weights, biases, HALO's 8-bit bases, norms, embeddings)
+    once from rank 0 and mark it for any later ``DistributedDataParallel`` wrapper to leave alone:
+    DDP then broadcasts and all-reduces only what trains. Call it before a trainer that wraps the
+    model in DDP itself (``transformers.Trainer`` under torchrun); one process: nothing to do."""
+    if world()[1] == 1:
+        return model
     frozen = _frozen_state(model)
     with torch.no_grad():
         for t in frozen.values():
             _broadcast(t)
     nn.parallel.DistributedDataParallel._set_params_and_buffers_to_ignore_for_model(model, list(frozen))
-    return nn.parallel.DistributedDataParallel(model, **ddp_kwargs)
+    return model
+
+
+def replicate(model: nn.Module, **ddp_kwargs) -> nn.parallel.DistributedDataParallel:
+    """``DistributedDataParallel(model)`` over what trains (:func:`exclude_frozen` first)."""
+    return nn.parallel.DistributedDataParallel(exclude_frozen(model), **ddp_kwargs)
 
 
 def unwrap(model: nn.Module) -> nn.Module:

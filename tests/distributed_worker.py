@@ -1,5 +1,5 @@
 """One rank of tests/test_distributed.py: run with
-``torchrun --nproc-per-node 2 tests/distributed_worker.py fsdp|ddp OUT_DIR`` (gloo).
+``torchrun --nproc-per-node 2 tests/distributed_worker.py fsdp|ddp|trainer OUT_DIR`` (gloo).
 
 Every rank builds the same tiny prepared model, computes the single-process reference (logits,
 the gradients of the combined batch, qft.train's losses) on an unwrapped copy, then shards (FSDP2)
@@ -42,8 +42,37 @@ def frozen_inner(model) -> dict[str, torch.Tensor]:
                 for k, t in p._inner().items()}
 
 
+def with_trainer(out: Path) -> None:
+    """transformers.Trainer wraps the model in DDP itself: qft.distributed.exclude_frozen first."""
+    from transformers import Trainer, TrainingArguments
+
+    dist.init_process_group("gloo")
+    rank = dist.get_rank()
+    model = qft.distributed.exclude_frozen(prepared())
+    before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    frozen = frozen_inner(model)
+    torch.manual_seed(0)
+    blocks = torch.randint(0, 300, (16, 32)).tolist()
+    data = [{"input_ids": torch.tensor(b), "labels": torch.tensor(b)} for b in blocks]
+    args = TrainingArguments(output_dir=str(out / "trainer"), max_steps=2, per_device_train_batch_size=2,
+                             learning_rate=1e-3, report_to=[], use_cpu=True, save_strategy="no", seed=0,
+                             ddp_backend="gloo", disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=data).train()
+    moved = {n: float((p.detach() - before[n]).abs().max()) for n, p in model.named_parameters() if p.requires_grad}
+    mine = torch.cat([p.detach().reshape(-1) for p in model.parameters() if p.requires_grad])
+    theirs = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+    dist.all_gather(theirs, mine)
+    record = {"rank": rank, "adapters moved": max(moved.values()) > 0,
+              "ranks agree": all(torch.equal(t, theirs[0]) for t in theirs),
+              "frozen unchanged": all(torch.equal(frozen_inner(model)[k], v) for k, v in frozen.items())}
+    (out / f"rank{rank}.json").write_text(json.dumps(record))
+    dist.destroy_process_group()
+
+
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
+    if mode == "trainer":
+        return with_trainer(out)
     torch.manual_seed(0)
     batch = torch.randint(0, 300, (4, 32))
 

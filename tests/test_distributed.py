@@ -64,3 +64,11 @@ def test_qft_train_losses_agree_with_one_process(ranks):
 
 def test_qft_train_refuses_an_unwrapped_model_on_several_processes(ranks):
     assert all(r["unwrapped refused"] for r in ranks[1])
+
+
+def test_transformers_trainer_under_ddp(tmp_path):
+    """Trainer wraps the model in DDP itself; after qft.distributed.exclude_frozen the adapters train,
+    both ranks hold the same adapters and the quantized weights stay as they were."""
+    records = launch("trainer", tmp_path)
+    for r in records:
+        assert r["adapters moved"] and r["ranks agree"] and r["frozen unchanged"]

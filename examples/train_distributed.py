@@ -1,0 +1,96 @@
+"""Fine-tune a qft model on several processes: FSDP2 (default) or DDP.
+
+    torchrun --nproc-per-node 2 examples/train_distributed.py --backend gloo          # CPU, FSDP2
+    torchrun --nproc-per-node 2 examples/train_distributed.py --backend gloo --ddp    # CPU, DDP
+    torchrun --nproc-per-node 8 examples/train_distributed.py                         # 8 GPUs, nccl
+    python examples/train_distributed.py --backend gloo                               # one process
+
+Rank 0 quantizes the embedded SmolLM2-135M (Fisher-weighted LQ-LoRA at --bits; or give --checkpoint,
+a folder written by `qft quantize`) and saves it; every rank loads that checkpoint, so all start from the same model.
+FSDP2 gives each rank 1/world of every packed weight and of the adapters; DDP a whole copy.
+qft.train splits each batch over the ranks; qft.save_quantized gathers the model and writes one
+ordinary checkpoint from rank 0. The final loss is printed last.
+"""
+
+import argparse
+import json
+import logging
+import os
+import resource
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from transformers import AutoTokenizer
+
+import qft
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--backend", default="nccl", help="nccl (GPUs) or gloo (CPU)")
+    parser.add_argument("--ddp", action="store_true", help="DistributedDataParallel instead of FSDP2")
+    parser.add_argument("--bits", default="2.5", help="LQ-LoRA bit budget, or a format name (e.g. nf4)")
+    parser.add_argument("--checkpoint", help="a folder written by `qft quantize` (default: quantize here)")
+    parser.add_argument("--workdir", default="train_distributed", help="where the quantized and trained models go")
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch-size", type=int, default=4, help="the global batch (divides by the world size)")
+    parser.add_argument("--block-size", type=int, default=512)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--json", help="also write the run's figures (losses, s/step, peak memory) here")
+    parser.add_argument("--quiet", action="store_true")
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
+
+    launched = "RANK" in os.environ  # torchrun / accelerate launch set it
+    if launched:
+        dist.init_process_group(args.backend)
+    rank = dist.get_rank() if launched else 0
+    gpu = args.backend == "nccl" and torch.cuda.is_available()
+    device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if gpu else "cpu")
+    if gpu:
+        torch.cuda.set_device(device)
+    workdir = Path(args.workdir)
+
+    checkpoint = Path(args.checkpoint) if args.checkpoint else workdir / f"quantized-{args.bits}"
+    if rank == 0 and not (checkpoint / "config.json").is_file():
+        model, tokenizer = qft.default_model(progress=not args.quiet)
+        bits = args.bits if args.bits.startswith(("nf", "int", "fp")) else float(args.bits)
+        qft.quantize_and_prepare(model, bits=bits, fisher=True, tokenizer=tokenizer, progress=not args.quiet)
+        qft.save_quantized(model, checkpoint, tokenizer)
+    if launched:
+        dist.barrier()
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    model = qft.load_quantized(checkpoint, device)
+
+    if launched:
+        model = qft.replicate(model) if args.ddp else qft.shard(model)
+    result = qft.train(model, tokenizer, steps=args.steps, batch_size=args.batch_size, block_size=args.block_size,
+                       lr=args.lr, eval_blocks=0, progress=not args.quiet and rank == 0)
+    start = time.perf_counter()
+    qft.save_quantized(model, workdir / "trained", tokenizer)
+    save_s = time.perf_counter() - start
+
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+    peaks = torch.tensor([float(peak)], dtype=torch.float64)
+    if launched:
+        gathered = [torch.zeros_like(peaks) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, peaks)
+        peaks = torch.cat(gathered)
+    if rank == 0:
+        figures = {"mode": "ddp" if args.ddp and launched else ("fsdp2" if launched else "1 process"),
+                   "world": dist.get_world_size() if launched else 1, "losses": result.losses,
+                   "s/step": result.seconds_per_step, "save s": save_s,
+                   "peak RSS per rank GB": [round(float(p) / 1e9, 3) for p in peaks],
+                   "peak GPU GB": torch.cuda.max_memory_allocated(device) / 1e9 if gpu else None}
+        if args.json:
+            Path(args.json).write_text(json.dumps(figures, indent=1))
+        print(f"peak memory per rank: {figures['peak RSS per rank GB']} GB (RSS), {result.seconds_per_step:.2f} s/step")
+        print(f"final loss {result.losses[-1]:.4f}")
+    if launched:
+        dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
