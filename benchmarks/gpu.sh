@@ -6,7 +6,8 @@
 #    own CUDA torch, with qft installed offline into it (wheels of missing packages from .whl/);
 # 2. pytest tests/gpu and tests/test_triton_kernels.py on CUDA (first config of each bucket:
 #    QFT_TRITON_AUTOTUNE=0, so the compiles stay few);
-# 3. benchmarks/gpu_kernels.py, benchmarks/gpu_train.py (autotuned kernels) and benchmarks/gpu_halo.py;
+# 3. benchmarks/gpu_kernels.py, benchmarks/gpu_train.py (autotuned kernels), benchmarks/gpu_halo.py and
+#    3 FSDP2 steps of SmolLM2 (examples/train_distributed.py);
 # and writes benchmarks/RESULTS-gpu.md. Made to finish within 8 minutes on one H100 (most of it installs
 # and compiles). A failed test is recorded there, the benchmarks still run, and the script exits 1.
 set -euo pipefail
@@ -78,6 +79,13 @@ EOF
     echo "## HALO's linear layer, forward + backward (benchmarks/gpu_halo.py)"
     echo
     $py benchmarks/gpu_halo.py
+    echo
+    echo "## FSDP2 training of SmolLM2 at nf4, world size 1, nccl (examples/train_distributed.py, 3 steps)"
+    echo
+    echo '```'
+    $py -m torch.distributed.run --standalone --nproc-per-node 1 examples/train_distributed.py --bits nf4 \
+        --steps 3 --quiet --workdir "$(mktemp -d)" 2>&1 | grep -v "^W1" | tail -n 3
+    echo '```'
 } > "$results.tmp"
 mv "$results.tmp" "$results"
 echo "wrote $results in $((SECONDS - start)) s"
