@@ -54,6 +54,7 @@ def main() -> None:
         rows.append({"mode": r["mode"], "world": r["world"], "first loss": r["losses"][0], "last loss": r["losses"][-1],
                      "max |loss - 1 process|": max(abs(a - b) for a, b in zip(r["losses"], reference)),
                      "s/step": r["s/step"], "peak RSS per rank GB": " / ".join(f"{p:.2f}" for p in r["peak RSS per rank GB"]),
+                     "parameters per rank MB": " / ".join(f"{1e3 * p:.1f}" for p in r["parameters held per rank GB"]),
                      "save s": r["save s"]})
         print(r, flush=True)
     print(markdown_table(rows, ".4g"))

@@ -27,6 +27,15 @@ from transformers import AutoTokenizer
 import qft
 
 
+def held_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the parameters this rank holds: its shards under FSDP2 (packed weights as stored)."""
+    total = 0
+    for p in model.parameters():
+        local = p.to_local() if hasattr(p, "to_local") else p
+        total += local.nbytes if isinstance(local, qft.QuantizedTensor) else local.numel() * local.element_size()
+    return total
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="nccl", help="nccl (GPUs) or gloo (CPU)")
@@ -73,16 +82,19 @@ def main() -> None:
     save_s = time.perf_counter() - start
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    peaks = torch.tensor([float(peak)], dtype=torch.float64)
+    mine = torch.tensor([float(peak), float(held_bytes(model))], dtype=torch.float64)
+    per_rank = mine[None]
     if launched:
-        gathered = [torch.zeros_like(peaks) for _ in range(dist.get_world_size())]
-        dist.all_gather(gathered, peaks)
-        peaks = torch.cat(gathered)
+        gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, mine)
+        per_rank = torch.stack(gathered)
+    peaks, held = per_rank[:, 0], per_rank[:, 1]
     if rank == 0:
         figures = {"mode": "ddp" if args.ddp and launched else ("fsdp2" if launched else "1 process"),
                    "world": dist.get_world_size() if launched else 1, "losses": result.losses,
                    "s/step": result.seconds_per_step, "save s": save_s,
                    "peak RSS per rank GB": [round(float(p) / 1e9, 3) for p in peaks],
+                   "parameters held per rank GB": [round(float(h) / 1e9, 4) for h in held],
                    "peak GPU GB": torch.cuda.max_memory_allocated(device) / 1e9 if gpu else None}
         if args.json:
             Path(args.json).write_text(json.dumps(figures, indent=1))
