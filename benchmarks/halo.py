@@ -10,7 +10,9 @@ corpus's train split). For each precision, level and scale granularity: the rela
 error of Y = XWᵀ, dX = EW and dW = EᵀX against fp32 (mean and worst over the matrices).
 
 finetune: the finetune benchmark's data, steps and schedule (30 x 2 blocks of 512, warm-up 3,
-cosine, seed 0), each run in its own process, held-out perplexity over every 512-token block:
+cosine, seed 0), each run in its own process, held-out perplexity over every 512-token block (for
+HALO runs also with the trained weights in fp32 matmuls: what training reached, apart from what the
+8-bit matmuls cost at inference):
   full-*    the projections' weights and biases train (embeddings and norms frozen), lr --full-lr:
             fp32, bf16 (autocast), HALO-0/1/2 in FP8 and in INT8 (per-tensor scales, fp32 master weights)
   peft-*    LoRA rank 64, alpha 64 on every projection, lr --lr: PEFT's LoRA on the fp32 model (peft-fp32),
@@ -33,6 +35,7 @@ from lqlora import OUT, header
 import qft
 from qft.data import default_corpus, token_blocks
 from qft.evaluate import perplexity
+from qft.export import dense_model
 from qft.nn import HaloSettings
 from qft.nn.halo import halo_matmul
 from qft.report import markdown_table
@@ -124,7 +127,11 @@ def one_run(args) -> dict:
     with PeakRSS() as rss:
         result = qft.train(model, tokenizer, steps=args.steps, batch_size=args.batch_size, block_size=512, lr=lr,
                            warmup=args.warmup, seed=0, progress=False, eval_blocks=0, precision=precision)
-    return {"run": run, "lr": lr, "ppl before": before, "ppl after": perplexity(model, tokenizer, progress=False),
+    after = perplexity(model, tokenizer, progress=False)
+    # what training reached, apart from 8-bit inference: the trained weights in fp32 matmuls
+    exact = after if "halo" not in run else perplexity(dense_model(model, torch.float32, merged=True), tokenizer,
+                                                       progress=False)
+    return {"run": run, "lr": lr, "ppl before": before, "ppl after": after, "ppl after, fp32 matmuls": exact,
             "first loss": result.losses[0], "last loss": result.losses[-1], "s/step": result.seconds_per_step,
             "trainable params": result.trainable_parameters, "peak RSS training GB": rss.peak / 1e9,
             "prepare s": prepare_s, "losses": result.losses}
