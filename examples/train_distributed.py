@@ -82,13 +82,13 @@ def main() -> None:
     save_s = time.perf_counter() - start
 
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-    mine = torch.tensor([float(peak), float(held_bytes(model))], dtype=torch.float64)
+    mine = torch.tensor([float(peak), float(held_bytes(model))], dtype=torch.float64, device=device)
     per_rank = mine[None]
     if launched:
         gathered = [torch.zeros_like(mine) for _ in range(dist.get_world_size())]
         dist.all_gather(gathered, mine)
         per_rank = torch.stack(gathered)
-    peaks, held = per_rank[:, 0], per_rank[:, 1]
+    peaks, held = per_rank[:, 0].cpu(), per_rank[:, 1].cpu()
     if rank == 0:
         figures = {"mode": "ddp" if args.ddp and launched else ("fsdp2" if launched else "1 process"),
                    "world": dist.get_world_size() if launched else 1, "losses": result.losses,

@@ -158,13 +158,12 @@ def gathered(model: nn.Module) -> Iterator[nn.Module]:
             unit.reshard()
 
 
-
-
-def mean_over_ranks(value: float) -> float:
-    """The mean of a number over every rank (the number itself in one process)."""
+def mean_over_ranks(value: float, device: torch.device) -> float:
+    """The mean of a number over every rank (the number itself in one process); ``device``: where the
+    backend communicates (nccl: the rank's GPU)."""
     _, size = world()
     if size == 1:
         return value
-    t = torch.tensor([value], dtype=torch.float64)
+    t = torch.tensor([value], dtype=torch.float64, device=device)
     dist.all_reduce(t)
     return float(t) / size

@@ -344,7 +344,7 @@ def train(
                 total += float(loss.detach()) / config.grad_accum
                 result.tokens += ids.numel() * world
             if world > 1:  # the mean over the global batch (gradients are averaged by FSDP/DDP)
-                total = distributed.mean_over_ranks(total)
+                total = distributed.mean_over_ranks(total, device)
             if config.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(params.values(), config.max_grad_norm)
             optimizer.step()
