@@ -180,13 +180,7 @@ def quantize_and_prepare(
     target_modules / skip_modules: which Linear (or Conv1D) layers to quantize (name or
       name suffix); the output head is skipped unless ``skip_modules`` says otherwise.
     """
-    streamed = None
-    if isinstance(model, (str, os.PathLike)):
-        if fisher is True or rounding == "gptq":
-            raise ValueError("fisher=True and rounding='gptq' run calibration text through the whole model in full "
-                             "precision, which streaming quantization never holds: load the model "
-                             "(from_pretrained) and pass it, or pass a precomputed Fisher dict")
-        model, streamed_targets, streamed = open_model(model, target_modules, skip_modules)  # weights on disk
+    folder = model if isinstance(model, (str, os.PathLike)) else None
     spec = get_method(method)
     unknown = sorted(set(method_options) - set(spec.options))
     if unknown:
@@ -201,15 +195,20 @@ def quantize_and_prepare(
         if ignored:
             raise ValueError(f"method {method!r} has no bit budget to allocate or rounding to choose; drop {ignored} "
                              f"(its options: {list(spec.options)})")
-        if streamed is not None:
+        if folder is not None:
             raise ValueError(f"method {method!r} trains or rotates whole weights and takes a loaded model, not a folder")
         return _prepare_whole(spec, model, rank, alpha, seed, target_modules, skip_modules, progress, method_options)
     if spec.needs_rank and rank == 0:
         raise ValueError(f"method {method!r} needs rank >= 1 (use method='qlora' with rank=0 for plain quantization)")
-    if fisher is True and tokenizer is None:
-        raise ValueError("fisher=True needs the tokenizer to read the calibration text")
     rounding = rounding or spec.rounding
     check_choice("rounding", rounding, ROUNDINGS)
+    if folder is not None and (fisher is True or rounding == "gptq"):
+        raise ValueError(f"fisher=True and rounding='gptq' (method {method!r} rounds with {rounding!r}) run calibration "
+                         "text through the whole model in full precision, which streaming quantization never holds: "
+                         "load the model (from_pretrained) and pass it, pass a precomputed Fisher dict, or "
+                         "rounding='rtn'")
+    if fisher is True and tokenizer is None:
+        raise ValueError("fisher=True needs the tokenizer to read the calibration text")
     if rounding == "gptq" and tokenizer is None:
         raise ValueError("rounding='gptq' needs the tokenizer to read the calibration text (tokenizer=...)")
     if not isinstance(bits, (str, int, float)):
@@ -217,11 +216,12 @@ def quantize_and_prepare(
     if isinstance(bits, int) and not isinstance(bits, bool) and spec.width_format is not None:
         bits = spec.width_format(bits)  # e.g. PEQA: bits=4 means int4 per channel, not a 4.0 budget
     start = time.perf_counter()
-    if streamed is None:
+    streamed = None
+    if folder is None:
         targets = find_target_linears(model, target_modules, skip_modules)
         _check_weights(targets)
-    else:
-        targets = streamed_targets
+    else:  # every tensor loaded but the target weights, which stay on disk
+        model, targets, streamed = open_model(folder, target_modules, skip_modules)
     report = Report(method, bits, rank, fisher is True or isinstance(fisher, dict), rounding)
     report.skipped = _skipped_modules(model, targets, skip_modules)
 

@@ -39,6 +39,8 @@ def test_streamed_equals_loaded(folder, bits, method):
 def test_streaming_refuses_what_needs_the_whole_model(folder):
     with pytest.raises(ValueError, match="streaming quantization never holds"):
         qft.quantize_and_prepare(folder, fisher=True, tokenizer=object())
+    with pytest.raises(ValueError, match="streaming quantization never holds"):
+        qft.quantize_and_prepare(folder, method="int21")  # GPTQ is int21's own rounding
     with pytest.raises(ValueError, match="takes a loaded model"):
         qft.quantize_and_prepare(folder, method="halo")
 
