@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from qft.solvers import solve
+from qft.solvers.mckp import solve
 
 import qft
 from qft.allocate import ErrorTable, allocate, error_table, nf_grid, pruned_grid, undominated

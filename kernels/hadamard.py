@@ -137,10 +137,10 @@ def _fwht(x: torch.Tensor, backend: str, dtype: torch.dtype) -> torch.Tensor:
 def hadamard_transform(x: torch.Tensor, *, transpose: bool = False, backend: str | None = None) -> torch.Tensor:
     """``x @ H`` (``x @ Hᵀ`` with ``transpose``) along x's last dimension, H = ``hadamard_matrix(n)``.
 
-    Computed in float32 and returned in x's dtype. backend: as ``qft.kernels.resolve_backend``
+    Computed in float32 and returned in x's dtype. backend: as ``qft.kernels.dispatch.resolve_backend``
     (Triton for CUDA tensors, torch otherwise).
     """
-    from qft.kernels import resolve_backend
+    from qft.kernels.dispatch import resolve_backend
 
     n = x.shape[-1]
     k, p = factorisation(n)

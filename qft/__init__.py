@@ -1,6 +1,15 @@
 """qft: quantization-aware low-bit fine-tuning of language models."""
 
 import logging
+from pathlib import Path
+
+# kernels/ and solvers/ sit beside qft/ in the repository and are namespace packages, so that the
+# repository root on sys.path never shadows Hugging Face's `kernels` (docs/DESIGN.md, Layout). A
+# wheel holds them as qft/kernels and qft/solvers; in a checkout (editable install, or Python started
+# at the root) they are found beside this folder.
+_CHECKOUT = Path(__file__).resolve().parent.parent
+if not (Path(__file__).parent / "kernels").is_dir() and (_CHECKOUT / "kernels" / "dispatch.py").is_file():
+    __path__.append(str(_CHECKOUT))
 
 from qft import hf_quantizer  # noqa: F401  (registers quant_method "qft" with transformers)
 from qft.adapters import load_adapter, save_adapter

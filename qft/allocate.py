@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 from qft.decompose.lqlora import low_rank, rank1_weights
 from qft.formats import Format, NormalFloat, check_weight, get_format
 from qft.formats.base import to_blocks
-from qft.solvers import Solution, check_budget, solve
+from qft.solvers.mckp import Solution, check_budget, solve
 
 logger = logging.getLogger(__name__)
 

@@ -81,7 +81,7 @@ def cmd_quantize(args) -> None:
     bits = int(args.bits) if args.bits.isdigit() else (
         float(args.bits) if args.bits.replace(".", "", 1).isdigit() else args.bits)
     halo = {k: getattr(args, k) for k in ("level", "precision", "granularity", "grad_format", "peft")
-            if getattr(args, k) not in (None, False)}  # a method's own options, when given
+            if getattr(args, k) is not None}  # a method's own options, when given (0 is a level)
     model = quantize_and_prepare(model, bits=bits, method=args.method, rank=args.rank, fisher=args.fisher,
                          tokenizer=tokenizer, iters=args.iters, seed=args.seed, rounding=args.rounding,
                          progress=args.progress, **halo)
@@ -247,7 +247,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", choices=["fp8", "int8"], help="halo: the matmuls' precision (default fp8)")
     p.add_argument("--granularity", choices=["tensor", "row"], help="halo: one scale per tensor or per row")
     p.add_argument("--grad-format", choices=["e4m3", "e5m2"], help="halo, fp8: the gradients' format")
-    p.add_argument("--peft", action="store_true", help="halo: frozen 8-bit base + LoRA of --rank (default 16)")
+    p.add_argument("--peft", action="store_true", default=None, help="halo: frozen 8-bit base + LoRA of --rank (default 16)")
     p.add_argument("--out", required=True, help="folder to write")
     p.set_defaults(run=cmd_quantize)
 

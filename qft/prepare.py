@@ -25,7 +25,7 @@ from qft.fisher import empirical_fisher
 from qft.formats import Format, get_format
 from qft.formats.base import check_choice
 from qft.nn import QLinear, dense_weight, mark_trainable
-from qft.solvers import Solution
+from qft.solvers.mckp import Solution
 from qft.streaming import TargetWeights, open_model
 from qft.targets import find_target_linears, is_linear, output_head_names, set_module
 

@@ -32,7 +32,7 @@ import torch
 from torch.utils._pytree import tree_map_only
 
 from qft.formats import Format, get_format
-from qft.kernels import dequantize as dequantize_codes
+from qft.kernels.dispatch import dequantize as dequantize_codes
 from qft.packing import pack, words_per_row
 
 aten = torch.ops.aten

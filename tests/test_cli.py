@@ -175,6 +175,16 @@ def test_halo_quantize_train_and_reload(base, tmp_path, capsys):
     assert main(["eval", "-q", str(t), "--data", str(data), "--block-size", "32", "--max-blocks", "2"]) == 0
 
 
+def test_halo_level_zero_is_level_zero(base, tmp_path):
+    """--level 0 (no rotation) is an option given, not an option left out (which means level 2)."""
+    for level in (0, 2):
+        out = tmp_path / f"level{level}"
+        assert main(["quantize", "-q", "--model", str(base), "--method", "halo", "--level", str(level),
+                     "--out", str(out)]) == 0
+        modules = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
+        assert {m["level"] for m in modules.values()} == {level}
+
+
 def test_streaming_quantize_writes_the_same_checkpoint(base, tmp_path):
     from safetensors.torch import load_file
 

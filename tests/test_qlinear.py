@@ -239,6 +239,22 @@ def test_load_state_dict_copies_into_the_layers_own_tensors(rng):
     assert torch.equal(target(x), q(x))
 
 
+def test_load_state_dict_of_the_adapters_alone(rng):
+    """strict=False with only lora_A/lora_B loads them (and reports the base's keys as missing)."""
+    _, q = _layer("int4-g32", rng)
+    with torch.no_grad():
+        q.lora_B.normal_(generator=rng)
+    target = copy.deepcopy(q)
+    with torch.no_grad():
+        target.lora_A.zero_()
+        target.lora_B.zero_()
+    result = target.load_state_dict({"lora_A": q.lora_A, "lora_B": q.lora_B}, strict=False)
+    assert torch.equal(target.lora_A, q.lora_A) and torch.equal(target.lora_B, q.lora_B)
+    assert "bias" in result.missing_keys and not result.unexpected_keys
+    x = torch.randn(3, 70, generator=rng)
+    assert torch.equal(target(x), q(x))
+
+
 @pytest.mark.parametrize("name", ["int4-g16", "nf3-b32", "int2-ch"])
 def test_scale_gradient_in_chunks_equals_the_dense_reduction(name, rng):
     """Blockwise (a block at a time) equals Σ over each block of dW ⊙ grid with dW = dyᵀx built whole."""

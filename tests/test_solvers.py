@@ -2,7 +2,7 @@ import itertools
 
 import numpy as np
 import pytest
-from qft.solvers import InfeasibleBudget, lagrangian, solve
+from qft.solvers.mckp import InfeasibleBudget, lagrangian, solve
 
 
 def _table(rng, groups, options):

@@ -13,7 +13,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import ALL_FORMATS
-from qft.kernels import dequant_matmul, resolve_backend, torch_path, triton_dequant
+from qft.kernels import torch_path, triton_dequant
+from qft.kernels.dispatch import dequant_matmul, resolve_backend
 
 from qft.nn import QLinear
 from qft.packing import pack

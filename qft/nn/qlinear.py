@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.distributed.tensor import DTensor
 
-from qft.kernels import dequant_matmul
+from qft.kernels.dispatch import dequant_matmul
 from qft.tensor import QuantizedTensor, _decode_name
 
 _PREFIX = "weight_"
@@ -206,15 +206,14 @@ class QLinear(nn.Module):
         missing_keys.extend(prefix + k for k in sorted(expected - set(ours)))
         if strict:
             unexpected_keys.extend(prefix + k for k in sorted(set(ours) - expected))
-        if expected - set(ours):
-            return
+        # what is there loads, what is not is reported (strict=False loads an adapter alone)
         copy = not local_metadata.get("assign_to_params_buffers", False)
         try:
-            for name in sorted(expected - {"bias"}):
+            for name in sorted((expected & set(ours)) - {"bias"}):
                 self._assign_flat(name, ours[name], copy=copy)
         except ValueError as e:
             error_msgs.append(f"{prefix[:-1]}: {e}")
-        if self.bias is not None:
+        if self.bias is not None and "bias" in ours:
             with torch.no_grad():
                 if copy:
                     self.bias.copy_(ours["bias"])

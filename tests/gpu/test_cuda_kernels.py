@@ -8,7 +8,8 @@ with 2048 tokens. gpu.sh runs these with QFT_TRITON_AUTOTUNE=0
 
 import pytest
 import torch
-from qft.kernels import dequant_matmul, torch_path, triton_dequant
+from qft.kernels import torch_path, triton_dequant
+from qft.kernels.dispatch import dequant_matmul
 
 from qft.tensor import QuantizedTensor
 

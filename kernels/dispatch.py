@@ -1,6 +1,7 @@
 """Dequant-matmul kernels and the one dispatch QLinear calls.
 
-Installed as ``qft.kernels`` (never as a top-level ``kernels``). Knows nothing
+``qft.kernels`` is a namespace package (no ``__init__.py``, so the repository root
+never shadows Hugging Face's ``kernels``; docs/DESIGN.md, Layout). Knows nothing
 of models or formats: it takes packed codes (qft.packing layout), a codebook,
 blockwise scales and optional zero-points.
 
