@@ -5,19 +5,25 @@
     torchrun --nproc-per-node 8 examples/train_distributed.py                         # 8 GPUs, nccl
     python examples/train_distributed.py --backend gloo                               # one process
 
-Rank 0 quantizes the embedded SmolLM2-135M (Fisher-weighted LQ-LoRA at --bits; or give --checkpoint,
-a folder written by `qft quantize`) and saves it; every rank loads that checkpoint, so all start from the same model.
+Rank 0 quantizes the embedded SmolLM2-135M (Fisher-weighted LQ-LoRA at --bits) and saves it; every rank loads
+that checkpoint, so all start from the same model. The other ranks sleep meanwhile, so rank 0 quantizes on every
+core this process may use (torchrun gives each rank one thread). To quantize only once, run `qft quantize` before
+launching and give its folder as --checkpoint.
 FSDP2 gives each rank 1/world of every packed weight and of the adapters; DDP a whole copy.
 qft.train splits each batch over the ranks; qft.save_quantized gathers the model and writes one
-ordinary checkpoint from rank 0. The final loss is printed last.
+ordinary checkpoint from rank 0. The final loss is printed last. A rank that waits longer than --timeout
+minutes on another (one that has failed or hangs) raises instead of waiting forever.
 """
 
 import argparse
+import contextlib
 import json
 import logging
 import os
 import resource
 import time
+from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -36,6 +42,17 @@ def held_bytes(model: torch.nn.Module) -> int:
     return total
 
 
+@contextlib.contextmanager
+def every_core() -> Iterator[None]:
+    """Torch on every core this process may run on (torchrun sets OMP_NUM_THREADS=1 per rank), then as before."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count())
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--backend", default="nccl", help="nccl (GPUs) or gloo (CPU)")
@@ -47,6 +64,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=4, help="the global batch (divides by the world size)")
     parser.add_argument("--block-size", type=int, default=512)
     parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--timeout", type=float, default=30,
+                        help="minutes a rank waits on the others (it must cover rank 0's quantization)")
     parser.add_argument("--json", help="also write the run's figures (losses, s/step, peak memory) here")
     parser.add_argument("--quiet", action="store_true")
     args = parser.parse_args()
@@ -54,7 +73,7 @@ def main() -> None:
 
     launched = "RANK" in os.environ  # torchrun / accelerate launch set it
     if launched:
-        dist.init_process_group(args.backend)
+        dist.init_process_group(args.backend, timeout=timedelta(minutes=args.timeout))
     rank = dist.get_rank() if launched else 0
     gpu = args.backend == "nccl" and torch.cuda.is_available()
     device = torch.device(f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if gpu else "cpu")
@@ -64,10 +83,11 @@ def main() -> None:
 
     checkpoint = Path(args.checkpoint) if args.checkpoint else workdir / f"quantized-{args.bits}"
     if rank == 0 and not (checkpoint / "config.json").is_file():
-        model, tokenizer = qft.default_model(progress=not args.quiet)
-        bits = args.bits if args.bits.startswith(("nf", "int", "fp")) else float(args.bits)
-        qft.quantize_and_prepare(model, bits=bits, fisher=True, tokenizer=tokenizer, progress=not args.quiet)
-        qft.save_quantized(model, checkpoint, tokenizer)
+        with every_core():
+            model, tokenizer = qft.default_model(progress=not args.quiet)
+            bits = args.bits if args.bits.startswith(("nf", "int", "fp")) else float(args.bits)
+            qft.quantize_and_prepare(model, bits=bits, fisher=True, tokenizer=tokenizer, progress=not args.quiet)
+            qft.save_quantized(model, checkpoint, tokenizer)
     if launched:
         dist.barrier()
     tokenizer = AutoTokenizer.from_pretrained(checkpoint)
@@ -100,7 +120,8 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(figures, indent=1))
         print(f"peak memory per rank: {figures['peak RSS per rank GB']} GB (RSS), {result.seconds_per_step:.2f} s/step")
         print(f"final loss {result.losses[-1]:.4f}")
-    if launched:
+    if launched:  # every rank here before any tears the process group down
+        dist.barrier()
         dist.destroy_process_group()
 
 

@@ -20,7 +20,7 @@ import os
 
 import torch
 from qft.kernels import torch_path
-from qft.kernels.torch_path import autocast_off, dequantize
+from qft.kernels.torch_path import autocast_dtype, autocast_off, dequantize
 from torch.autograd.function import once_differentiable
 
 __all__ = ["BACKENDS", "dequant_matmul", "dequantize", "resolve_backend"]
@@ -80,16 +80,6 @@ class _TritonDequantMatmul(torch.autograd.Function):
         return dx, dscale, None, None, None, None, None, None
 
 
-def _autocast_input(x: torch.Tensor) -> torch.Tensor:
-    """x in the autocast dtype when autocast is on for x's device (float64 stays, as autocast leaves it)."""
-    kind = x.device.type
-    if not (torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)):
-        return x
-    if not x.is_floating_point() or x.dtype == torch.float64:
-        return x
-    return x.to(torch.get_autocast_dtype(kind))
-
-
 def _check_devices(x: torch.Tensor, **tensors: torch.Tensor | None) -> None:
     for name, t in tensors.items():
         if t is not None and t.device != x.device:
@@ -119,7 +109,7 @@ def dequant_matmul(
     dtype). Without autocast y is in x's dtype.
     """
     _check_devices(x, codes=codes, codebook=codebook, scale=scale, zero=zero)
-    x = _autocast_input(x)
+    x = x.to(autocast_dtype(x))
     if resolve_backend(x.device, backend) == "triton":
         return _TritonDequantMatmul.apply(x, scale, codes, codebook, zero, bits, cols, block)
     return torch_path.dequant_matmul(x, codes, codebook, scale, zero, bits=bits, cols=cols, block=block)

@@ -78,6 +78,17 @@ def _scaled(grid: torch.Tensor, scale: torch.Tensor, cols: int) -> torch.Tensor:
     return w.reshape(w.shape[0], -1)[:, :cols]
 
 
+def autocast_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype nn.Linear computes ``x`` in: the autocast dtype where autocast is on for x's device
+    (float64 and non-float tensors excepted, as autocast leaves them), else x's own."""
+    kind = x.device.type
+    if not x.is_floating_point() or x.dtype == torch.float64:
+        return x.dtype
+    if not (torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind)):
+        return x.dtype
+    return torch.get_autocast_dtype(kind)
+
+
 def autocast_off(device: torch.device):
     """A context with autocast disabled for ``device``'s type (nothing to disable where autocast
     does not exist, e.g. on the meta device). The dequant-matmul Functions compute in x's own dtype

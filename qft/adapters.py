@@ -1,11 +1,13 @@
 """Task adapters: only the trainable parts of a qft model, swappable on one shared base.
 
-``save_adapter(model, folder)`` writes every QLinear's adapters (``lora_A``, ``lora_B`` and a
-trainable ``scale``) to ``adapter.safetensors`` plus ``adapter.json``, which names the method and
-a SHA-256 of the frozen base (every state-dict tensor that is not an adapter: packed codes,
-frozen scales and zero-points, embeddings, norms, and the layer layout). ``load_adapter`` swaps
-them into a model in place, and refuses an adapter made for another base or method, or a file
-that is truncated or not an adapter, before anything changes.
+``save_adapter(model, folder)`` writes what trains in every qft layer (``qft.nn.QFT_LAYERS``: a
+QLinear's ``lora_A``, ``lora_B`` and trainable ``scale``; a HaloLinear's ``lora_A`` and ``lora_B``
+under HALO-PEFT, its ``weight`` and ``bias`` under full HALO fine-tuning) to
+``adapter.safetensors`` plus ``adapter.json``, which names the method and a SHA-256 of the frozen
+base (every state-dict tensor that is not an adapter: packed codes or HALO's 8-bit base, frozen
+scales and zero-points, embeddings, norms, and the layer layout). ``load_adapter`` swaps them into
+a model in place, and refuses an adapter made for another base or method, or a file that is
+truncated or not an adapter, before anything changes.
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from torch import nn
 
 from qft.atomic import atomic_dir
 from qft.checkpoint import CheckpointError, quantization_config
-from qft.nn import QLinear
+from qft.nn import QFT_LAYERS
 
 ADAPTER_VERSION = 1
 WEIGHTS, HEADER = "adapter.safetensors", "adapter.json"
@@ -31,7 +33,7 @@ WEIGHTS, HEADER = "adapter.safetensors", "adapter.json"
 def _adapters(model: nn.Module, every_name: bool) -> dict[str, nn.Parameter]:
     found = {}
     for name, layer in model.named_modules(remove_duplicate=not every_name):
-        if isinstance(layer, QLinear):
+        if isinstance(layer, QFT_LAYERS):
             for part, param in layer.adapters().items():
                 key = "weight_scale" if part == "scale" else part  # a trainable scale's state-dict name
                 found[f"{name}.{key}" if name else key] = param
@@ -39,7 +41,7 @@ def _adapters(model: nn.Module, every_name: bool) -> dict[str, nn.Parameter]:
 
 
 def adapter_tensors(model: nn.Module) -> dict[str, nn.Parameter]:
-    """The adapters of every QLinear, by state-dict name (a trainable scale is ``<layer>.weight_scale``;
+    """The adapters of every qft layer, by state-dict name (a trainable scale is ``<layer>.weight_scale``;
     a layer shared by two names appears once, under the first)."""
     return _adapters(model, every_name=False)
 

@@ -153,8 +153,12 @@ def save_quantized(model: nn.Module, directory: str | os.PathLike, tokenizer=Non
     return _save(model, directory, tokenizer, dtype, max_shard_size)
 
 
-def _save(model: nn.Module, directory, tokenizer, dtype, max_shard_size) -> Path:
-    specs = module_specs(model)
+def checkpoint_contents(model: nn.Module, dtype: torch.dtype | None = None) -> tuple[dict[str, torch.Tensor], dict]:
+    """The tensors a qft checkpoint of ``model`` stores (the other float tensors and the low-rank factors cast
+    to ``dtype`` if given) and its quantization_config, which records the dtype of every stored tensor.
+    save_quantized and transformers' save_pretrained (through the "qft" quantizer) both write these."""
+    config = quantization_config(model)
+    specs = config["modules"]
     if not specs:
         raise ValueError("the model has no qft layer; call qft.quantize_and_prepare(model) before saving")
     state = distributed.state_dict(model)
@@ -173,12 +177,16 @@ def _save(model: nn.Module, directory, tokenizer, dtype, max_shard_size) -> Path
         for leaf in spec.get("dtypes", {}):
             if f"{name}.{leaf}" in out:
                 spec["dtypes"][leaf] = str(out[f"{name}.{leaf}"].dtype).removeprefix("torch.")
+    return out, config
+
+
+def _save(model: nn.Module, directory, tokenizer, dtype, max_shard_size) -> Path:
+    out, qconfig = checkpoint_contents(model, dtype)
     config = model.config.to_dict()
-    if dtype is not None:
-        config["dtype"] = str(dtype).removeprefix("torch.")
+    # the dtype the other float tensors are stored in, which from_pretrained(dtype="auto") loads them in
+    config["dtype"] = str(dtype or model.dtype).removeprefix("torch.")
     config["architectures"] = [distributed.model_class(model).__name__]
-    config["quantization_config"] = quantization_config(model)
-    config["quantization_config"]["modules"] = specs
+    config["quantization_config"] = qconfig
     shards = _shards(out, max_shard_size)
     metadata = {"format": "pt", "qft_format_version": str(FORMAT_VERSION)}
     with atomic_dir(directory) as tmp:
@@ -197,7 +205,7 @@ def _save(model: nn.Module, directory, tokenizer, dtype, max_shard_size) -> Path
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-    logger.info("saved %d quantized layers to %s", len(specs), directory)
+    logger.info("saved %d quantized layers to %s", len(qconfig["modules"]), directory)
     return Path(directory)
 
 

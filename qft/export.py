@@ -47,15 +47,18 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
+from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from qft.atomic import atomic_dir
 from qft.checkpoint import CheckpointError, shared_keys
 from qft.decompose import ROUNDINGS
 from qft.decompose.gptq import Grid, LayerwiseHessians, gptq, gptq_codes
+from qft.distributed import model_class
 from qft.formats import UniformInt
 from qft.formats.base import check_choice
 from qft.nn import QFT_LAYERS, QLinear
+from qft.nn.qlinear import is_conv1d
 from qft.packing import pack, unpack
 from qft.tensor import QuantizedTensor
 
@@ -154,6 +157,26 @@ def _codes_of(weight: QuantizedTensor, dtype: torch.dtype) -> tuple[Scheme, dict
     return Scheme(fmt.bits, False, group), tensors
 
 
+def oriented(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """An (out, in) ``weight`` as ``module`` holds it: transposed for a Conv1D (GPT-2), which stores (in, out)."""
+    return weight.t() if is_conv1d(module) else weight
+
+
+def export_config(model: nn.Module) -> PretrainedConfig:
+    """A copy of ``model``'s config for a plain model of its own class: no qft quantization_config, and untied
+    when the output head is a qft layer (its quantized weight is no longer the input embeddings; a tied reader
+    would load one over the other)."""
+    config = type(model.config).from_dict(model.config.to_dict())
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.architectures = [model_class(model).__name__]
+    head = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
+    if isinstance(head, QFT_LAYERS) and getattr(config, "tie_word_embeddings", False):
+        logger.info("the output head is quantized: the export unties it from the input embeddings")
+        config.tie_word_embeddings = False
+    return config
+
+
 def _exact_in(t: torch.Tensor, dtype: torch.dtype) -> bool:
     return torch.equal(t.detach().to(dtype).to(t.dtype), t.detach())
 
@@ -239,8 +262,9 @@ def export_merged(
             if dense is not None:  # later layers calibrate on this one as a reader will compute it
                 state = {f"{name}.{k}": v for k, v in tensors.items()}
                 state[f"{name}.weight_shape"] = torch.tensor(weight.shape)
+                target = dense.get_submodule(name)
                 with torch.no_grad():
-                    dense.get_submodule(name).weight.copy_(_dequantized(Path(directory), name, scheme, state))
+                    target.weight.copy_(oriented(target, _dequantized(Path(directory), name, scheme, state)))
         groups.setdefault(scheme, []).append(name)
         out.update({f"{name}.{k}": v for k, v in tensors.items()})
         out[f"{name}.weight_shape"] = torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)
@@ -261,7 +285,15 @@ def export_merged(
         logger.warning("no power of two from %d down to %d divides the input width of %s; "
                        "these layers are written per channel (one scale per output row)", group_size, MIN_GROUP,
                        [n for n, g in merged.items() if g is None])
-    config = model.config.to_dict()
+    plain = export_config(model)
+    with torch.device("meta"):  # the model's own layer types, to name the Conv1D ones
+        skeleton = model_class(model)._from_config(plain)
+    conv1d = [n for n in layers if is_conv1d(skeleton.get_submodule(n))]
+    if conv1d:
+        logger.warning("%d quantized layers (e.g. %s) are Conv1D, which transformers' compressed-tensors loader "
+                       "does not quantize (it leaves them random); read this export with qft.load_merged",
+                       len(conv1d), conv1d[0])
+    config = plain.to_dict()
     config["dtype"] = str(dtype).removeprefix("torch.")
     config["quantization_config"] = compressed_tensors_config(groups, ignore)
     with atomic_dir(directory) as tmp:
@@ -276,27 +308,23 @@ def export_merged(
 
 
 def dense_model(model: nn.Module, dtype: torch.dtype, *, merged: bool) -> nn.Module:
-    """A plain transformers model of ``model``'s architecture (no qft layers) in ``dtype``: every qft layer
-    becomes an nn.Linear holding W' = dequant(Q) + scaling·B·A (``merged``) or dequant(Q) alone (a HALO
-    layer: its weight, or its 8-bit base + B·A)."""
-    from transformers import AutoModelForCausalLM
-
+    """A plain transformers model of ``model``'s own class (no qft layers) in ``dtype``: every qft layer
+    becomes the model's own nn.Linear (or Conv1D) holding W' = dequant(Q) + scaling·B·A (``merged``) or
+    dequant(Q) alone (a HALO layer: its weight, or its 8-bit base + B·A)."""
     layers = {n: m for n, m in model.named_modules() if isinstance(m, QFT_LAYERS)}
-    config = type(model.config).from_dict(model.config.to_dict())
-    if hasattr(config, "quantization_config"):
-        del config.quantization_config
-    dense = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    dense = model_class(model)._from_config(export_config(model), dtype=dtype)
     state = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in layers}
     for name, layer in layers.items():
-        state[f"{name}.weight"] = layer.merged_weight() if merged else layer.base_weight()
+        weight = layer.merged_weight() if merged else layer.base_weight()
+        state[f"{name}.weight"] = oriented(dense.get_submodule(name), weight)
         if layer.bias is not None:
             state[f"{name}.bias"] = layer.bias
     state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
     missing, unexpected = dense.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in shared_keys(dense.state_dict())]
     if missing or unexpected:
-        raise ValueError(f"this model does not map onto a plain {type(dense).__name__} (nn.Linear projections "
-                         f"only): missing {missing[:3]}, unexpected {unexpected[:3]}")
+        raise ValueError(f"this model does not map onto a plain {type(dense).__name__}: "
+                         f"missing {missing[:3]}, unexpected {unexpected[:3]}")
     dense.tie_weights()
     return dense.eval()
 
@@ -349,8 +377,9 @@ def _dequantized(directory: Path, name: str, scheme: Scheme, state: dict[str, to
 
 def load_merged(directory: str | os.PathLike) -> nn.Module:
     """Read a pack-quantized export back into a plain float model (to evaluate it without
-    compressed-tensors): every packed layer becomes an nn.Linear holding the dequantized weight."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    compressed-tensors): every packed layer becomes the model's own nn.Linear (or Conv1D) holding the
+    dequantized weight."""
+    import transformers
 
     directory = Path(directory)
     config = json.loads((directory / "config.json").read_text())
@@ -358,17 +387,23 @@ def load_merged(directory: str | os.PathLike) -> nn.Module:
     if qconfig.get("quant_method") != "compressed-tensors" or qconfig.get("format") != "pack-quantized":
         raise CheckpointError(f"{directory} is not a compressed-tensors pack-quantized export")
     schemes = _schemes(directory, qconfig)
-    hf_config = AutoConfig.from_pretrained(directory)
+    hf_config = transformers.AutoConfig.from_pretrained(directory)
     del hf_config.quantization_config
     dtype = getattr(torch, config.get("dtype") or "float32")
-    model = AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    architecture = (config.get("architectures") or [None])[0]
+    cls = getattr(transformers, architecture, None) if architecture else None
+    if cls is None:  # an export written before qft named the architecture
+        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    else:
+        model = cls._from_config(hf_config, dtype=dtype)
     with safe_open(str(directory / "model.safetensors"), framework="pt") as f:
         state = {k: f.get_tensor(k) for k in f.keys()}
     for key in [k for k in state if k.endswith(".weight_packed")]:
         name = key.removesuffix(".weight_packed")
         if name not in schemes:
             raise CheckpointError(f"{directory}: {name} is packed but no config group targets it; re-export the model")
-        state[f"{name}.weight"] = _dequantized(directory, name, schemes[name], state)
+        weight = _dequantized(directory, name, schemes[name], state)
+        state[f"{name}.weight"] = oriented(model.get_submodule(name), weight)
     missing, unexpected = model.load_state_dict(state, strict=False)
     missing = [k for k in missing if k not in shared_keys(model.state_dict())]
     if missing or unexpected:

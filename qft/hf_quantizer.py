@@ -7,11 +7,15 @@ against them, so a truncated or incomplete checkpoint fails instead of loading
 random weights. The loader then sets each flat tensor (``weight_codes``,
 ``lora_A``, ...) on its QLinear, which puts it in place. Afterwards only the
 adapters train (Trainer accepts the model).
+
+``quantize_and_prepare`` marks the model it prepares the same way (:func:`record_quantization_config`),
+so that ``save_pretrained`` (and so every ``Trainer`` checkpoint) writes a qft checkpoint too.
 """
 
 from __future__ import annotations
 
 import torch
+from torch import nn
 from transformers.quantizers import (
     HfQuantizer,
     register_quantization_config,
@@ -21,9 +25,12 @@ from transformers.quantizers.auto import AUTO_QUANTIZER_MAPPING
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from qft.checkpoint import (
+    FORMAT_VERSION,
     QUANT_METHOD,
     check_quantization_config,
     check_tensors,
+    checkpoint_contents,
+    quantization_config,
     swap_in_empty_layers,
     tensor_layout,
 )
@@ -66,6 +73,14 @@ class QftHfQuantizer(HfQuantizer):
         mark_trainable(model)
         return model
 
+    def get_state_dict_and_metadata(self, model):
+        """save_pretrained writes what save_quantized writes, with the quantization_config of the model as it
+        is now (a cast since preparation changed the dtypes it records)."""
+        state, config = checkpoint_contents(model)
+        self.quantization_config = QftConfig(**config)
+        model.config.quantization_config = self.quantization_config
+        return state, {"qft_format_version": str(FORMAT_VERSION)}
+
     def is_serializable(self, **kwargs) -> bool:
         return True
 
@@ -76,6 +91,18 @@ class QftHfQuantizer(HfQuantizer):
     @property
     def is_qat_trainable(self) -> bool:
         return True
+
+
+def record_quantization_config(model: nn.Module) -> None:
+    """Mark a prepared model as from_pretrained marks a loaded qft checkpoint: its config carries the qft
+    quantization_config and ``model.hf_quantizer`` is qft's, so that ``save_pretrained`` writes a checkpoint
+    that from_pretrained rebuilds (unmarked, it would write Linear-less tensors that load as random
+    projections). A model without a transformers config (a bare stack of layers) is left as it is."""
+    if getattr(model, "config", None) is None:
+        return
+    quantizer = QftHfQuantizer(QftConfig(**quantization_config(model)))
+    model.is_quantized, model.quantization_method, model.hf_quantizer = True, QUANT_METHOD, quantizer
+    quantizer.postprocess_model(model)  # as from_pretrained: config.quantization_config, config._is_quantized
 
 
 if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:  # a module reload must not register twice

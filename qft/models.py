@@ -2,7 +2,10 @@
 
 No machine here reaches a model hub; the package ships the model as a GGUF
 file (weights stored in Q4_1), which transformers' GGUF loader dequantizes to
-a float Llama model.
+a float Llama model. It is loaded with ``GgufConfig(dequantize=True)``: left to
+itself, transformers keeps its GGUF quantizer on the model, which then refuses
+``save_pretrained`` ("quantized with gguf and is not serializable") although
+every weight is a plain float tensor.
 """
 
 from __future__ import annotations
@@ -30,7 +33,7 @@ def default_model_dir() -> str:
 
 def default_model(dtype: torch.dtype = torch.float32, progress: bool = True):
     """Return (model, tokenizer) for SmolLM2-135M-Instruct, in eval mode (``progress=False``: no loading bars)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoModelForCausalLM, AutoTokenizer, GgufConfig
     from transformers.utils import logging as hf_logging
 
     for package in ("gguf", "accelerate"):
@@ -46,7 +49,8 @@ def default_model(dtype: torch.dtype = torch.float32, progress: bool = True):
     try:
         with quiet:
             tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=DEFAULT_GGUF)
-            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEFAULT_GGUF, dtype=dtype)
+            model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=DEFAULT_GGUF, dtype=dtype,
+                                                         quantization_config=GgufConfig(dequantize=True))
     finally:
         if bars:
             hf_logging.enable_progress_bar()

@@ -12,9 +12,10 @@
   wrap it with ``PeftModel.from_pretrained(base, dir)``: the logits are the qft model's within
   floating-point tolerance (the dense matmul rounds differently from qft's dequant-matmul).
 
-Only ``nn.Linear`` projections are written (GPT-2's Conv1D would need ``fan_in_fan_out``);
-a model with no low-rank factors (PEQA: its adapter is the scales) is refused: export it with
-:func:`qft.export_merged`, which keeps its int codes.
+GPT-2's Conv1D layers keep their (in, out) base weight and the adapter says ``fan_in_fan_out``, as PEFT
+does for them (the factors are the same as for an nn.Linear). A quantized output head is untied from the
+input embeddings in the base (:func:`qft.export.export_config`). A model with no low-rank factors (PEQA:
+its adapter is the scales) is refused: export it with :func:`qft.export_merged`, which keeps its int codes.
 """
 
 from __future__ import annotations
@@ -32,19 +33,22 @@ from torch import nn
 from qft.atomic import atomic_dir
 from qft.export import dense_model
 from qft.nn import QLinear
+from qft.nn.qlinear import is_conv1d
 
 BASE = "base"
 
 
-def _peft_config(layers: dict[str, QLinear]) -> dict:
+def _peft_config(layers: dict[str, QLinear], base: nn.Module) -> dict:
     ranks = {name: layer.rank for name, layer in layers.items()}
     alphas = {name: layer.scaling * layer.rank for name, layer in layers.items()}
     r = Counter(ranks.values()).most_common(1)[0][0]
     alpha = Counter(alphas.values()).most_common(1)[0][0]
     key = re.escape  # PEFT matches a pattern key as a regex anchored at a dot and at the end
     return {
-        "peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": None,
-        "r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none", "fan_in_fan_out": False,
+        "peft_type": "LORA", "task_type": "CAUSAL_LM" if base.can_generate() else None,
+        "base_model_name_or_path": None,
+        "r": r, "lora_alpha": alpha, "lora_dropout": 0.0, "bias": "none",
+        "fan_in_fan_out": any(is_conv1d(base.get_submodule(n)) for n in layers),
         "use_rslora": False, "use_dora": False, "init_lora_weights": True, "inference_mode": True,
         "target_modules": sorted(layers),
         "rank_pattern": {key(n): v for n, v in ranks.items() if v != r},
@@ -74,8 +78,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, tokenizer=None, 
     for name, layer in layers.items():
         tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
-    config = _peft_config(layers)
     base = dense_model(model, dtype, merged=False)
+    config = _peft_config(layers, base)
     with atomic_dir(directory) as tmp:
         save_file(tensors, str(tmp / "adapter_model.safetensors"), metadata={"format": "pt"})
         (tmp / "adapter_config.json").write_text(json.dumps(config, indent=2))

@@ -2,7 +2,8 @@
 
 Finds the target Linear layers, optionally measures the Fisher, picks one
 format per matrix under the bit budget (or uses one fixed format), lets the
-method (``qft.decompose``) build a QLinear for each matrix, swaps it in and
+method (``qft.decompose``) build a QLinear for each matrix, swaps them all in
+once every one is built (an error leaves the model as it was, to retry) and
 leaves only the layers' adapters trainable. The model is changed in place and
 returned; ``model.qft_report`` says what was done.
 """
@@ -19,7 +20,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qft.allocate import allocate, error_table, pruned_grid
-from qft.decompose import ROUNDINGS, MethodOptions, get_method
+from qft.decompose import ROUNDINGS, MethodOptions, get_method, weighted_error
 from qft.decompose.gptq import LayerwiseHessians
 from qft.fisher import empirical_fisher
 from qft.formats import Format, get_format
@@ -38,8 +39,10 @@ class MatrixReport:
     shape: tuple[int, int]
     format: str
     bits: float  # real bits per parameter of the quantized part
-    error: float  # ||W - W_layer||² at initialisation (Fisher-weighted when used)
-    relative_error: float
+    error: float  # ||W − W_layer||²_F, W_layer = Q + scaling·B·A at initialisation: comparable across methods
+    relative_error: float  # ||W − W_layer||_F / ||W||_F
+    objective: float | None = None  # what the method minimised (``Built.error``): Fisher-weighted, or GPTQ's
+    # output error for LQ-LoRA; comparable within one method and rounding only
 
 
 @dataclass
@@ -103,13 +106,33 @@ def _check_weights(targets: dict[str, nn.Module]) -> None:
             raise ValueError(f"{name}.weight holds NaN or Inf values; fix the model before quantizing")
 
 
+def _relative(error: float, w: torch.Tensor) -> float:
+    """||W − W_layer||_F / ||W||_F from error = ||W − W_layer||²_F."""
+    return (error / max(float(w.square().sum()), 1e-30)) ** 0.5
+
+
+def _check_rank(spec, rank: int, targets: dict[str, nn.Module]) -> None:
+    """A method whose error table assumes rank-r adapters (LQ-LoRA, LoftQ) takes a rank-r SVD of every
+    matrix: refuse a rank above a matrix's smaller side before any work, not at that matrix."""
+    if not spec.table_rank(rank):
+        return
+    small = {name: tuple(layer.weight.shape) for name, layer in targets.items() if min(layer.weight.shape) < rank}
+    if small:
+        name, shape = next(iter(small.items()))
+        raise ValueError(f"rank {rank} is above the smaller side of {len(small)} target matrices, e.g. {name} "
+                         f"{shape}; method {spec.name!r} needs rank <= {min(min(s) for s in small.values())}, "
+                         "or leave those layers out with skip_modules=")
+
+
 def _prepare_whole(spec, model, rank, alpha, seed, target_modules, skip_modules, progress, options) -> nn.Module:
-    """A method without a bit budget (``Method.prepare``): it swaps in its own layers; the report
-    says what they store and how far their weights are from the originals."""
+    """A method without a bit budget (``Method.prepare``): it builds its own layers, swapped in here once
+    all are built; the report says what they store and how far their weights are from the originals."""
     start = time.perf_counter()
     targets = find_target_linears(model, target_modules, skip_modules)
     _check_weights(targets)
     layers = spec.prepare(model, targets, rank=rank, alpha=alpha, seed=seed, progress=progress, **options)
+    for name, layer in layers.items():  # only once every layer is built: a failure leaves the model as it was
+        set_module(model, name, layer)
     report = Report(spec.name, str(options or "defaults"), max((m.rank for m in layers.values()), default=0), False)
     report.skipped = _skipped_modules(model, targets, skip_modules)
     stored = adapters = numel = 0
@@ -120,9 +143,9 @@ def _prepare_whole(spec, model, rank, alpha, seed, target_modules, skip_modules,
         extra = sum(8 * p.numel() * p.element_size() for p in trained)
         base = held - (extra if layer.peft else 0)
         stored, adapters, numel = stored + base, adapters + (extra if layer.peft else 0), numel + w.numel()
-        error = float(((layer.base_weight() - w) ** 2).sum())
+        error = weighted_error(w, layer.merged_weight(), None)
         report.matrices.append(MatrixReport(name, tuple(w.shape), layer.extra_repr(), base / w.numel(), error,
-                                            (error / max(float((w**2).sum()), 1e-30)) ** 0.5))
+                                            _relative(error, w)))
         report.total_error += error
     mark_trainable(model)
     report.bits = stored / max(numel, 1)
@@ -171,6 +194,8 @@ def quantize_and_prepare(
       matmuls behind Hadamard rotations; no bit budget: options level=0|1|2, precision="fp8"|"int8",
       granularity="tensor"|"row", grad_format="e4m3"|"e5m2", peft=False|True, see qft.decompose.halo).
     rank: rank of the low-rank factors (default: the method's, 64; PEQA has none).
+    alpha: the adapters' scaling is alpha / rank (default: alpha = rank, scaling 1; int21: 4·rank).
+      LQ-LoRA and LoftQ divide their factors by √scaling, so the initial weight is their decomposition.
     rounding: "rtn" (round to nearest) or "gptq" (GPTQ under each matrix's Hessian over
       ``calibration`` texts, decoder layer by decoder layer; needs ``tokenizer``); default: the
       method's ("gptq" for int21, else "rtn"). The bit allocation's error table stays RTN's.
@@ -189,6 +214,8 @@ def quantize_and_prepare(
     rank = spec.default_rank if rank is None else rank
     if rank < 0:
         raise ValueError(f"rank must be >= 0, got {rank}")
+    if alpha is not None and not alpha > 0:
+        raise ValueError(f"alpha must be > 0 (the adapters' scaling is alpha / rank), got {alpha}")
     if spec.prepare is not None:
         ignored = [n for n, v in (("fisher", fisher), ("rounding", rounding), ("formats", formats),
                                   ("calibration", calibration)) if v]
@@ -222,6 +249,7 @@ def quantize_and_prepare(
         _check_weights(targets)
     else:  # every tensor loaded but the target weights, which stay on disk
         model, targets, streamed = open_model(folder, target_modules, skip_modules)
+    _check_rank(spec, rank, targets)
     report = Report(method, bits, rank, fisher is True or isinstance(fisher, dict), rounding)
     report.skipped = _skipped_modules(model, targets, skip_modules)
 
@@ -267,36 +295,42 @@ def quantize_and_prepare(
             budget = dearest
         chosen, report.solution = allocate(table, budget, solver=solver)
 
+    # Every layer is built before any is swapped in: a failure on a later matrix leaves the model as it was.
+    built: dict[str, QLinear] = {}
     hessians = None
-    if rounding == "gptq":
-        hessians = LayerwiseHessians(model, tokenizer, list(unique), calibration, progress=progress)
+    if rounding == "gptq":  # each decoder layer calibrates on the ones before it as built (stand-ins)
+        hessians = LayerwiseHessians(model, tokenizer, list(unique), calibration, progress=progress, stand_ins=built)
     generator = torch.Generator().manual_seed(seed)  # one stream for every layer's random init
     quant_bits = adapter_bits = numel = 0
-    built: dict[str, QLinear] = {}
-    for (name, layer), fmt in tqdm(list(zip(unique.items(), chosen)), disable=not progress, desc=method,
-                                   unit="matrix"):
-        w = weights[name].float()
-        f = None if fisher_map is None else fisher_map[name].to(w.device)
-        hessian = None if hessians is None else hessians.hessian(name)
-        options = MethodOptions(rank, alpha, f, seed, generator, iters, layer.weight.dtype, hessian)
-        result = spec.build(w, layer.bias, fmt, options)
-        qlinear = result.layer.to(w.device)
-        built[name] = qlinear
+    try:
+        for (name, layer), fmt in tqdm(list(zip(unique.items(), chosen)), disable=not progress, desc=method,
+                                       unit="matrix"):
+            w = weights[name].float()
+            f = None if fisher_map is None else fisher_map[name].to(w.device)
+            hessian = None if hessians is None else hessians.hessian(name)
+            options = MethodOptions(rank, alpha, f, seed, generator, iters, layer.weight.dtype, hessian)
+            try:
+                result = spec.build(w, layer.bias, fmt, options)
+            except ValueError as e:
+                raise ValueError(f"{name} ({fmt.name}): {e}; the model is left unchanged") from e
+            qlinear = result.layer.to(w.device)
+            built[name] = qlinear
+            qt = qlinear.weight
+            stored = fmt.storage_bits(*qt.shape)  # the format's own bits (a trainable scale counts as its stored dtype)
+            quant_bits += stored
+            # adapters as held: low-rank factors, and what a trainable scale holds beyond the format's storage
+            adapter_bits += 8 * qt.nbytes - stored
+            adapter_bits += sum(8 * p.numel() * p.element_size() for n, p in qlinear.adapters().items() if n != "scale")
+            numel += qt.numel()
+            error = weighted_error(w, qlinear.merged_weight(), None)
+            report.matrices.append(MatrixReport(name, tuple(qt.shape), fmt.name, stored / qt.numel(), error,
+                                                _relative(error, w), result.error))
+            report.total_error += error
+    finally:
+        if hessians is not None:
+            hessians.close()
+    for name, qlinear in built.items():
         set_module(model, name, qlinear)
-        qt = qlinear.weight
-        stored = fmt.storage_bits(*qt.shape)  # the format's own bits (a trainable scale counts as its stored dtype)
-        quant_bits += stored
-        # adapters as held: low-rank factors, and what a trainable scale holds beyond the format's storage
-        adapter_bits += 8 * qt.nbytes - stored
-        adapter_bits += sum(8 * p.numel() * p.element_size() for n, p in qlinear.adapters().items() if n != "scale")
-        numel += qt.numel()
-        importance = 1.0 if f is None else f
-        norm = float((importance * w**2).sum())
-        report.matrices.append(MatrixReport(name, tuple(qt.shape), fmt.name, stored / qt.numel(),
-                                            result.error, (result.error / max(norm, 1e-30)) ** 0.5))
-        report.total_error += result.error
-    if hessians is not None:
-        hessians.close()
     for name, first in report.tied.items():
         set_module(model, name, built[first])  # one layer object at both places: still tied
 
@@ -305,5 +339,7 @@ def quantize_and_prepare(
     report.bits_with_adapters = (quant_bits + adapter_bits) / numel
     report.seconds = time.perf_counter() - start
     model.qft_report = report
+    from qft.hf_quantizer import record_quantization_config  # save_pretrained writes a qft checkpoint
+    record_quantization_config(model)
     logger.info("%s", report.summary())
     return model

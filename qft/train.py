@@ -156,6 +156,21 @@ def _fp32_masters(params: dict[str, torch.nn.Parameter]) -> None:
         logger.info("bf16 training: %d trainable parameters converted to float32 master copies", len(converted))
 
 
+def _checkpointing(model: torch.nn.Module, enable: bool) -> None:
+    """Gradient checkpointing on or off, on the transformers model itself: a DDP wrapper (qft.replicate)
+    has no such method. transformers 5 renamed the methods; older releases have only the old names."""
+    model = distributed.unwrap(model)
+    renamed = hasattr(model, "activation_checkpointing_enable")
+    if enable and renamed:
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    elif enable:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    elif renamed:
+        model.activation_checkpointing_disable()
+    else:
+        model.gradient_checkpointing_disable()
+
+
 def _checkpoints(output_dir: str | Path) -> list[Path]:
     """Complete checkpoints in ``output_dir``, oldest first (temporary folders do not match)."""
     found = [(int(m.group(1)), p) for p in Path(output_dir).glob("checkpoint-*") if (m := _CHECKPOINT.match(p.name))]
@@ -306,12 +321,8 @@ def train(
             start_step = _load_checkpoint(path, params, optimizer, config, result, objective_name)
             logger.info("resumed from %s at step %d", path, start_step)
 
-    if config.gradient_checkpointing:  # transformers 5 renamed it; older releases have only the old name
-        enable = getattr(model, "activation_checkpointing_enable", None)
-        if enable is not None:
-            enable(activation_checkpointing_kwargs={"use_reentrant": False})
-        else:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if config.gradient_checkpointing:
+        _checkpointing(model, True)
     was_training = model.training
 
     def evaluate(step: int) -> None:
@@ -363,7 +374,7 @@ def train(
         bar.close()
         model.train(was_training)
         if config.gradient_checkpointing:
-            getattr(model, "activation_checkpointing_disable", model.gradient_checkpointing_disable)()
+            _checkpointing(model, False)
     if not result.evals or result.evals[-1][0] != config.steps:
         evaluate(config.steps)
     result.steps = config.steps

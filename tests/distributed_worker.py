@@ -9,6 +9,7 @@ or replicates (DDP) the model and records what the test asserts, in OUT_DIR/rank
 import copy
 import json
 import sys
+from datetime import timedelta
 from pathlib import Path
 
 import torch
@@ -20,10 +21,25 @@ from helpers import tiny_llama  # noqa: E402
 import qft  # noqa: E402
 from qft.tensor import QuantizedTensor  # noqa: E402
 
+# a rank that waits this long for the other raises (and torchrun stops both) instead of hanging the test
+TIMEOUT = timedelta(minutes=5)
+# qft.train's settings, in one process (the reference) and on both ranks
+TRAIN = dict(steps=3, batch_size=4, lr=1e-3, warmup=0, eval_blocks=0, max_grad_norm=0, progress=False)
+
 
 def prepared():
     model = tiny_llama(seed=0)
     return qft.quantize_and_prepare(model, bits="nf3-b64", method="qlora", rank=4, progress=False)
+
+
+def wrap(model, mode: str):
+    return qft.shard(model) if mode == "fsdp" else qft.replicate(model)
+
+
+def finish() -> None:
+    """Every rank reaches the end before any tears the process group down."""
+    dist.barrier()
+    dist.destroy_process_group()
 
 
 def trainable_grads(model) -> dict[str, torch.Tensor]:
@@ -46,7 +62,7 @@ def with_trainer(out: Path) -> None:
     """transformers.Trainer wraps the model in DDP itself: qft.distributed.exclude_frozen first."""
     from transformers import Trainer, TrainingArguments
 
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=TIMEOUT)
     rank = dist.get_rank()
     model = qft.distributed.exclude_frozen(prepared())
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
@@ -66,7 +82,7 @@ def with_trainer(out: Path) -> None:
               "ranks agree": all(torch.equal(t, theirs[0]) for t in theirs),
               "frozen unchanged": all(torch.equal(frozen_inner(model)[k], v) for k, v in frozen.items())}
     (out / f"rank{rank}.json").write_text(json.dumps(record))
-    dist.destroy_process_group()
+    finish()
 
 
 def main() -> None:
@@ -85,10 +101,9 @@ def main() -> None:
     ref_model(input_ids=batch, labels=batch).loss.backward()
     ref_grads = trainable_grads(ref_model)
     single = copy.deepcopy(reference)
-    ref_losses = qft.train(single, None, batch, steps=3, batch_size=4, lr=1e-3, warmup=0, eval_blocks=0, max_grad_norm=0,
-                           progress=False).losses
+    ref_losses = qft.train(single, None, batch, **TRAIN).losses
 
-    dist.init_process_group("gloo")
+    dist.init_process_group("gloo", timeout=TIMEOUT)
     rank, world = dist.get_rank(), dist.get_world_size()
     mine = batch.tensor_split(world)[rank]
     record: dict = {"rank": rank, "world": world}
@@ -100,15 +115,12 @@ def main() -> None:
     model = prepared()
     before = {n: t.clone() for n, p in model.named_parameters() if isinstance(p, QuantizedTensor)
               for n, t in [(f"{n}/{k}", t) for k, t in p._inner().items()]}
+    wrapped = wrap(model, mode)
     if mode == "fsdp":
-        qft.shard(model)
         local = next(p for n, p in model.named_parameters() if n.endswith("q_proj.weight"))
         whole = before[next(k for k in before if k.endswith("q_proj.weight/codes"))]
         record["local codes numel"] = local.to_local().codes.numel()
         record["whole codes numel"] = whole.numel()
-        wrapped = model
-    else:
-        wrapped = qft.replicate(model)
     with torch.no_grad():
         logits = wrapped(input_ids=batch).logits
     record["forward bitwise equal"] = bool(torch.equal(logits, ref_logits))
@@ -131,12 +143,19 @@ def main() -> None:
     with torch.no_grad():
         record["loaded logits equal"] = bool(torch.equal(loaded(input_ids=batch).logits, ref_logits))
 
-    losses = qft.train(wrapped, None, batch, steps=3, batch_size=4, lr=1e-3, warmup=0, eval_blocks=0, max_grad_norm=0,
-                       progress=False).losses
+    losses = qft.train(wrapped, None, batch, **TRAIN).losses
     record["train losses"] = losses
     record["reference losses"] = ref_losses
+
+    # the same run with gradient checkpointing: backward runs each layer's forward again
+    checkpointed = wrap(prepared(), mode)
+    calls = []
+    qft.distributed.unwrap(checkpointed).model.layers[0].mlp.register_forward_pre_hook(
+        lambda module, args: calls.append(module.training))
+    record["checkpointed losses"] = qft.train(checkpointed, None, batch, gradient_checkpointing=True, **TRAIN).losses
+    record["checkpointed layer runs"] = sum(calls)
     (out / f"rank{rank}.json").write_text(json.dumps(record))
-    dist.destroy_process_group()
+    finish()
 
 
 if __name__ == "__main__":

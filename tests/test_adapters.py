@@ -111,3 +111,19 @@ def test_adapter_loads_onto_a_saved_and_reloaded_base(tmp_path):
     ids = torch.randint(0, 300, (1, 9))
     with torch.no_grad():
         assert torch.equal(base(ids).logits, model(ids).logits)
+
+
+def test_a_halo_peft_adapter_swaps_onto_a_fresh_halo_base(tmp_path):
+    def halo():
+        return qft.quantize_and_prepare(tiny_llama(), method="halo", peft=True, rank=4, level=2, progress=False)
+
+    trained = halo()
+    _train_a_little(trained)
+    assert {k.rpartition(".")[2] for k in adapter_tensors(trained)} == {"lora_A", "lora_B"}  # the base stays out
+    qft.save_adapter(trained, tmp_path / "task")
+    base = halo()
+    ids = torch.randint(0, 300, (2, 11))
+    with torch.no_grad():
+        assert not torch.equal(base(ids).logits, trained(ids).logits)
+        qft.load_adapter(base, tmp_path / "task")
+        assert torch.equal(base(ids).logits, trained(ids).logits)

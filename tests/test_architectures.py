@@ -1,7 +1,12 @@
-"""Every architecture goes the whole way: quantize, train a step, save, load with identical logits."""
+"""Every architecture goes the whole way: quantize, train a step, save, load with identical logits; and
+every export reads back as the qft model it came from."""
+
+import json
+import logging
 
 import pytest
 import torch
+from peft import PeftModel
 from transformers import (
     BertConfig,
     BertForMaskedLM,
@@ -12,7 +17,7 @@ from transformers import (
 )
 
 import qft
-from qft.nn import QLinear
+from qft.nn import QLinear, dense_weight
 
 
 def gpt2():
@@ -63,3 +68,40 @@ def test_gpt2_conv1d_is_quantized_in_its_orientation():
     assert isinstance(layer, QLinear) and (layer.out_features, layer.in_features) == (192, 64)
     with torch.no_grad():
         assert torch.allclose(layer(x), expected, atol=2e-2)
+
+
+@pytest.mark.parametrize("build", [gpt2, bert, qwen2])
+def test_every_export_reads_back_as_the_qft_model(build, tmp_path, caplog):
+    torch.manual_seed(0)
+    model = build().eval()
+    qft.quantize_and_prepare(model, bits="nf4", method="lqlora", rank=4, progress=False)
+    with torch.no_grad():  # adapters that change the model, so that the exports must carry them
+        for layer in model.modules():
+            if isinstance(layer, QLinear):
+                layer.lora_B.add_(0.02 * torch.randn_like(layer.lora_B))
+    qft.export_dense(model, tmp_path / "dense", dtype=torch.float32)
+    qft.export_peft(model, tmp_path / "peft", dtype=torch.float32)
+    with caplog.at_level(logging.WARNING, logger="qft.export"):
+        qft.export_merged(model, tmp_path / "merged", dtype=torch.float32)
+    assert ("are Conv1D" in caplog.text) == (build is gpt2)
+    assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["fan_in_fan_out"] == (build is gpt2)
+    cls = type(model)  # the merged export names it: a reader builds the model's own class, not a guess
+    assert json.loads((tmp_path / "merged" / "config.json").read_text())["architectures"] == [cls.__name__]
+    dense = cls.from_pretrained(tmp_path / "dense")
+    peft = PeftModel.from_pretrained(cls.from_pretrained(tmp_path / "peft" / "base"), tmp_path / "peft").eval()
+    merged = qft.load_merged(tmp_path / "merged")
+    assert type(merged) is cls
+    # every weight in its layer's own orientation: a transposed square Conv1D (GPT-2's attn.c_proj) fails here
+    for name, layer in model.named_modules():
+        if isinstance(layer, QLinear):
+            w = layer.merged_weight()
+            torch.testing.assert_close(dense_weight(dense.get_submodule(name)), w)
+            torch.testing.assert_close(dense_weight(peft.get_submodule(f"base_model.model.{name}").base_layer),
+                                       layer.base_weight())
+            assert (dense_weight(merged.get_submodule(name)) - w).norm() < 0.2 * w.norm(), name  # int4 rounding
+    ids = torch.randint(0, 300, (2, 16), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours = model(ids).logits
+        torch.testing.assert_close(dense(ids).logits, ours, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(peft(ids).logits, ours, rtol=1e-4, atol=1e-5)
+        assert (merged(ids).logits - ours).norm() < 0.2 * ours.norm()

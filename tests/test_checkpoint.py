@@ -9,7 +9,7 @@ import torch
 from helpers import SMALL_GRID, tiny_llama
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
-from transformers import AutoModelForCausalLM
+from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import qft
 from qft.checkpoint import CheckpointError, checkpoint_sizes
@@ -50,6 +50,27 @@ def test_transformers_from_pretrained_reads_qft_checkpoints(prepared, saved):
     loaded = AutoModelForCausalLM.from_pretrained(saved)
     assert isinstance(loaded.model.layers[1].mlp.down_proj, QLinear)
     assert torch.equal(logits(loaded), logits(prepared))
+
+
+def test_save_pretrained_of_a_prepared_model_reloads_identically(prepared, tmp_path):
+    prepared.save_pretrained(tmp_path / "hf")
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "qft" and config["report"]["method"] == "lqlora"
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert isinstance(loaded.model.layers[1].mlp.down_proj, QLinear)
+    assert torch.equal(logits(loaded), logits(prepared))
+
+
+def test_a_trainer_checkpoint_reloads_the_trained_model(tmp_path):
+    model = tiny_llama()
+    qft.quantize_and_prepare(model, bits="nf4", method="qlora", rank=2, progress=False)
+    ids = torch.randint(0, 300, (12,), generator=torch.Generator().manual_seed(0))
+    args = TrainingArguments(tmp_path, max_steps=1, save_steps=1, per_device_train_batch_size=2, learning_rate=0.1,
+                             report_to=[], use_cpu=True, logging_strategy="no", disable_tqdm=True)
+    Trainer(model=model, args=args, train_dataset=[{"input_ids": ids, "labels": ids}] * 2).train()
+    assert model.model.layers[0].mlp.up_proj.lora_B.abs().sum() > 0  # the step moved the adapters
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "checkpoint-1")
+    assert torch.equal(logits(loaded), logits(model.eval()))
 
 
 def test_from_pretrained_in_a_fresh_process(prepared, saved):
@@ -189,6 +210,22 @@ def test_a_cast_model_saves_and_loads_with_its_dtypes(tmp_path):
             assert again.lora_A.dtype == cast and again.weight.dtype == cast and again.scaling == 16 / 6
             assert loaded.model.embed_tokens.weight.dtype == cast
             assert torch.equal(logits(loaded), logits(model))
+
+
+def test_a_model_cast_after_loading_comes_back_in_its_dtypes(tmp_path):
+    """from_pretrained records dtype float32 in the config; the model cast to bfloat16 after preparation
+    must come back in bfloat16, every stored tensor in the dtype it was saved in."""
+    tiny_llama().save_pretrained(tmp_path / "plain")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    qft.quantize_and_prepare(model, bits="nf4", method="qlora", rank=2, progress=False)
+    inv_freq = model.model.rotary_emb.inv_freq.clone()
+    model.to(torch.bfloat16)
+    model.model.rotary_emb.inv_freq = inv_freq  # computed, never saved: a loaded model has it in fp32
+    qft.save_quantized(model, tmp_path / "bf16")
+    for loader in (qft.load_quantized, AutoModelForCausalLM.from_pretrained):
+        loaded = loader(tmp_path / "bf16")
+        assert {k: t.dtype for k, t in loaded.state_dict().items()} == {k: t.dtype for k, t in model.state_dict().items()}
+        assert torch.equal(logits(loaded), logits(model))
 
 
 def test_save_in_bf16_is_smaller_and_loads_what_it_stored(prepared, saved, tmp_path):

@@ -110,9 +110,10 @@ def _trained_qft(tmp_path, method="qlora", bits="nf4", **kwargs):
     return model
 
 
-@pytest.mark.parametrize("method,kwargs", [("qlora", {"rank": 4}), ("peqa", {})])
+@pytest.mark.parametrize("method,kwargs", [("qlora", {"bits": "nf4", "rank": 4}), ("peqa", {"bits": "int4-ch"}),
+                                           ("halo", {"peft": True, "rank": 4})])  # HALO-PEFT: its LoRA factors
 def test_a_qft_adapter_round_trips_as_initial_plus_ternary_update(method, kwargs, tmp_path):
-    trained = _trained_qft(tmp_path, method, "nf4" if method == "qlora" else "int4-ch", **kwargs)
+    trained = _trained_qft(tmp_path, method, **kwargs)
     summary = compress_adapter(tmp_path / "adapter", tmp_path / "a.qftc", density=0.2, alpha=1.0,
                                base=tmp_path / "base")
     assert summary["kind"] == "qft" and summary["payload_bytes"] < summary["fp16_bytes"] / 4

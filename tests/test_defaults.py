@@ -4,6 +4,7 @@ import importlib.util
 
 import pytest
 import torch
+from transformers import AutoModelForCausalLM
 
 import qft
 from qft import models
@@ -71,8 +72,16 @@ def test_default_corpus_split_is_deterministic_and_disjoint():
 
 def test_smollm2_in_bf16_quantizes_trains_saves_and_loads(tmp_path):
     """The real model cast to bf16: the quantized weights keep bf16 as their dtype, one training step
-    runs, and the checkpoint loads with identical logits."""
+    runs, and the checkpoint loads with identical logits, written by save_quantized or by transformers'
+    save_pretrained (which a model loaded from GGUF refuses unless loaded as a plain model)."""
     model, tokenizer = qft.default_model(dtype=torch.bfloat16, progress=False)
+    ids = tokenizer("def main():", return_tensors="pt").input_ids
+    model.save_pretrained(tmp_path / "plain")
+    plain = AutoModelForCausalLM.from_pretrained(tmp_path / "plain")
+    assert "quantization_config" not in plain.config.to_dict()  # an ordinary model, its weights floats
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, model(ids).logits)
+    del plain
     qft.quantize_and_prepare(model, bits="nf4", method="qlora", rank=8, progress=False)
     layer = model.model.layers[3].mlp.down_proj
     assert layer.weight.dtype == torch.bfloat16 and layer.lora_A.dtype == torch.float32
@@ -82,7 +91,8 @@ def test_smollm2_in_bf16_quantizes_trains_saves_and_loads(tmp_path):
     assert result.steps_run == 1 and torch.isfinite(torch.tensor(result.losses)).all()
     assert layer.lora_B.abs().sum() > 0  # the step moved the adapters
     qft.save_quantized(model, tmp_path / "smol", tokenizer)
-    loaded = qft.load_quantized(tmp_path / "smol")
-    ids = tokenizer("def main():", return_tensors="pt").input_ids
-    with torch.no_grad():
-        assert torch.equal(loaded(ids).logits, model.eval()(ids).logits)
+    model.save_pretrained(tmp_path / "hf")
+    model.eval()
+    for loaded in (qft.load_quantized(tmp_path / "smol"), AutoModelForCausalLM.from_pretrained(tmp_path / "hf")):
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, model(ids).logits)

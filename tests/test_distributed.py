@@ -3,6 +3,7 @@ records, per rank, what is asserted here against a single-process run of the sam
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -11,6 +12,9 @@ import pytest
 import torch.distributed as dist
 
 WORKER = Path(__file__).parent / "distributed_worker.py"
+# A deadlock guard, not a speed check: a launch takes about a minute on two CPU cores; one that has not
+# ended long after that is stuck in a collective, and waiting on would hang the whole suite.
+DEADLINE_S = 20 * 60
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(),
                                 reason="torch.distributed with gloo is not available")
@@ -20,8 +24,17 @@ def launch(mode: str, out: Path) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
                str(WORKER), mode, str(out)]
-    done = subprocess.run(command, env=env, capture_output=True, text=True)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+    # a session of its own, so that torchrun and both ranks can be stopped together
+    with subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          start_new_session=True) as run:
+        try:
+            stdout, stderr = run.communicate(timeout=DEADLINE_S)
+        except subprocess.TimeoutExpired:
+            os.killpg(run.pid, signal.SIGKILL)
+            stdout, stderr = run.communicate()
+            pytest.fail(f"torchrun ({mode}) had not ended after {DEADLINE_S} s: a rank is stuck, most likely in a "
+                        f"collective the other never reached. The ranks' output:\n{stdout[-3000:]}{stderr[-6000:]}")
+    assert run.returncode == 0, stdout[-3000:] + stderr[-6000:]
     return [json.loads((out / f"rank{r}.json").read_text()) for r in range(2)]
 
 
@@ -60,6 +73,14 @@ def test_checkpoint_from_the_run_loads_in_one_process_with_identical_logits(rank
 def test_qft_train_losses_agree_with_one_process(ranks):
     for r in ranks[1]:
         assert r["train losses"] == pytest.approx(r["reference losses"], rel=1e-5)
+
+
+def test_qft_train_with_gradient_checkpointing_agrees_with_one_process(ranks):
+    """Checkpointing is on (backward runs each layer again: on the model inside DDP's wrapper too) and
+    the losses are those of one process without it."""
+    for r in ranks[1]:
+        assert r["checkpointed layer runs"] == 2 * len(r["reference losses"])
+        assert r["checkpointed losses"] == pytest.approx(r["reference losses"], rel=1e-5)
 
 
 def test_qft_train_refuses_an_unwrapped_model_on_several_processes(ranks):

@@ -6,6 +6,7 @@ import logging
 import pytest
 import torch
 from helpers import CALIBRATION, Chars, tiny_llama
+from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModelForCausalLM, CompressedTensorsConfig, LlamaConfig, LlamaForCausalLM
 
@@ -68,7 +69,7 @@ def assert_compressed_tensors_reads_what_load_merged_reads(directory, exported):
     assert a.dtype == b.dtype == torch.bfloat16
     torch.testing.assert_close(b, a, rtol=0, atol=0)
     linears = {n: m for n, m in ours.named_modules() if isinstance(m, torch.nn.Linear)}
-    assert set(exported) < set(linears)
+    assert set(exported) <= set(linears)
     for name, layer in linears.items():
         assert torch.equal(theirs.get_submodule(name).weight, layer.weight), name
 
@@ -335,3 +336,32 @@ def test_the_dense_export_is_the_merged_model_as_plain_transformers(model, tmp_p
     assert load_file(tmp_path / "bf16" / "model.safetensors")["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
     with pytest.raises(ValueError, match="no qft layer"):
         qft.export_dense(tiny_llama(), tmp_path / "x")
+
+
+def test_a_quantized_tied_head_is_untied_in_every_export(tmp_path):
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=300, max_position_embeddings=128, tie_word_embeddings=True)
+    model = prepared(LlamaForCausalLM(config).eval(), skip_modules=[])
+    assert isinstance(model.lm_head, QLinear) and model.config.tie_word_embeddings
+    embeddings = model.model.embed_tokens.weight.detach().clone()
+    qft.export_dense(model, tmp_path / "dense", dtype=torch.float32)
+    qft.export_peft(model, tmp_path / "peft", dtype=torch.float32)
+    export_merged(model, tmp_path / "merged", dtype=torch.float32)
+    for folder in ("dense", "peft/base", "merged"):
+        assert json.loads((tmp_path / folder / "config.json").read_text())["tie_word_embeddings"] is False, folder
+    dense = AutoModelForCausalLM.from_pretrained(tmp_path / "dense")
+    base = AutoModelForCausalLM.from_pretrained(tmp_path / "peft" / "base")
+    merged = load_merged(tmp_path / "merged")
+    for reloaded in (dense, base, merged):  # a tied reader loads the dequantized head over the embeddings
+        assert torch.equal(reloaded.model.embed_tokens.weight, embeddings)
+    assert torch.equal(dense.lm_head.weight, model.lm_head.merged_weight())
+    peft = PeftModel.from_pretrained(base, tmp_path / "peft").eval()
+    ids = torch.randint(0, 300, (2, 10), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ours = model(ids).logits
+        torch.testing.assert_close(dense(ids).logits, ours, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(peft(ids).logits, ours, rtol=1e-4, atol=1e-5)
+        assert (merged(ids).logits - ours).norm() < 0.2 * ours.norm()
+    export_merged(model, tmp_path / "bf16")  # and compressed-tensors reads the untied head too
+    assert_compressed_tensors_reads_what_load_merged_reads(tmp_path / "bf16", layer_names(*PROJECTIONS) + ["lm_head"])

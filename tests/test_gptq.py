@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from torch import nn
 from conftest import ALL_FORMATS
 from helpers import CALIBRATION as TEXTS
 from helpers import Chars, tiny_llama
@@ -134,3 +135,37 @@ def test_bad_rounding_requests_are_refused():
                                  tokenizer=Chars(), calibration=TEXTS, progress=False)
     with pytest.raises(ValueError, match=r"Hessian must be \(64, 64\)"):
         gptq(torch.randn(8, 64), "int4-g32", torch.eye(32))
+
+
+def test_stand_ins_are_calibrated_on_and_the_model_keeps_its_own_layers():
+    from qft.data import token_blocks
+    from qft.targets import set_module
+
+    model = tiny_llama()
+    names = list(qft.find_target_linears(model))
+    blocks = token_blocks(Chars(), TEXTS, 64)[:16]
+    first, later = "model.layers.0.mlp.down_proj", "model.layers.1.self_attn.q_proj"
+    original = model.get_submodule(first)
+    stand_in = nn.Linear(96, 64, bias=False)
+    stand_in.weight.data = 3 * original.weight.detach()  # what the caller built for it, not yet swapped in
+    hessians = LayerwiseHessians(model, Chars(), names, TEXTS, block_size=64, max_blocks=16, progress=False,
+                                 stand_ins={first: stand_in})
+    hessians.hessian(first)
+    h = hessians.hessian(later)
+    assert model.get_submodule(first) is original
+    set_module(model, first, stand_in)
+    assert torch.allclose(h, _hooked_hessian(model, later, blocks), rtol=1e-4, atol=1e-6)
+
+
+def test_the_report_gives_the_frobenius_error_of_the_initial_weight_under_gptq():
+    model = qft.quantize_and_prepare(tiny_llama(), bits="nf3-b32", method="lqlora", rank=4, alpha=16, iters=2,
+                                     rounding="gptq", tokenizer=Chars(), calibration=TEXTS, progress=False)
+    report, original = model.qft_report, tiny_llama()
+    for m in report.matrices:
+        layer, w = model.get_submodule(m.name), original.get_submodule(m.name).weight.detach()
+        approx = layer.weight.dequantize() + layer.scaling * (layer.lora_B @ layer.lora_A).detach()
+        assert layer.scaling == 4.0
+        assert m.relative_error == pytest.approx(float((w - approx).norm() / w.norm()), rel=1e-4)
+        assert m.error == pytest.approx(float(((w - approx) ** 2).sum()), rel=1e-4)
+        assert m.objective != pytest.approx(m.error, rel=0.01)  # GPTQ's output error, kept apart
+    assert report.total_error == pytest.approx(sum(m.error for m in report.matrices))

@@ -69,6 +69,23 @@ def test_the_rotations_cancel_exactly_in_fp32(level, tokens, monkeypatch):
     torch.testing.assert_close(layer.weight.grad, g.t() @ x, atol=1e-3, rtol=1e-4)
 
 
+@pytest.mark.parametrize("peft", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_under_bf16_autocast_rotations_and_products_stay_float32(peft, dtype):
+    gen = torch.Generator().manual_seed(4)
+    w = torch.randn(48, 192, generator=gen) * 0.05  # 192 = 12·16: the rotation has a matmul autocast would take
+    x, g = torch.randn(50, 192, generator=gen).to(dtype), torch.randn(50, 48, generator=gen).to(torch.bfloat16)
+    layer = HaloLinear(w, None, settings=HaloSettings(level=2), peft=peft, rank=4 if peft else 0)  # LoRA B = 0
+    xx, x32 = x.clone().requires_grad_(), x.float().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = layer(xx)
+        y.backward(g)
+    reference = layer(x32)  # the same computation in float32, no autocast, cast to bf16 at the end
+    reference.backward(g.float())
+    assert y.dtype == torch.bfloat16 and torch.equal(y, reference.to(torch.bfloat16))
+    assert xx.grad.dtype == dtype and torch.equal(xx.grad, x32.grad.to(dtype))
+
+
 @pytest.mark.parametrize("precision", ["fp8", "int8"])
 @pytest.mark.parametrize("level", [0, 1, 2])
 def test_gradients_match_autograd_within_the_formats_tolerance(precision, level):

@@ -71,3 +71,21 @@ def test_bad_arguments(rng):
         lqlora(w, "nf4", 4, fisher=torch.ones(16, 31))
     with pytest.raises(ValueError, match="NaN or Inf"):
         lqlora(w.masked_fill(w > 1, float("nan")), "nf4", 4)
+
+
+@pytest.mark.parametrize("method", ["lqlora", "loftq"])
+def test_alpha_sets_the_scaling_and_the_initial_model_stays_the_decomposition(method):
+    import qft
+    from helpers import tiny_llama
+
+    ids = torch.randint(0, 300, (2, 12))
+    logits = {}
+    for alpha in (None, 32.0):
+        model = qft.quantize_and_prepare(tiny_llama(), bits="nf3-b32", method=method, rank=8, alpha=alpha, iters=2,
+                                         progress=False)
+        assert {m.scaling for m in model.modules() if isinstance(m, qft.QLinear)} == {1.0 if alpha is None else 4.0}
+        with torch.no_grad():
+            logits[alpha] = model(ids).logits
+    assert torch.allclose(logits[None], logits[32.0], rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        qft.quantize_and_prepare(tiny_llama(), bits="nf4", method=method, rank=8, alpha=0, progress=False)

@@ -2,11 +2,11 @@
 
 import pytest
 import torch
-from helpers import SMALL_GRID, tiny_llama
+from helpers import CALIBRATION, SMALL_GRID, Chars, tiny_llama
 from torch import nn
 
 import qft
-from qft.allocate import ErrorTable, allocate, error_table, nf_grid, undominated
+from qft.allocate import ErrorTable, allocate, error_table, nf_grid, pruned_grid, undominated
 from qft.nn import QLinear
 from qft.plot import bits_heatmap
 from qft.prepare import quantize_and_prepare
@@ -110,18 +110,29 @@ def test_bad_input():
         quantize_and_prepare(tiny_llama(), fisher=True)
 
 
-def test_fisher_variant_runs_on_calibration_text(tmp_path):
-    from transformers import AutoTokenizer
+def test_fisher_weights_the_allocation_and_the_decomposition():
+    from qft.fisher import empirical_fisher
 
-    from qft.models import DEFAULT_GGUF, default_model_dir
-
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF)
-    model = tiny_llama()
-    model.resize_token_embeddings(len(tokenizer))
-    texts = qft.default_corpus()["train"]["text"][:3]
-    quantize_and_prepare(model, bits=3.0, rank=4, fisher=True, tokenizer=tokenizer, calibration=texts, formats=SMALL_GRID,
-                         cache_dir=tmp_path, progress=False)
-    assert model.qft_report.fisher and model.qft_report.bits <= 3.0
+    reference = tiny_llama()
+    targets = qft.find_target_linears(reference)
+    fisher = empirical_fisher(reference, Chars(), targets, CALIBRATION, progress=False)
+    model = quantize_and_prepare(tiny_llama(), bits=3.0, rank=4, fisher=True, tokenizer=Chars(),
+                                 calibration=CALIBRATION, formats=SMALL_GRID, cache_dir=False, progress=False)
+    report = model.qft_report
+    assert report.fisher and report.bits <= 3.0
+    # the allocation minimised the Fisher-weighted error table, not the plain one
+    weights = {n: m.weight.detach() for n, m in targets.items()}
+    grid = pruned_grid(weights, 4, fisher=fisher, formats=SMALL_GRID, cache_dir=False, progress=False)
+    table = error_table(weights, grid, 4, fisher=fisher, cache_dir=False, progress=False)
+    chosen = table.errors[range(len(weights)), report.solution.choice]
+    assert report.solution.objective == pytest.approx(chosen.sum(), rel=1e-9)
+    assert [m.format for m in report.matrices] == [grid[c].name for c in report.solution.choice]
+    # each decomposition minimised Σ F (W − Ŵ)², which the report keeps as its objective
+    for m in report.matrices:
+        layer = model.get_submodule(m.name)
+        rebuilt = layer.weight.dequantize() + layer.scaling * layer.lora_B @ layer.lora_A
+        weighted = float((fisher[m.name] * (weights[m.name] - rebuilt.detach()) ** 2).sum())
+        assert m.objective == pytest.approx(weighted, rel=1e-4) and m.objective != pytest.approx(m.error, rel=0.1)
 
 
 def test_heatmap(tmp_path):
@@ -130,11 +141,15 @@ def test_heatmap(tmp_path):
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and path.stat().st_size > 5000
 
 
-def test_error_table_is_cached(tmp_path):
+def test_error_table_is_cached(tmp_path, monkeypatch):
+    import qft.allocate
+
     weights = {"a": torch.randn(32, 64), "b": torch.randn(16, 64)}
     first = error_table(weights, nf_grid()[:5], 4, cache_dir=tmp_path, progress=False)
     (cached,) = tmp_path.glob("*.safetensors")
-    again = error_table(weights, nf_grid()[:5], 4, cache_dir=tmp_path, progress=False)
+    with monkeypatch.context() as m:  # the second call must read the file, not compute anything
+        m.setattr(qft.allocate, "_errors", lambda *args: pytest.fail("the cached table was not read"))
+        again = error_table(weights, nf_grid()[:5], 4, cache_dir=tmp_path, progress=False)
     assert (first.errors == again.errors).all()
     other = error_table({**weights, "b": weights["b"] + 1e-3}, nf_grid()[:5], 4, cache_dir=tmp_path, progress=False)
     assert len(list(tmp_path.glob("*.safetensors"))) == 2 and not (other.errors == first.errors).all()
@@ -179,6 +194,51 @@ def test_an_already_prepared_model_is_refused_clearly():
     halo = quantize_and_prepare(tiny_llama(), method="halo", progress=False)
     with pytest.raises(ValueError, match="already prepared by qft"):
         quantize_and_prepare(halo, bits="nf4")
+
+
+def _state(model: nn.Module, ids: torch.Tensor) -> tuple:
+    """What a failed preparation must leave as it was: module types, weights, mode, logits."""
+    with torch.no_grad():
+        logits = model(ids).logits
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    return [type(m) for m in model.modules()], weights, model.training, logits
+
+
+def _huge_weight(model: nn.Module) -> nn.Module:
+    with torch.no_grad():  # the last matrix: int-k's fp16 scales cannot span it
+        model.model.layers[1].mlp.down_proj.weight[0, 0] = 1e8
+    return model
+
+
+@pytest.mark.parametrize("case", ["rank above a GQA k_proj", "int4 fp16 scale overflow", "the same under GPTQ",
+                                  "halo width it cannot rotate"])
+def test_a_late_error_leaves_the_model_untouched_and_a_retry_works(case):
+    model = tiny_llama()
+    if case == "rank above a GQA k_proj":  # k_proj is (32, 64): after q_proj (64, 64) in module order
+        bad, match, good = dict(bits="nf4", rank=48), r"rank 48 is above .*k_proj \(32, 64\)", dict(bits="nf4", rank=8)
+    elif case == "halo width it cannot rotate":
+        model.model.layers[1].mlp.extra = nn.Linear(52, 8)  # the last target; 52 has no Hadamard matrix
+        bad, match, good = dict(method="halo", level=1), "nearest supported sizes", dict(method="halo", level=0)
+    else:
+        _huge_weight(model)
+        bad = dict(bits="int4", method="qlora", rank=4)
+        if case == "the same under GPTQ":
+            bad.update(rounding="gptq", tokenizer=Chars(), calibration=CALIBRATION)
+        match = r"layers\.1\.mlp\.down_proj \(int4-g128\): int4-g128 stores scales in fp16"
+        good = dict(bits="nf4", method="qlora", rank=4)
+    model.train()  # GPTQ calibrates in eval mode: the mode must come back too
+    targets = len(qft.find_target_linears(model))
+    ids = torch.randint(0, 300, (2, 12))
+    types, weights, training, logits = _state(model, ids)
+    with pytest.raises(ValueError, match=match):
+        quantize_and_prepare(model, progress=False, **bad)
+    assert not hasattr(model, "qft_report") and model.training == training
+    after_types, after_weights, _, after_logits = _state(model, ids)
+    assert after_types == types and weights.keys() == after_weights.keys()
+    assert all(torch.equal(weights[k], after_weights[k]) for k in weights)
+    assert torch.equal(logits, after_logits)
+    quantize_and_prepare(model, progress=False, **good)
+    assert len(model.qft_report.matrices) == targets
 
 
 def test_meta_weights_are_refused_clearly():

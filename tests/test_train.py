@@ -160,11 +160,17 @@ def test_schedule_warms_up_then_decays_to_the_floor():
 
 
 def test_gradient_checkpointing_gives_the_same_weights():
-    runs = []
+    """With checkpointing on, backward runs each decoder layer's forward again (counted as calls of a module
+    inside the layer, in train mode, so evaluation does not count), and the weights end as without it."""
+    runs, training_forwards = [], []
     for checkpointing in (False, True):
         model = prepared()
+        calls = []
+        model.model.layers[0].mlp.register_forward_pre_hook(lambda module, args: calls.append(module.training))
         qft.train(model, None, *data(), progress=False, gradient_checkpointing=checkpointing, **SETTINGS)
         runs.append(trainable_state(model))
+        training_forwards.append(sum(calls))
+    assert training_forwards == [SETTINGS["steps"], 2 * SETTINGS["steps"]]
     assert all(torch.allclose(runs[0][k], runs[1][k], atol=1e-6) for k in runs[0])
 
 

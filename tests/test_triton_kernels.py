@@ -120,24 +120,39 @@ def test_qlinear_scale_grad_triton_matches_torch(name, dtype, rng):
 
 
 @pytest.mark.parametrize("name", ["nf3-b32-dq8b256", "int4-g32", "fp8-e4m3-row"])
-def test_qlinear_triton_backend_matches_torch(name, rng):
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_qlinear_triton_backend_matches_torch(name, dtype, monkeypatch, rng):
+    """A whole QLinear (forward, input and adapter gradients) on either backend. fp32 activations go
+    dequantize + matmul on the Triton backend; fp16 ones reach the fused kernels, which is checked."""
+    fused = []  # per product: did it run a fused kernel?
+    dense = triton_dequant._dense
+
+    def spy(*args):
+        fused.append(not dense(*args))
+        return not fused[-1]
+
+    monkeypatch.setattr(triton_dequant, "_dense", spy)
     linear = torch.nn.Linear(70, 24)
     lora_b = torch.randn(24, 4, generator=rng) * 0.1  # non-zero, so lora_A's gradient is too
     train_scales = "-dq" not in name  # double-quantized scales are stored as codes: they cannot train
     torch_layer = QLinear.from_linear(linear, name, rank=4, lora_b=lora_b, train_scales=train_scales,
-                                      backend="torch").to(DEVICE)
+                                      backend="torch").to(DEVICE, dtype)
     triton_layer = QLinear.from_state_dict(torch_layer.state_dict(), backend="triton").to(DEVICE)
     assert len(triton_layer.adapters()) == 2 + train_scales
-    x = torch.randn(2, 3, 70, generator=rng).to(DEVICE)
+    x = torch.randn(2, 3, 70, generator=rng).to(DEVICE, dtype)
     outs = []
     for layer in (torch_layer, triton_layer):
         xi = x.clone().requires_grad_(True)
         y = layer(xi)
-        y.pow(2).sum().backward()
+        y.float().pow(2).sum().backward()
         outs.append([y, xi.grad, *(p.grad for p in layer.adapters().values())])
+    assert fused and all(fused) == (dtype == torch.float16)
     for a, b in zip(*outs):
-        assert a.abs().max() > 0
-        assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+        assert a.dtype == b.dtype and a.abs().max() > 0
+        if dtype == torch.float32:
+            assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+        else:
+            assert _rel(b, a) < TOLERANCE[dtype]
 
 
 def test_backend_choice(monkeypatch):

@@ -14,7 +14,8 @@ assume the adapters absorb (0 for methods without a low-rank part).
 A method that does not quantize matrix by matrix under a bit budget (HALO: low-precision
 matmuls) registers a whole-model ``prepare(model, targets, *, rank, alpha, seed, progress,
 **options) -> {name: layer}`` instead (:func:`register_prepare_method`), with the names of the
-options it takes (``quantize_and_prepare(..., level=2)``); it swaps its layers in itself. What
+options it takes (``quantize_and_prepare(..., level=2)``); it builds every layer without touching
+the model, and ``quantize_and_prepare`` swaps them in once all are built. What
 trains is decided by the layer the method builds (its adapters), never by
 parameter names. A method rounds through :func:`quantize`, so that
 ``rounding="gptq"`` (``options.hessian`` set) reaches every method alike.
@@ -51,7 +52,8 @@ class MethodOptions:
 @dataclass
 class Built:
     layer: QLinear
-    error: float  # Σ F ⊙ (W − W_layer)² at initialisation (F = 1 without Fisher)
+    error: float  # what the method minimised at initialisation: Σ F ⊙ (W − W_layer)² (F = 1 without Fisher),
+    # or LQ-LoRA's output error tr(R H Rᵀ) under GPTQ rounding; the report's errors are plain Frobenius
 
 
 @dataclass(frozen=True)

@@ -13,14 +13,16 @@ and GPTQ then picks each code on that grid. So act-order needs no regrouping, NF
 double-quantized scales works unchanged, and with H = I GPTQ gives round-to-nearest's codes.
 
 :class:`LayerwiseHessians` gathers H decoder layer by decoder layer: each layer's inputs come
-from the layers before it *as already quantized* by the caller; memory is one layer's
-activations plus its Hessians.
+from the layers before it *as already quantized* by the caller (changed in place, or given as
+stand-ins that are swapped in only while the calibration runs through them, so that the model is
+left untouched if a later matrix fails); memory is one layer's activations plus its Hessians.
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -30,6 +32,7 @@ from tqdm.auto import tqdm
 from qft.data import default_corpus, token_blocks
 from qft.formats import Format, check_weight, get_format
 from qft.packing import pack
+from qft.targets import set_module
 from qft.tensor import QuantizedTensor
 
 logger = logging.getLogger(__name__)
@@ -161,22 +164,37 @@ class _Stop(Exception):
     pass
 
 
+@contextmanager
+def _swapped(model: nn.Module, layers: Mapping[str, nn.Module]) -> Iterator[None]:
+    """``layers`` at their names in ``model`` for the ``with`` block; the originals back afterwards."""
+    originals = {name: model.get_submodule(name) for name in layers}
+    try:
+        for name, layer in layers.items():
+            set_module(model, name, layer)
+        yield
+    finally:
+        for name, layer in originals.items():
+            set_module(model, name, layer)
+
+
 class LayerwiseHessians:
     """H = mean over calibration tokens of x xᵀ for each target matrix, one decoder layer at a time.
 
-    Ask for the Hessians in module order (``hessian(name)``); between asks the caller replaces
-    the target layers it has quantized. Before the first matrix of decoder layer i is answered,
-    the calibration inputs are pushed through layer i − 1 as it then is (quantized).
+    Ask for the Hessians in module order (``hessian(name)``); between asks the caller quantizes
+    the target layers, in place or into ``stand_ins`` (name -> quantized layer, filled as it goes).
+    Before the first matrix of decoder layer i is answered, the calibration inputs are pushed
+    through layer i − 1 as it then is, with its stand-ins swapped in for that pass only.
     """
 
     def __init__(self, model: nn.Module, tokenizer, names: list[str], texts: list[str] | None = None, *,
-                 block_size: int = 512, max_blocks: int = 64, batch_size: int = 4, progress: bool = True):
+                 block_size: int = 512, max_blocks: int = 64, batch_size: int = 4, progress: bool = True,
+                 stand_ins: Mapping[str, nn.Module] | None = None):
         if texts is None:
             texts = default_corpus()["train"]["text"]
         blocks = token_blocks(tokenizer, texts, block_size)[:max_blocks]
         if len(blocks) == 0:
             raise ValueError(f"the calibration text holds fewer than {block_size} tokens; give more text")
-        self.model, self.names = model, names
+        self.model, self.names, self.stand_ins = model, names, {} if stand_ins is None else stand_ins
         self.path, self.layers = decoder_layers(model, names)
         self.layer_of = {n: int(n[len(self.path) + 1:].split(".")[0]) for n in names}
         self.current = -1
@@ -224,7 +242,9 @@ class LayerwiseHessians:
 
     def _advance(self) -> None:
         if self.current >= 0:  # inputs of the next layer: through this one as it is now (quantized)
-            outputs = self._run(self.layers[self.current])
+            prefix = f"{self.path}.{self.current}."
+            with _swapped(self.model, {n: m for n, m in self.stand_ins.items() if n.startswith(prefix)}):
+                outputs = self._run(self.layers[self.current])
             self.inputs = [((out[0] if isinstance(out, tuple) else out,) + args[1:], kwargs)
                            for out, (args, kwargs) in zip(outputs, self.inputs)]
         self.current += 1

@@ -16,7 +16,6 @@ from tqdm.auto import tqdm
 
 from qft.decompose import register_prepare_method
 from qft.nn import HaloLinear, HaloSettings, dense_weight
-from qft.targets import set_module
 
 PEFT_RANK = 16
 
@@ -39,5 +38,4 @@ def prepare(model: nn.Module, targets: dict[str, nn.Module], *, rank: int, alpha
             built[id(linear)] = HaloLinear(dense_weight(linear), linear.bias, settings=settings, peft=peft,
                                            rank=rank, alpha=alpha, generator=generator).to(linear.weight.device)
         layers[name] = built[id(linear)]
-        set_module(model, name, layers[name])
     return layers

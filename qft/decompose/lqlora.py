@@ -20,6 +20,7 @@ Deterministic for a given seed: the randomized SVD draws from its own generator.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -163,9 +164,12 @@ def lqlora(
 
 
 def _layer(d: Decomposition, bias, options: MethodOptions) -> Built:
-    # L1 is QLinear's lora_B and L2 its lora_A, with alpha = rank (scaling 1): W ≈ Q + L1·L2 as decomposed
+    # L1 is QLinear's lora_B and L2 its lora_A. With scaling s = alpha / rank (default 1) both are divided
+    # by √s, as PEFT's PiSSA initialisation does: Q + s·B·A is still Q + L1·L2 as decomposed.
+    alpha = options.rank if options.alpha is None else options.alpha
+    root = math.sqrt(alpha / options.rank)
     qweight = d.qweight.to(options.dtype)
-    layer = QLinear(qweight, bias, rank=options.rank, alpha=options.rank, lora_a=d.L2, lora_b=d.L1)
+    layer = QLinear(qweight, bias, rank=options.rank, alpha=alpha, lora_a=d.L2 / root, lora_b=d.L1 / root)
     return Built(layer, d.error)
 
 

@@ -13,8 +13,10 @@ training functions define them (H over in_features, H_T over tokens):
   (the token count is zero-padded to the next size a Hadamard matrix is built for).
 
 Q casts to ``precision`` ("fp8": E4M3, gradients E4M3 or E5M2; "int8") with one absmax scale per
-tensor (HALO's kernels) or per row (``granularity="row"``): ``qft.kernels.low_precision``. The
-rotated operands are saved for the backward in the input's dtype and cast per product.
+tensor (HALO's kernels) or per row (``granularity="row"``): ``qft.kernels.low_precision``.
+Rotations and products run in float32, autocast or not; the output comes in the dtype nn.Linear's
+would (the autocast dtype under autocast). The rotated operands are saved for the backward in the
+input's dtype and cast per product.
 
 Two kinds of layer:
 
@@ -34,6 +36,7 @@ from torch import nn
 
 from qft.kernels.hadamard import _split, factorisation, hadamard_transform
 from qft.kernels.low_precision import FP8_FORMATS, GRANULARITIES, PRECISIONS, low_precision_matmul, quantize
+from qft.kernels.torch_path import autocast_dtype, autocast_off
 
 LEVELS = (0, 1, 2)
 
@@ -78,36 +81,43 @@ def _dequantized(frozen: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
 class _HaloMatmul(torch.autograd.Function):
     """x (tokens, in) @ Wᵀ with HALO's three low-precision products. W is ``weight`` (it trains), or,
     with ``weight=None``, ``frozen`` = (codes, scale) of a frozen W·H (HALO-PEFT): dequantized for each
-    product, so no dense copy of the base stays alive between forward and backward."""
+    product, so no dense copy of the base stays alive between forward and backward.
+
+    Rotations and products run in float32 with autocast off (autocast would round the rotations
+    to bf16 before the 8-bit casts); the output is in nn.Linear's dtype, the gradients in their inputs'."""
 
     @staticmethod
     def forward(ctx, x, weight, settings: HaloSettings, frozen):
-        xr = hadamard_transform(x) if settings.level else x
-        if weight is None:
-            wr = _dequantized(frozen)
-            ctx.save_for_backward(xr)
-        else:
-            wr = hadamard_transform(weight) if settings.level else weight
-            ctx.save_for_backward(xr, wr)
+        with autocast_off(x.device):
+            xr = hadamard_transform(x.float()) if settings.level else x.float()
+            if weight is None:
+                wr = _dequantized(frozen)
+                ctx.save_for_backward(xr.to(x.dtype))
+            else:
+                wr = hadamard_transform(weight.float()) if settings.level else weight.float()
+                ctx.save_for_backward(xr.to(x.dtype), wr.to(weight.dtype))
+            y = low_precision_matmul(xr, wr, settings.precision, settings.granularity)
         ctx.settings, ctx.frozen, ctx.dtypes = settings, frozen, (x.dtype, None if weight is None else weight.dtype)
-        return low_precision_matmul(xr, wr, settings.precision, settings.granularity).to(x.dtype)
+        return y.to(autocast_dtype(x))
 
     @staticmethod
     def backward(ctx, dy):
         xr, *rest = ctx.saved_tensors
-        wr = rest[0] if rest else _dequantized(ctx.frozen)
         s: HaloSettings = ctx.settings
         grad = s.grad_format
         dx = dw = None
-        if ctx.needs_input_grad[0]:
-            e = _rotate_tokens(dy, transpose=False) if s.level == 2 else dy
-            dxr = low_precision_matmul(e, wr.t(), s.precision, s.granularity, fp8_a=grad)  # e @ wr
-            if s.level == 2:
-                dxr = _rotate_tokens(dxr, transpose=True)[: dy.shape[0]]
-            dx = (hadamard_transform(dxr, transpose=True) if s.level else dxr).to(ctx.dtypes[0])
-        if ctx.needs_input_grad[1]:
-            dwr = low_precision_matmul(dy.t(), xr.t(), s.precision, s.granularity, fp8_a=grad)  # eᵀ @ xr
-            dw = (hadamard_transform(dwr, transpose=True) if s.level else dwr).to(ctx.dtypes[1])
+        with autocast_off(dy.device):
+            dy = dy.float()  # the token rotation's output keeps its input's dtype
+            wr = rest[0] if rest else _dequantized(ctx.frozen)
+            if ctx.needs_input_grad[0]:
+                e = _rotate_tokens(dy, transpose=False) if s.level == 2 else dy
+                dxr = low_precision_matmul(e, wr.t(), s.precision, s.granularity, fp8_a=grad)  # e @ wr
+                if s.level == 2:
+                    dxr = _rotate_tokens(dxr, transpose=True)[: dy.shape[0]]
+                dx = (hadamard_transform(dxr, transpose=True) if s.level else dxr).to(ctx.dtypes[0])
+            if ctx.needs_input_grad[1]:
+                dwr = low_precision_matmul(dy.t(), xr.t(), s.precision, s.granularity, fp8_a=grad)  # eᵀ @ xr
+                dw = (hadamard_transform(dwr, transpose=True) if s.level else dwr).to(ctx.dtypes[1])
         return dx, dw, None, None
 
 
