@@ -23,6 +23,11 @@ A layer is written one of two ways:
 ``export_dense`` writes W' = dequant(Q) + scaling·B·A densely instead (bf16 by default), as
 a plain transformers checkpoint: the hand-off to any other quantizer.
 
+Every export is of the model's own class, each weight in its layer's own orientation (GPT-2's Conv1D
+holds (in, out); the packed layout is (out, in) for every layer, and load_merged transposes it back). A
+quantized output head tied to the input embeddings is untied (``tie_word_embeddings`` false, both
+written): its quantized weight is no longer the embeddings.
+
 The folder is what llm-compressor writes (W4A16 / W4A16_ASYM, format
 "pack-quantized"), so vLLM and transformers with compressed-tensors can serve
 it: per layer ``weight_packed`` (int32), ``weight_scale`` (out, groups),

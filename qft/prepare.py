@@ -242,6 +242,7 @@ def quantize_and_prepare(
         raise ValueError(f"bits must be a number (average budget) or a format name, got {bits!r}")
     if isinstance(bits, int) and not isinstance(bits, bool) and spec.width_format is not None:
         bits = spec.width_format(bits)  # e.g. PEQA: bits=4 means int4 per channel, not a 4.0 budget
+    fixed = get_format(bits) if isinstance(bits, str) else None  # a bad name fails before any work
     start = time.perf_counter()
     streamed = None
     if folder is None:
@@ -276,8 +277,8 @@ def quantize_and_prepare(
                 raise ValueError(f"Fisher of {name} has shape {tuple(fisher_map[name].shape)}, "
                                  f"its weight (out, in) {tuple(weights[name].shape)}")
 
-    if isinstance(bits, str):
-        chosen = [get_format(bits)] * len(weights)
+    if fixed is not None:
+        chosen = [fixed] * len(weights)
     else:
         table_rank = spec.table_rank(rank)
         candidates = formats or (spec.grid() if spec.grid else None)
