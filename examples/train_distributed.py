@@ -17,6 +17,7 @@ minutes on another (one that has failed or hangs) raises instead of waiting fore
 
 import argparse
 import contextlib
+import gc
 import json
 import logging
 import os
@@ -120,8 +121,11 @@ def main() -> None:
             Path(args.json).write_text(json.dumps(figures, indent=1))
         print(f"peak memory per rank: {figures['peak RSS per rank GB']} GB (RSS), {result.seconds_per_step:.2f} s/step")
         print(f"final loss {result.losses[-1]:.4f}")
-    if launched:  # every rank here before any tears the process group down
-        dist.barrier()
+    if launched:
+        # the DDP wrapper goes first: its reducer, left holding the last reference to a gloo process group,
+        # destroys it at exit while holding the GIL and can wait forever on a gloo thread that needs the GIL
+        del model
+        gc.collect()
         dist.destroy_process_group()
 
 

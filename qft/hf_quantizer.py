@@ -96,13 +96,13 @@ class QftHfQuantizer(HfQuantizer):
 def record_quantization_config(model: nn.Module) -> None:
     """Mark a prepared model as from_pretrained marks a loaded qft checkpoint: its config carries the qft
     quantization_config and ``model.hf_quantizer`` is qft's, so that ``save_pretrained`` writes a checkpoint
-    that from_pretrained rebuilds (unmarked, it would write Linear-less tensors that load as random
-    projections). A model without a transformers config (a bare stack of layers) is left as it is."""
+    that from_pretrained rebuilds (unmarked, from_pretrained builds plain Linear layers and leaves them
+    random). A model without a transformers config (a bare stack of layers) is left as it is."""
     if getattr(model, "config", None) is None:
         return
     quantizer = QftHfQuantizer(QftConfig(**quantization_config(model)))
     model.is_quantized, model.quantization_method, model.hf_quantizer = True, QUANT_METHOD, quantizer
-    quantizer.postprocess_model(model)  # as from_pretrained: config.quantization_config, config._is_quantized
+    quantizer.postprocess_model(model)  # as from_pretrained: config.quantization_config, frozen base
 
 
 if QUANT_METHOD not in AUTO_QUANTIZER_MAPPING:  # a module reload must not register twice
