@@ -25,6 +25,7 @@ from qft.decompose.gptq import LayerwiseHessians
 from qft.fisher import empirical_fisher
 from qft.formats import Format, get_format
 from qft.formats.base import check_choice
+from qft.hf_quantizer import record_quantization_config
 from qft.nn import QLinear, dense_weight, mark_trainable
 from qft.solvers.mckp import Solution
 from qft.streaming import TargetWeights, open_model
@@ -151,7 +152,14 @@ def _prepare_whole(spec, model, rank, alpha, seed, target_modules, skip_modules,
     report.bits = stored / max(numel, 1)
     report.bits_with_adapters = (stored + adapters) / max(numel, 1)
     report.seconds = time.perf_counter() - start
+    return _finish(model, report)
+
+
+def _finish(model: nn.Module, report: Report) -> nn.Module:
+    """Attach the report and mark the model as qft-quantized for transformers (its own
+    ``save_pretrained``, and so every Trainer checkpoint, then writes a qft checkpoint)."""
     model.qft_report = report
+    record_quantization_config(model)
     logger.info("%s", report.summary())
     return model
 
@@ -339,8 +347,4 @@ def quantize_and_prepare(
     report.bits = quant_bits / numel
     report.bits_with_adapters = (quant_bits + adapter_bits) / numel
     report.seconds = time.perf_counter() - start
-    model.qft_report = report
-    from qft.hf_quantizer import record_quantization_config  # save_pretrained writes a qft checkpoint
-    record_quantization_config(model)
-    logger.info("%s", report.summary())
-    return model
+    return _finish(model, report)

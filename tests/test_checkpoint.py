@@ -61,6 +61,17 @@ def test_save_pretrained_of_a_prepared_model_reloads_identically(prepared, tmp_p
     assert torch.equal(logits(loaded), logits(prepared))
 
 
+@pytest.mark.parametrize("options", [{}, {"peft": True, "rank": 2}])
+def test_save_pretrained_of_a_halo_model_reloads_identically(options, tmp_path):
+    from qft.nn import HaloLinear
+
+    model = qft.quantize_and_prepare(tiny_llama(), method="halo", progress=False, **options)
+    model.save_pretrained(tmp_path / "hf")
+    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    assert isinstance(loaded.model.layers[1].mlp.down_proj, HaloLinear)
+    assert torch.equal(logits(loaded), logits(model))
+
+
 def test_a_trainer_checkpoint_reloads_the_trained_model(tmp_path):
     model = tiny_llama()
     qft.quantize_and_prepare(model, bits="nf4", method="qlora", rank=2, progress=False)
