@@ -280,19 +280,22 @@ def load_quantized(directory: str | os.PathLike, device: str | torch.device = "c
     grad, everything else is frozen; the model is in eval mode. The tokenizer:
     ``AutoTokenizer.from_pretrained(directory)``.
     """
-    import transformers
-
     directory = Path(directory)
     config = read_config(directory)
     for f in weight_files(directory):
         tensor_layout(f)  # a truncated file fails here, with qft's message
-    architecture = (config.get("architectures") or [None])[0]
-    cls = getattr(transformers, architecture, None) if architecture else None
-    if cls is None:
-        cls = transformers.AutoModelForCausalLM
-    model = cls.from_pretrained(directory, dtype="auto")
+    model = recorded_class(config).from_pretrained(directory, dtype="auto")
     mark_trainable(model)
     return model.to(device).eval()
+
+
+def recorded_class(config: dict) -> type:
+    """The transformers class a folder's config.json names in ``architectures`` (AutoModelForCausalLM
+    for a folder that names none, or a class this transformers lacks)."""
+    import transformers
+
+    architecture = (config.get("architectures") or [None])[0]
+    return getattr(transformers, architecture or "", None) or transformers.AutoModelForCausalLM
 
 
 def checkpoint_sizes(directory: str | os.PathLike) -> dict[str, int]:

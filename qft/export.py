@@ -56,7 +56,7 @@ from transformers import PretrainedConfig
 from transformers.pytorch_utils import Conv1D
 
 from qft.atomic import atomic_dir
-from qft.checkpoint import CheckpointError, shared_keys
+from qft.checkpoint import CheckpointError, recorded_class, shared_keys
 from qft.decompose import ROUNDINGS
 from qft.decompose.gptq import Grid, LayerwiseHessians, gptq, gptq_codes
 from qft.distributed import model_class
@@ -395,10 +395,9 @@ def load_merged(directory: str | os.PathLike) -> nn.Module:
     hf_config = transformers.AutoConfig.from_pretrained(directory)
     del hf_config.quantization_config
     dtype = getattr(torch, config.get("dtype") or "float32")
-    architecture = (config.get("architectures") or [None])[0]
-    cls = getattr(transformers, architecture, None) if architecture else None
-    if cls is None:  # an export written before qft named the architecture
-        model = transformers.AutoModelForCausalLM.from_config(hf_config, dtype=dtype)
+    cls = recorded_class(config)
+    if cls is transformers.AutoModelForCausalLM:  # an export written before qft named the architecture
+        model = cls.from_config(hf_config, dtype=dtype)
     else:
         model = cls._from_config(hf_config, dtype=dtype)
     with safe_open(str(directory / "model.safetensors"), framework="pt") as f:

@@ -7,6 +7,7 @@ or replicates (DDP) the model and records what the test asserts, in OUT_DIR/rank
 """
 
 import copy
+import gc
 import json
 import sys
 from datetime import timedelta
@@ -37,8 +38,9 @@ def wrap(model, mode: str):
 
 
 def finish() -> None:
-    """Every rank reaches the end before any tears the process group down."""
-    dist.barrier()
+    """Tear the process group down once no DDP wrapper is left (callers drop theirs first): a DDP reducer left
+    holding the last reference to a gloo group destroys it at exit holding the GIL, and can hang there."""
+    gc.collect()
     dist.destroy_process_group()
 
 
@@ -155,6 +157,7 @@ def main() -> None:
     record["checkpointed losses"] = qft.train(checkpointed, None, batch, gradient_checkpointing=True, **TRAIN).losses
     record["checkpointed layer runs"] = sum(calls)
     (out / f"rank{rank}.json").write_text(json.dumps(record))
+    del wrapped, checkpointed
     finish()
 
 
