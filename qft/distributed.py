@@ -14,6 +14,10 @@ Launch with ``torchrun`` or ``accelerate launch`` (one process per GPU; gloo on 
 
 ``qft.train`` gives each rank its slice of every batch; ``qft.save_quantized`` of a sharded or
 replicated model gathers it and writes one ordinary checkpoint from rank 0.
+
+To end: drop the DDP wrapper (``del model; gc.collect()``) before ``destroy_process_group()``. A DDP
+reducer left holding the last reference to a gloo process group destroys it at exit while holding the
+GIL, and can wait forever on a gloo thread that needs the GIL to free a finished collective's tensors.
 """
 
 from __future__ import annotations
