@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 from transformers.quantizers import (
     HfQuantizer,
     register_quantization_config,
@@ -97,8 +98,10 @@ def record_quantization_config(model: nn.Module) -> None:
     """Mark a prepared model as from_pretrained marks a loaded qft checkpoint: its config carries the qft
     quantization_config and ``model.hf_quantizer`` is qft's, so that ``save_pretrained`` writes a checkpoint
     that from_pretrained rebuilds (unmarked, from_pretrained builds plain Linear layers and leaves them
-    random). A model without a transformers config (a bare stack of layers) is left as it is."""
-    if getattr(model, "config", None) is None:
+    random). Anything but a transformers model (a bare stack of layers) is left as it is. Like every
+    quantized transformers model (bitsandbytes' too), a marked one refuses ``.half()``/``.float()``;
+    ``.to(dtype)`` casts it."""
+    if not isinstance(model, PreTrainedModel):
         return
     quantizer = QftHfQuantizer(QftConfig(**quantization_config(model)))
     model.is_quantized, model.quantization_method, model.hf_quantizer = True, QUANT_METHOD, quantizer

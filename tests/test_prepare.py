@@ -323,3 +323,14 @@ def test_a_table_of_rows_with_different_columns_leaves_missing_cells_empty():
 
     table = markdown_table([{"run": "fp32", "ppl": 12.5}, {"run": "int2", "ppl": 3.0, "s/step": 1.25}], ".2f")
     assert table.splitlines() == ["| run | ppl | s/step |", "|---|---|---|", "| fp32 | 12.50 |  |", "| int2 | 3.00 | 1.25 |"]
+
+
+def test_a_model_that_is_not_a_transformers_model_is_prepared_and_left_unmarked():
+    """Only transformers models are marked for save_pretrained; a bare stack with a config of its own keeps it."""
+    model = nn.Sequential(nn.Linear(64, 32), nn.ReLU(), nn.Linear(32, 16))
+    model.config = {"width": 64}
+    quantize_and_prepare(model, bits="nf4", method="qlora", rank=2, progress=False)
+    assert isinstance(model[0], QLinear) and model.config == {"width": 64}
+    assert not hasattr(model, "hf_quantizer")
+    tiny = quantize_and_prepare(tiny_llama(), bits="nf4", method="qlora", rank=2, progress=False)
+    assert tiny.config.quantization_config.quant_method == "qft" and tiny.is_quantized
