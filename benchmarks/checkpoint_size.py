@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 
 import qft
-from qft.checkpoint import checkpoint_sizes
+from qft.files.checkpoint import checkpoint_sizes
 
 
 def main() -> None:

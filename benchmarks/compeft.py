@@ -31,9 +31,9 @@ import torch
 from lqlora import OUT, header
 
 import qft
-from qft.compeft import compress_adapter, decompress_adapter, info, load_compressed
-from qft.evaluate import perplexity
-from qft.report import markdown_table
+from qft.exports.compeft import compress_adapter, decompress_adapter, info, load_compressed
+from qft.training.evaluate import perplexity
+from qft.prepare.report import markdown_table
 
 DENSITIES = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
 RUNS = ["lqlora-2.5", "lora", "peqa-int4-ch"]

@@ -14,7 +14,7 @@ import time
 import torch
 from lqlora import header
 
-from qft.tensor import QuantizedTensor
+from qft.quant.tensor import QuantizedTensor
 
 FORMATS = ["nf4-b64", "nf3-b64-dq8b256", "nf2-b64-dq8b256", "int4-g64", "int3-g64", "fp8-e4m3-row"]
 WEIGHTS = 106_168_320  # SmolLM2-135M's 210 projections

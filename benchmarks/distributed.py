@@ -19,7 +19,7 @@ from pathlib import Path
 
 from lqlora import OUT, header
 
-from qft.report import markdown_table
+from qft.prepare.report import markdown_table
 
 EXAMPLE = Path(__file__).parent.parent / "examples" / "train_distributed.py"
 WORK = OUT / "distributed"

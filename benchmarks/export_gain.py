@@ -27,10 +27,10 @@ import torch
 from lqlora import OUT, header
 
 import qft
-from qft.evaluate import perplexity
-from qft.export import group_for, quantize_symmetric
-from qft.report import markdown_table
-from qft.targets import find_target_linears
+from qft.training.evaluate import perplexity
+from qft.exports.merged import group_for, quantize_symmetric
+from qft.prepare.report import markdown_table
+from qft.nn.targets import find_target_linears
 
 KEPT = OUT / "finetune"
 EXPORTS = {

@@ -44,10 +44,10 @@ import torch
 from lqlora import CACHE, OUT, header
 
 import qft
-from qft.evaluate import perplexity
-from qft.report import markdown_table
-from qft.targets import set_module
-from qft.train import train
+from qft.training.evaluate import perplexity
+from qft.prepare.report import markdown_table
+from qft.nn.targets import set_module
+from qft.training.loop import train
 
 RUNS = ["lora", "qlora-bnb", "qft-nf4", "lqlora-2.5", "lqlora-3.0",
         "peqa-int4-ch", "peqa-int4-g64", "peqa-int3-g64", "peqa-3.5"]
@@ -140,7 +140,7 @@ def adapter_bytes(run: str, model, folder: Path) -> int:
 def export_check(model, tokenizer, folder: Path) -> tuple[float, float]:
     """(perplexity of the export as load_merged reads it, largest |logit| difference from ``model``
     on one held-out block)."""
-    from qft.data import default_corpus, token_blocks
+    from qft.files.data import default_corpus, token_blocks
 
     qft.export_merged(model, folder, tokenizer)
     exported = qft.load_merged(folder).float()

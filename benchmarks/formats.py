@@ -15,7 +15,7 @@ import time
 import torch
 
 import qft
-from qft.packing import unpack
+from qft.quant.packing import unpack
 
 FORMATS = (
     [f"nf{k}-b{b}" for k in (2, 3, 4, 8) for b in (16, 32, 64)]
@@ -63,7 +63,7 @@ def main() -> None:
 
     start = time.perf_counter()
     rows = qft.quantization_error_table(weights, args.formats, progress=not args.quiet)
-    print(qft.report.markdown_table(rows))
+    print(qft.prepare.report.markdown_table(rows))
     print(f"\n{len(args.formats)} formats in {time.perf_counter() - start:.0f} s")
 
 

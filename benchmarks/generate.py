@@ -20,7 +20,7 @@ import torch
 from lqlora import header
 
 import qft
-from qft.report import markdown_table
+from qft.prepare.report import markdown_table
 
 FORMATS = ["nf4-b64", "nf3-b64-dq8b256", "nf2-b64-dq8b256"]
 

@@ -21,7 +21,7 @@ from triton.testing import do_bench
 
 from qft.nn import HaloSettings
 from qft.nn.halo import halo_matmul
-from qft.report import markdown_table
+from qft.prepare.report import markdown_table
 
 SHAPES = [(4096, 4096), (11008, 4096)]  # (out, in)
 

@@ -26,8 +26,8 @@ import sys
 import torch
 from qft.kernels import torch_path, triton_dequant
 
-from qft.report import markdown_table
-from qft.tensor import QuantizedTensor
+from qft.prepare.report import markdown_table
+from qft.quant.tensor import QuantizedTensor
 
 SHAPES = [(4096, 4096), (11008, 4096), (4096, 11008)]  # (out, in)
 FORMATS = ["nf4-b64", "nf3-b64-dq8b256", "nf2-b64-dq8b256", "int4-g128", "fp8-e4m3-row"]

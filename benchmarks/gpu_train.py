@@ -24,8 +24,8 @@ import time
 import torch
 
 import qft
-from qft.report import markdown_table
-from qft.targets import set_module
+from qft.prepare.report import markdown_table
+from qft.nn.targets import set_module
 
 RANK = 64
 PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]

@@ -33,12 +33,12 @@ from finetune import RANK, PeakRSS, peft_lora, run_children, training_arguments
 from lqlora import OUT, header
 
 import qft
-from qft.data import default_corpus, token_blocks
-from qft.evaluate import perplexity
-from qft.export import dense_model
+from qft.files.data import default_corpus, token_blocks
+from qft.training.evaluate import perplexity
+from qft.exports.merged import dense_model
 from qft.nn import HaloSettings
 from qft.nn.halo import halo_matmul
-from qft.report import markdown_table
+from qft.prepare.report import markdown_table
 
 LEVELS = (0, 1, 2)
 PRECISIONS = ("fp8", "int8")

@@ -33,8 +33,8 @@ from finetune import PeakRSS, quantized_bits, run_children, training_arguments
 from lqlora import CACHE, OUT, fisher_of
 
 import qft
-from qft.evaluate import perplexity
-from qft.report import markdown_table
+from qft.training.evaluate import perplexity
+from qft.prepare.report import markdown_table
 
 RUNS = ["fp32", "int2-rtn", "int2-gptq", "int3-rtn", "int3-gptq", "int4-rtn", "int4-gptq",
         "int2-gptq-ce", "int21", "int21-top64", "lqlora-2.5", "lqlora-2.5-lrec"]

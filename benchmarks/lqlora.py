@@ -24,13 +24,13 @@ import torch
 from qft.solvers.mckp import solve
 
 import qft
-from qft.allocate import ErrorTable, allocate, error_table, nf_grid, pruned_grid, undominated
-from qft.decompose.lqlora import low_rank, lqlora, rank1_weights
-from qft.evaluate import perplexity
-from qft.fisher import empirical_fisher
-from qft.prepare import quantize_and_prepare
-from qft.report import markdown_table
-from qft.tensor import QuantizedTensor
+from qft.prepare.allocate import ErrorTable, allocate, error_table, nf_grid, pruned_grid, undominated
+from qft.methods.lqlora import low_rank, lqlora, rank1_weights
+from qft.training.evaluate import perplexity
+from qft.prepare.fisher import empirical_fisher
+from qft.prepare.quantize import quantize_and_prepare
+from qft.prepare.report import markdown_table
+from qft.quant.tensor import QuantizedTensor
 
 OUT = Path(__file__).parent / "out"
 CACHE = OUT / "cache"
@@ -100,7 +100,7 @@ def part_ppl(args) -> None:
                 f"{r.bits:.3f} (+{r.bits_with_adapters - r.bits:.2f} adapters)", m, time.perf_counter() - start,
                 f"{r.solution.solver} {r.solution.status}, gap {r.solution.gap:.1e}")
             if args.heatmap and bits == 2.5:
-                from qft.plot import bits_heatmap
+                from qft.prepare.plot import bits_heatmap
 
                 bits_heatmap(r, OUT / f"bits-{bits}{'-fisher' if use_fisher else ''}.png")
     print(markdown_table(rows, ".3f"))

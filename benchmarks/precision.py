@@ -21,7 +21,7 @@ import time
 import torch
 
 import qft
-from qft.report import markdown_table
+from qft.prepare.report import markdown_table
 
 PRECISIONS = ("fp32", "bf16")
 SETTINGS = dict(batch_size=2, block_size=256, lr=2e-4, warmup=2, seed=0, eval_blocks=8)

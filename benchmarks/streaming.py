@@ -24,7 +24,7 @@ import torch
 from finetune import PeakRSS
 from lqlora import OUT, header
 
-from qft.report import markdown_table
+from qft.prepare.report import markdown_table
 
 FOLDER = OUT / "random-llama"
 

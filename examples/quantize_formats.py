@@ -8,7 +8,7 @@ import argparse
 import logging
 
 import qft
-from qft.report import markdown_table
+from qft.prepare.report import markdown_table
 
 DEFAULT_FORMATS = ["nf4-b64", "nf4-b64-dq8b256", "nf3-b64-dq8b256", "nf2-b64-dq8b256",
                    "int4-g128", "int3-g64", "int8-ch", "fp8-e4m3-row"]

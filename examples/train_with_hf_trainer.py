@@ -7,7 +7,7 @@ With qft imported, AutoModelForCausalLM.from_pretrained reads the checkpoint
 (the registered "qft" quantizer) and only the low-rank factors require grad,
 so Trainer (or accelerate) updates just those. The result is saved with
 qft.save_quantized, so it stays packed. Under `torchrun --nproc-per-node N` Trainer wraps the
-model in DDP itself; qft.distributed.exclude_frozen keeps the quantized weights out of DDP's
+model in DDP itself; qft.nn.distributed.exclude_frozen keeps the quantized weights out of DDP's
 broadcasts (they are broadcast once), and rank 0 writes the result.
 """
 
@@ -20,7 +20,7 @@ from datasets import Dataset
 from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
 import qft
-from qft.data import token_blocks
+from qft.files.data import token_blocks
 
 
 def main() -> None:
@@ -32,7 +32,7 @@ def main() -> None:
     parser.add_argument("--out", default="runs/hf-trained")
     args = parser.parse_args()
 
-    model = qft.distributed.exclude_frozen(AutoModelForCausalLM.from_pretrained(args.checkpoint))
+    model = qft.nn.distributed.exclude_frozen(AutoModelForCausalLM.from_pretrained(args.checkpoint))
     tokenizer = AutoTokenizer.from_pretrained(args.checkpoint)
     blocks = token_blocks(tokenizer, qft.load_texts(args.data, "train", tokenizer=tokenizer), args.block_size)
     dataset = Dataset.from_dict({"input_ids": blocks.tolist(), "labels": blocks.tolist()})

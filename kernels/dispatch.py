@@ -2,7 +2,7 @@
 
 ``qft.kernels`` is a namespace package (no ``__init__.py``, so the repository root
 never shadows Hugging Face's ``kernels``; docs/DESIGN.md, Layout). Knows nothing
-of models or formats: it takes packed codes (qft.packing layout), a codebook,
+of models or formats: it takes packed codes (qft.quant.packing layout), a codebook,
 blockwise scales and optional zero-points.
 
 Backends: ``"triton"`` (kernels/triton_dequant.py: forward, input-gradient and,

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch.autograd.function import once_differentiable
 
-from qft.packing import stream_bytes, unpack
+from qft.quant.packing import stream_bytes, unpack
 
 
 def _grid(codes, codebook, zero, bits: int, cols: int, block: int) -> torch.Tensor:

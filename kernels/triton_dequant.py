@@ -1,7 +1,7 @@
 """Triton dequant-matmul kernels: y = x · dequant(Q)ᵀ, dx = dy · dequant(Q), and
 the gradient of trainable scales (PEQA).
 
-All read the packed codes (qft.packing layout: per row a little-endian bit
+All read the packed codes (qft.quant.packing layout: per row a little-endian bit
 stream of k-bit codes in int32 words) and dequantize a tile in registers:
 
     W[n, k] = (codebook[code[n, k]] − zero[n, k // block]) · scale[n, k // block]

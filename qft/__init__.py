@@ -11,27 +11,38 @@ _CHECKOUT = Path(__file__).resolve().parent.parent
 if not (Path(__file__).parent / "kernels").is_dir() and (_CHECKOUT / "kernels" / "dispatch.py").is_file():
     __path__.append(str(_CHECKOUT))
 
-from qft import hf_quantizer  # noqa: F401  (registers quant_method "qft" with transformers)
-from qft.adapters import load_adapter, save_adapter
-from qft.checkpoint import load_quantized, save_quantized
-from qft.compeft import compress_adapter, decompress_adapter
-from qft.data import default_corpus, load_texts
-from qft.decompose import register_method, register_prepare_method
-from qft.distill import LREC
-from qft.distributed import gathered, replicate, shard
-from qft.evaluate import perplexity
-from qft.export import export_dense, export_merged, load_merged
-from qft.fisher import empirical_fisher
-from qft.formats import FP8, Format, NormalFloat, UniformInt, get_format
-from qft.models import default_model
+from qft.files import hf_quantizer  # noqa: F401  (registers quant_method "qft" with transformers)
+from qft.files.adapters import load_adapter, save_adapter
+from qft.files.checkpoint import load_quantized, save_quantized
+from qft.exports.compeft import compress_adapter, decompress_adapter
+from qft.files.data import default_corpus, load_texts
+from qft.methods import register_method, register_prepare_method
+from qft.methods.config import (
+    BudgetConfig,
+    HALOConfig,
+    INT21Config,
+    LoftQConfig,
+    LQLoRAConfig,
+    PEQAConfig,
+    QLoRAConfig,
+    QuantConfig,
+    WholeModelConfig,
+)
+from qft.methods.lrec import LREC
+from qft.nn.distributed import gathered, replicate, shard
+from qft.training.evaluate import perplexity
+from qft.exports.merged import export_dense, export_merged, load_merged
+from qft.prepare.fisher import empirical_fisher
+from qft.quant.formats import FP8, Format, NormalFloat, UniformInt, get_format
+from qft.files.models import default_model
 from qft.nn import HaloLinear, HaloSettings, QLinear, dense_weights, mark_trainable
-from qft.peft_format import export_peft
-from qft.plot import bits_heatmap
-from qft.prepare import quantize_and_prepare
-from qft.report import quantization_error_table
-from qft.targets import find_target_linears
-from qft.tensor import QuantizedTensor
-from qft.train import TrainConfig, register_objective, train
+from qft.exports.peft import export_peft
+from qft.prepare.plot import bits_heatmap
+from qft.prepare.quantize import quantize_, quantize_and_prepare
+from qft.prepare.report import quantization_error_table
+from qft.nn.targets import find_target_linears
+from qft.quant.tensor import QuantizedTensor
+from qft.training.loop import TrainConfig, register_objective, train
 
 __version__ = "0.1.0"
 
@@ -39,6 +50,15 @@ logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
     "FP8",
+    "BudgetConfig",
+    "HALOConfig",
+    "INT21Config",
+    "LQLoRAConfig",
+    "LoftQConfig",
+    "PEQAConfig",
+    "QLoRAConfig",
+    "QuantConfig",
+    "WholeModelConfig",
     "LREC",
     "Format",
     "HaloLinear",
@@ -68,6 +88,7 @@ __all__ = [
     "mark_trainable",
     "perplexity",
     "quantization_error_table",
+    "quantize_",
     "quantize_and_prepare",
     "register_method",
     "register_prepare_method",

@@ -30,7 +30,7 @@ def _device(name: str | None) -> str:
 def _load_base(model: str | None, progress: bool, device: str):
     """(model, tokenizer): the embedded default, or a Hugging Face model folder, on ``device``."""
     if model is None:
-        from qft.models import default_model
+        from qft.files.models import default_model
 
         base, tokenizer = default_model(progress=progress)
         return base.to(device), tokenizer
@@ -48,8 +48,8 @@ def _load_any(path: str | None, progress: bool, device: str):
         return _load_base(None, progress, device)
     from transformers import AutoTokenizer
 
-    from qft.checkpoint import CheckpointError, load_quantized
-    from qft.export import load_merged
+    from qft.files.checkpoint import CheckpointError, load_quantized
+    from qft.exports.merged import load_merged
 
     config = Path(path) / "config.json"
     if not config.is_file():
@@ -66,9 +66,17 @@ def _save_dtype(args):
 
 
 def cmd_quantize(args) -> None:
-    from qft.checkpoint import save_quantized
-    from qft.prepare import quantize_and_prepare
+    from qft.files.checkpoint import save_quantized
+    from qft.methods import get_method
+    from qft.methods.config import BudgetConfig, config_for, parse_bits
+    from qft.prepare.quantize import quantize_
 
+    # the config first: a bad option fails before the model is read
+    options = {k: getattr(args, k) for k in ("level", "precision", "granularity", "grad_format", "peft")
+               if getattr(args, k) is not None}  # a method's own options, when given (0 is a level)
+    if get_method(args.method).prepare is None:
+        options.update(bits=parse_bits(args.bits), fisher=args.fisher, iters=args.iters, rounding=args.rounding)
+    config = config_for(args.method, rank=args.rank, seed=args.seed, **options)
     if args.streaming:  # the folder itself: each weight is read from disk when it is quantized
         if args.model is None:
             raise ValueError("--streaming reads a model folder: give --model DIR")
@@ -77,29 +85,24 @@ def cmd_quantize(args) -> None:
         model, tokenizer = args.model, AutoTokenizer.from_pretrained(args.model)
     else:
         model, tokenizer = _load_base(args.model, args.progress, _device(args.device))
-    # "4" stays an int (PEQA reads it as a width), "2.5" is a budget, anything else a format name
-    bits = int(args.bits) if args.bits.isdigit() else (
-        float(args.bits) if args.bits.replace(".", "", 1).isdigit() else args.bits)
-    halo = {k: getattr(args, k) for k in ("level", "precision", "granularity", "grad_format", "peft")
-            if getattr(args, k) is not None}  # a method's own options, when given (0 is a level)
-    model = quantize_and_prepare(model, bits=bits, method=args.method, rank=args.rank, fisher=args.fisher,
-                         tokenizer=tokenizer, iters=args.iters, seed=args.seed, rounding=args.rounding,
-                         progress=args.progress, **halo)
+    # a budget method may read calibration text (fisher, gptq); a whole-model one reads none
+    model = quantize_(model, config, tokenizer=tokenizer if isinstance(config, BudgetConfig) else None,
+                      progress=args.progress)
     print(model.qft_report.summary())
     save_quantized(model, args.out, tokenizer, dtype=_save_dtype(args))
     print(f"saved to {args.out}")
 
 
 def cmd_train(args) -> None:
-    from qft.checkpoint import save_quantized
-    from qft.train import train
+    from qft.files.checkpoint import save_quantized
+    from qft.training.loop import train
 
     if not (args.out or args.adapter_out):
         raise ValueError("say where the result goes: --out (the whole model) and/or --adapter-out (the adapter)")
     model, tokenizer = _load_any(args.checkpoint, args.progress, _device(args.device))
     objective, teacher = "ce", None
     if args.teacher:  # INT2.1's LREC: distil from the full-precision model
-        from qft.distill import LREC
+        from qft.methods.lrec import LREC
 
         source = None if args.teacher == "default" else args.teacher
         teacher, _ = _load_base(source, args.progress, _device(args.teacher_device or args.device))
@@ -119,19 +122,19 @@ def cmd_train(args) -> None:
         save_quantized(model, args.out, tokenizer, dtype=_save_dtype(args))
         print(f"saved to {args.out}")
     if args.adapter_out:
-        from qft.adapters import save_adapter
+        from qft.files.adapters import save_adapter
 
         save_adapter(model, args.adapter_out)
         print(f"adapter saved to {args.adapter_out}")
 
 
 def cmd_eval(args) -> None:
-    from qft.data import load_texts
-    from qft.evaluate import perplexity
+    from qft.files.data import load_texts
+    from qft.training.evaluate import perplexity
 
     model, tokenizer = _load_any(args.checkpoint, args.progress, _device(args.device))
     if args.adapter:
-        from qft.adapters import load_adapter
+        from qft.files.adapters import load_adapter
 
         load_adapter(model, args.adapter)
     texts = load_texts(args.data, "test", tokenizer=tokenizer)
@@ -143,9 +146,9 @@ def cmd_eval(args) -> None:
 def cmd_export(args) -> None:
     import torch
 
-    from qft.checkpoint import save_quantized
-    from qft.export import export_dense, export_merged
-    from qft.peft_format import export_peft
+    from qft.files.checkpoint import save_quantized
+    from qft.exports.merged import export_dense, export_merged
+    from qft.exports.peft import export_peft
 
     model, tokenizer = _load_any(args.checkpoint, args.progress, _device(args.device))
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
@@ -162,7 +165,7 @@ def cmd_export(args) -> None:
 
 
 def cmd_compress(args) -> None:
-    from qft.compeft import compress_adapter
+    from qft.exports.compeft import compress_adapter
 
     tokenizer = None
     if args.alpha is None and args.base:
@@ -175,7 +178,7 @@ def cmd_compress(args) -> None:
 
 
 def cmd_decompress(args) -> None:
-    from qft.compeft import decompress_adapter
+    from qft.exports.compeft import decompress_adapter
 
     decompress_adapter(args.file, args.out, base=args.base)
     print(f"adapter written to {args.out}")
@@ -189,15 +192,15 @@ def _print_compressed(path, s: dict) -> None:
 
 
 def cmd_info(args) -> None:
-    from qft.checkpoint import checkpoint_sizes, read_config
-    from qft.compeft import info, is_compressed
+    from qft.files.checkpoint import checkpoint_sizes, read_config
+    from qft.exports.compeft import info, is_compressed
 
     path = Path(args.checkpoint)
     if is_compressed(path):
         _print_compressed(path, info(path))
         return
-    from qft.formats import get_format
-    from qft.report import markdown_table
+    from qft.quant.formats import get_format
+    from qft.prepare.report import markdown_table
 
     qconfig = read_config(args.checkpoint)["quantization_config"]
     sizes = checkpoint_sizes(args.checkpoint)
@@ -338,7 +341,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     args.progress = not args.quiet
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO, format="%(message)s")
-    from qft.checkpoint import CheckpointError
+    from qft.files.checkpoint import CheckpointError
 
     try:
         args.run(args)

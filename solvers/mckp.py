@@ -23,6 +23,9 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 
+SOLVERS = ("auto", "scipy", "highs", "cbc", "lagrangian")  # see solve()
+
+
 class InfeasibleBudget(ValueError):
     """The budget lies outside what the options can cost."""
 
@@ -137,6 +140,8 @@ def solve(
     while proving the last 1e-6 is the slow part of a proof (seconds to tens of seconds on
     SmolLM2's table). When the Lagrangian warm start is already within the gap, no ILP runs.
     """
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; choose one of {list(SOLVERS)}")
     errors = np.asarray(errors, dtype=np.float64)
     costs = np.asarray(costs, dtype=np.float64)
     if errors.shape != costs.shape or errors.ndim != 2:

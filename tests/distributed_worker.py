@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from helpers import tiny_llama  # noqa: E402
 
 import qft  # noqa: E402
-from qft.tensor import QuantizedTensor  # noqa: E402
+from qft.quant.tensor import QuantizedTensor  # noqa: E402
 
 # a rank that waits this long for the other raises (and torchrun stops both) instead of hanging the test
 TIMEOUT = timedelta(minutes=5)
@@ -46,7 +46,7 @@ def finish() -> None:
 
 def trainable_grads(model) -> dict[str, torch.Tensor]:
     out = {}
-    for name, p in qft.distributed.unwrap(model).named_parameters():
+    for name, p in qft.nn.distributed.unwrap(model).named_parameters():
         if p.requires_grad and p.grad is not None:
             g = p.grad
             out[name] = g.full_tensor() if hasattr(g, "full_tensor") else g
@@ -61,12 +61,12 @@ def frozen_inner(model) -> dict[str, torch.Tensor]:
 
 
 def with_trainer(out: Path) -> None:
-    """transformers.Trainer wraps the model in DDP itself: qft.distributed.exclude_frozen first."""
+    """transformers.Trainer wraps the model in DDP itself: qft.nn.distributed.exclude_frozen first."""
     from transformers import Trainer, TrainingArguments
 
     dist.init_process_group("gloo", timeout=TIMEOUT)
     rank = dist.get_rank()
-    model = qft.distributed.exclude_frozen(prepared())
+    model = qft.nn.distributed.exclude_frozen(prepared())
     before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
     frozen = frozen_inner(model)
     torch.manual_seed(0)
@@ -134,7 +134,7 @@ def main() -> None:
                                      for n in ref_grads)
     after = frozen_inner(wrapped)
     record["frozen unchanged"] = all(torch.equal(after[k], v) for k, v in before.items())
-    record["frozen no grad"] = all(p.grad is None for p in qft.distributed.unwrap(wrapped).parameters()
+    record["frozen no grad"] = all(p.grad is None for p in qft.nn.distributed.unwrap(wrapped).parameters()
                                    if not p.requires_grad)
     for p in wrapped.parameters():
         p.grad = None
@@ -152,7 +152,7 @@ def main() -> None:
     # the same run with gradient checkpointing: backward runs each layer's forward again
     checkpointed = wrap(prepared(), mode)
     calls = []
-    qft.distributed.unwrap(checkpointed).model.layers[0].mlp.register_forward_pre_hook(
+    qft.nn.distributed.unwrap(checkpointed).model.layers[0].mlp.register_forward_pre_hook(
         lambda module, args: calls.append(module.training))
     record["checkpointed losses"] = qft.train(checkpointed, None, batch, gradient_checkpointing=True, **TRAIN).losses
     record["checkpointed layer runs"] = sum(calls)

@@ -3,7 +3,7 @@
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from qft.allocate import nf_grid
+from qft.prepare.allocate import nf_grid
 
 # a 48-format slice of the grid keeps allocation tests fast
 SMALL_GRID = [f for f in nf_grid() if f.scale_bits in (None, 8) and f.second_level == "fp32"]

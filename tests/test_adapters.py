@@ -3,8 +3,8 @@ import torch
 from helpers import tiny_llama
 
 import qft
-from qft.adapters import HEADER, WEIGHTS, adapter_tensors, base_fingerprint
-from qft.checkpoint import CheckpointError
+from qft.files.adapters import HEADER, WEIGHTS, adapter_tensors, base_fingerprint
+from qft.files.checkpoint import CheckpointError
 from qft.nn import QLinear
 
 

@@ -4,9 +4,9 @@ import numpy as np
 import pytest
 import torch
 
-from qft.allocate import _residual, error_table, nf_grid, pruned_grid
-from qft.formats import get_format
-from qft.tensor import QuantizedTensor
+from qft.prepare.allocate import _residual, error_table, nf_grid, pruned_grid
+from qft.quant.formats import get_format
+from qft.quant.tensor import QuantizedTensor
 
 
 def _reference(weights, formats, rank, fisher=None, seed=0, row_stride=4):

@@ -82,7 +82,7 @@ def test_every_export_reads_back_as_the_qft_model(build, tmp_path, caplog):
                 layer.lora_B.add_(0.02 * torch.randn_like(layer.lora_B))
     qft.export_dense(model, tmp_path / "dense", dtype=torch.float32)
     qft.export_peft(model, tmp_path / "peft", dtype=torch.float32)
-    with caplog.at_level(logging.WARNING, logger="qft.export"):
+    with caplog.at_level(logging.WARNING, logger="qft.exports.merged"):
         qft.export_merged(model, tmp_path / "merged", dtype=torch.float32)
     assert ("are Conv1D" in caplog.text) == (build is gpt2)
     assert json.loads((tmp_path / "peft" / "adapter_config.json").read_text())["fan_in_fan_out"] == (build is gpt2)

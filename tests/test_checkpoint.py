@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
 import qft
-from qft.checkpoint import CheckpointError, checkpoint_sizes
+from qft.files.checkpoint import CheckpointError, checkpoint_sizes
 from qft.nn import QLinear
 
 

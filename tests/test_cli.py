@@ -5,6 +5,7 @@ import json
 import pytest
 from helpers import tiny_llama
 
+import qft
 from qft.cli import build_parser, main
 
 COMMANDS = ["quantize", "train", "eval", "export", "compress", "decompress", "info"]
@@ -29,7 +30,7 @@ def test_help_lists_the_commands(capsys):
 def base(tmp_path_factory):
     from transformers import AutoTokenizer
 
-    from qft.models import DEFAULT_GGUF, default_model_dir
+    from qft.files.models import DEFAULT_GGUF, default_model_dir
 
     folder = tmp_path_factory.mktemp("base")
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF)
@@ -183,6 +184,15 @@ def test_halo_level_zero_is_level_zero(base, tmp_path):
                      "--out", str(out)]) == 0
         modules = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
         assert {m["level"] for m in modules.values()} == {level}
+
+
+def test_quantize_records_the_config_the_library_builds(base, tmp_path):
+    from qft.methods.config import QuantConfig
+
+    assert main(["quantize", "-q", "--model", str(base), "--method", "qlora", "--bits", "int4-g32", "--rank", "2",
+                 "--seed", "3", "--out", str(tmp_path / "q")]) == 0
+    written = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["config"]
+    assert QuantConfig.from_dict(written) == qft.QLoRAConfig(bits="int4-g32", rank=2, seed=3)
 
 
 def test_streaming_quantize_writes_the_same_checkpoint(base, tmp_path):

@@ -9,8 +9,8 @@ import torch
 from helpers import tiny_llama
 
 import qft
-from qft.checkpoint import CheckpointError
-from qft.compeft import (
+from qft.files.checkpoint import CheckpointError
+from qft.exports.compeft import (
     compress,
     compress_adapter,
     decompress,
@@ -119,11 +119,11 @@ def test_a_qft_adapter_round_trips_as_initial_plus_ternary_update(method, kwargs
     assert summary["kind"] == "qft" and summary["payload_bytes"] < summary["fp16_bytes"] / 4
     decompress_adapter(tmp_path / "a.qftc", tmp_path / "back", base=tmp_path / "base")
     base = qft.load_quantized(tmp_path / "base")
-    start = {n: p.detach().clone() for n, p in qft.adapters.adapter_tensors(base).items()}
+    start = {n: p.detach().clone() for n, p in qft.files.adapters.adapter_tensors(base).items()}
     qft.load_adapter(base, tmp_path / "back")
     _, ternary = load_compressed(tmp_path / "a.qftc")
-    now = qft.adapters.adapter_tensors(base)
-    trained_values = qft.adapters.adapter_tensors(trained)
+    now = qft.files.adapters.adapter_tensors(base)
+    trained_values = qft.files.adapters.adapter_tensors(trained)
     for name, t in ternary.items():
         assert torch.equal(now[name], (start[name] + t.to_dense()).to(start[name].dtype))
         moved = trained_values[name] - start[name]
@@ -155,11 +155,11 @@ def test_alpha_is_searched_on_validation_text(tmp_path):
             return type("Encoded", (), {"input_ids": ids})()
 
     base = qft.load_quantized(tmp_path / "base")
-    start = {n: p.detach().clone() for n, p in qft.adapters.adapter_tensors(base).items()}
+    start = {n: p.detach().clone() for n, p in qft.files.adapters.adapter_tensors(base).items()}
     summary = compress_adapter(tmp_path / "adapter", tmp_path / "a.qftc", density=0.1, base=base,
                                tokenizer=Chars(), texts=texts, progress=False)
     assert summary["alpha"] > 0
-    for name, p in qft.adapters.adapter_tensors(base).items():
+    for name, p in qft.files.adapters.adapter_tensors(base).items():
         assert torch.equal(p, start[name])  # the search leaves the caller's base as it came
     with pytest.raises(ValueError, match="alpha="):
         compress_adapter(tmp_path / "adapter", tmp_path / "b.qftc", density=0.1, base=tmp_path / "base")
@@ -199,13 +199,13 @@ def test_info_reports_sizes_against_fp16_and_the_bound(tmp_path):
 
 
 def test_global_scope_warns_when_a_tensor_keeps_nothing(caplog):
-    from qft.compeft import compress
+    from qft.exports.compeft import compress
 
     update = {"lora_A": torch.randn(8, 64), "lora_B": 1e-4 * torch.randn(64, 8)}  # B ≪ A, as after short training
-    with caplog.at_level(logging.WARNING, logger="qft.compeft"):
+    with caplog.at_level(logging.WARNING, logger="qft.exports.compeft"):
         out = compress(update, 0.1)
     assert out["lora_B"].positions.numel() == 0 and "scope='tensor'" in caplog.text
     caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="qft.compeft"):
+    with caplog.at_level(logging.WARNING, logger="qft.exports.compeft"):
         per_tensor = compress(update, 0.1, scope="tensor")
     assert per_tensor["lora_B"].positions.numel() == 51 and not caplog.text  # 10 % of 512, rounded

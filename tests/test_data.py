@@ -6,7 +6,7 @@ import pytest
 import torch
 
 import qft
-from qft.data import load_texts, token_blocks
+from qft.files.data import load_texts, token_blocks
 
 RECORDS = [f"record number {i}: " + "words " * (i % 7) for i in range(60)]
 
@@ -15,7 +15,7 @@ RECORDS = [f"record number {i}: " + "words " * (i % 7) for i in range(60)]
 def tokenizer():
     from transformers import AutoTokenizer
 
-    from qft.models import DEFAULT_GGUF, default_model_dir
+    from qft.files.models import DEFAULT_GGUF, default_model_dir
 
     return AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF)
 

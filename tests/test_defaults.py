@@ -7,8 +7,8 @@ import torch
 from transformers import AutoModelForCausalLM
 
 import qft
-from qft import models
-from qft.packing import unpack
+from qft.files import models
+from qft.quant.packing import unpack
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from helpers import tiny_llama
 
 import qft
-from qft.distill import LREC
+from qft.methods.lrec import LREC
 
 
 def _ids(seed=0, batch=2, length=24, vocab=300):

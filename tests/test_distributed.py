@@ -90,7 +90,7 @@ def test_qft_train_refuses_an_unwrapped_model_on_several_processes(ranks):
 
 
 def test_transformers_trainer_under_ddp(tmp_path):
-    """Trainer wraps the model in DDP itself; after qft.distributed.exclude_frozen the adapters train,
+    """Trainer wraps the model in DDP itself; after qft.nn.distributed.exclude_frozen the adapters train,
     both ranks hold the same adapters and the quantized weights stay as they were."""
     records = launch("trainer", tmp_path)
     for r in records:

@@ -15,7 +15,7 @@ from compressed_tensors.compressors import ModelCompressor, PackedQuantizationCo
 from compressed_tensors.compressors.pack_quantized.helpers import pack_to_int32
 from compressed_tensors.quantization import QuantizationScheme, apply_quantization_config
 
-from qft.export import (
+from qft.exports.merged import (
     export_merged,
     group_for,
     load_merged,
@@ -145,7 +145,7 @@ def test_export_reads_back_as_the_merged_int4_model(model, tmp_path):
 
 
 def test_a_gptq_export_keeps_the_scales_and_lowers_the_output_error(model, tmp_path):
-    from qft.data import token_blocks
+    from qft.files.data import token_blocks
 
     export_merged(model, tmp_path / "rtn")
     export_merged(model, tmp_path / "gptq", Chars(), rounding="gptq", calibration=CALIBRATION, progress=False)
@@ -166,8 +166,8 @@ def test_a_gptq_export_keeps_the_scales_and_lowers_the_output_error(model, tmp_p
 
 
 def test_an_asymmetric_export_is_qfts_int4_of_the_merged_weight(model, tmp_path):
-    from qft.data import token_blocks
-    from qft.tensor import QuantizedTensor
+    from qft.files.data import token_blocks
+    from qft.quant.tensor import QuantizedTensor
 
     export_merged(model, tmp_path / "sym", dtype=torch.float32)
     export_merged(model, tmp_path / "asym", dtype=torch.float32, symmetric=False)
@@ -210,7 +210,7 @@ def test_only_the_quantized_layers_are_targeted_and_the_rest_ignored(tmp_path):
 
 
 def test_a_layer_that_no_group_of_16_divides_is_written_per_channel(narrow_model, tmp_path, caplog):
-    with caplog.at_level(logging.WARNING, logger="qft.export"):
+    with caplog.at_level(logging.WARNING, logger="qft.exports.merged"):
         export_merged(narrow_model, tmp_path / "out", dtype=torch.float32)
     down = layer_names("mlp.down_proj")
     assert "per channel" in caplog.text and all(name in caplog.text for name in down)
@@ -318,7 +318,7 @@ def test_a_group_that_does_not_divide_the_width_is_split_into_equal_ones(tmp_pat
 
 def test_a_bf16_peqa_export_says_its_scales_are_rounded(tmp_path, caplog):
     model = peqa_trained("int4-ch")
-    with caplog.at_level(logging.WARNING, logger="qft.export"):
+    with caplog.at_level(logging.WARNING, logger="qft.exports.merged"):
         export_merged(model, tmp_path / "out", dtype=torch.bfloat16)
     assert "rounded to torch.bfloat16" in caplog.text
     assert load_file(tmp_path / "out" / "model.safetensors")["model.embed_tokens.weight"].dtype == torch.bfloat16

@@ -4,8 +4,8 @@ import pytest
 import torch
 from conftest import ALL_FORMATS
 
-from qft.formats import FP8, NormalFloat, UniformInt, get_format, nf_codebook
-from qft.tensor import QuantizedTensor
+from qft.quant.formats import FP8, NormalFloat, UniformInt, get_format, nf_codebook
+from qft.quant.tensor import QuantizedTensor
 
 
 def test_nf4_codebook_equals_bitsandbytes():
@@ -192,7 +192,7 @@ def test_nominal_bits_formula():
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_nearest_code_equals_bucketize(bits, rng):
-    from qft.formats.nf import _rounding_tables, nearest_code, nf_midpoints
+    from qft.quant.formats.nf import _rounding_tables, nearest_code, nf_midpoints
 
     mids = nf_midpoints(bits)
     cells = _rounding_tables(bits, torch.device("cpu"))[2]
@@ -220,7 +220,7 @@ def test_fake_quantize_equals_dequantize_of_quantize(name, shape, rng):
     fmt = get_format(name)
     assert torch.equal(fmt.fake_quantize(w), QuantizedTensor.quantize(w, fmt).dequantize())
     if isinstance(fmt, NormalFloat):
-        from qft.formats.base import to_blocks
+        from qft.quant.formats.base import to_blocks
 
         _, tensors = fmt.quantize(w)
         absmax = to_blocks(w, fmt.block).abs().amax(dim=-1)

@@ -8,9 +8,9 @@ from helpers import CALIBRATION as TEXTS
 from helpers import Chars, tiny_llama
 
 import qft
-from qft.decompose.gptq import LayerwiseHessians, gptq, output_error
-from qft.decompose.lqlora import lqlora
-from qft.tensor import QuantizedTensor
+from qft.methods.gptq import LayerwiseHessians, gptq, output_error
+from qft.methods.lqlora import lqlora
+from qft.quant.tensor import QuantizedTensor
 
 
 @pytest.mark.parametrize("name", ALL_FORMATS)
@@ -65,7 +65,7 @@ def _hooked_hessian(model, name, blocks):
 
 
 def test_each_layer_sees_the_layers_before_it_as_they_are_now():
-    from qft.data import token_blocks
+    from qft.files.data import token_blocks
 
     model = tiny_llama()
     names = list(qft.find_target_linears(model))
@@ -85,7 +85,7 @@ def test_each_layer_sees_the_layers_before_it_as_they_are_now():
 
 
 def test_prepare_with_gptq_rounding_lowers_the_output_error():
-    from qft.data import token_blocks
+    from qft.files.data import token_blocks
 
     ids = token_blocks(Chars(), TEXTS, 64)
     reference = tiny_llama()
@@ -138,8 +138,8 @@ def test_bad_rounding_requests_are_refused():
 
 
 def test_stand_ins_are_calibrated_on_and_the_model_keeps_its_own_layers():
-    from qft.data import token_blocks
-    from qft.targets import set_module
+    from qft.files.data import token_blocks
+    from qft.nn.targets import set_module
 
     model = tiny_llama()
     names = list(qft.find_target_linears(model))

@@ -213,7 +213,7 @@ def test_int8_falls_back_where_int_mm_cannot_run(monkeypatch):
 
 @pytest.mark.parametrize("peft", [False, True])
 def test_a_halo_model_exports_dense_and_merged_int4(peft, tmp_path):
-    from qft.export import export_dense, export_merged, load_merged
+    from qft.exports.merged import export_dense, export_merged, load_merged
     from transformers import AutoModelForCausalLM
 
     model = qft.quantize_and_prepare(tiny_llama(), method="halo", peft=peft, level=1, progress=False)

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from qft.decompose.lqlora import lqlora, randomized_svd
+from qft.methods.lqlora import lqlora, randomized_svd
 
 
 def _lowrank_plus_noise(rng, rows=96, cols=80, rank=6):
@@ -20,7 +20,7 @@ def test_randomized_svd_matches_exact(rng):
 @pytest.mark.parametrize("fmt", ["nf2-b32", "nf3-b64-dq8b256"])
 def test_lqlora_beats_loftq_beats_plain(fmt, rng):
     w = _lowrank_plus_noise(rng)
-    from qft.tensor import QuantizedTensor
+    from qft.quant.tensor import QuantizedTensor
 
     plain = float(((QuantizedTensor.quantize(w, fmt).dequantize() - w) ** 2).sum())
     loftq = lqlora(w, fmt, 8, iters=1)

@@ -3,7 +3,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from qft.packing import pack, unpack, words_per_row
+from qft.quant.packing import pack, unpack, words_per_row
 
 
 @settings(max_examples=200, deadline=None)

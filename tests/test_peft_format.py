@@ -11,8 +11,8 @@ from transformers import AutoModelForCausalLM
 
 import qft
 from qft.nn import QLinear
-from qft.peft_format import export_peft
-from qft.targets import set_module
+from qft.exports.peft import export_peft
+from qft.nn.targets import set_module
 
 
 def _trained(bits="nf4", **kwargs):

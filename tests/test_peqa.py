@@ -3,7 +3,7 @@ import torch
 from helpers import tiny_llama
 
 import qft
-from qft.formats import UniformInt
+from qft.quant.formats import UniformInt
 from qft.nn import QLinear
 
 

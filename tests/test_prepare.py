@@ -6,10 +6,10 @@ from helpers import CALIBRATION, SMALL_GRID, Chars, tiny_llama
 from torch import nn
 
 import qft
-from qft.allocate import ErrorTable, allocate, error_table, nf_grid, pruned_grid, undominated
+from qft.prepare.allocate import ErrorTable, allocate, error_table, nf_grid, pruned_grid, undominated
 from qft.nn import QLinear
-from qft.plot import bits_heatmap
-from qft.prepare import quantize_and_prepare
+from qft.prepare.plot import bits_heatmap
+from qft.prepare.quantize import quantize_and_prepare
 
 
 def test_grid_is_lqlora_shaped():
@@ -111,7 +111,7 @@ def test_bad_input():
 
 
 def test_fisher_weights_the_allocation_and_the_decomposition():
-    from qft.fisher import empirical_fisher
+    from qft.prepare.fisher import empirical_fisher
 
     reference = tiny_llama()
     targets = qft.find_target_linears(reference)
@@ -142,13 +142,13 @@ def test_heatmap(tmp_path):
 
 
 def test_error_table_is_cached(tmp_path, monkeypatch):
-    import qft.allocate
+    import qft.prepare.allocate
 
     weights = {"a": torch.randn(32, 64), "b": torch.randn(16, 64)}
     first = error_table(weights, nf_grid()[:5], 4, cache_dir=tmp_path, progress=False)
     (cached,) = tmp_path.glob("*.safetensors")
     with monkeypatch.context() as m:  # the second call must read the file, not compute anything
-        m.setattr(qft.allocate, "_errors", lambda *args: pytest.fail("the cached table was not read"))
+        m.setattr(qft.prepare.allocate, "_errors", lambda *args: pytest.fail("the cached table was not read"))
         again = error_table(weights, nf_grid()[:5], 4, cache_dir=tmp_path, progress=False)
     assert (first.errors == again.errors).all()
     other = error_table({**weights, "b": weights["b"] + 1e-3}, nf_grid()[:5], 4, cache_dir=tmp_path, progress=False)
@@ -158,7 +158,7 @@ def test_error_table_is_cached(tmp_path, monkeypatch):
 
 
 def test_fisher_ignores_and_keeps_existing_gradients():
-    from qft.fisher import empirical_fisher
+    from qft.prepare.fisher import empirical_fisher
 
     class Chars:  # a character-level tokenizer for the tiny model
         eos_token = None
@@ -267,7 +267,7 @@ def test_skip_modules_replace_the_default_and_match_whole_names():
 
 
 def test_a_layer_the_fisher_never_reaches_is_named():
-    from qft.fisher import empirical_fisher
+    from qft.prepare.fisher import empirical_fisher
 
     class Chars:
         eos_token = None
@@ -300,7 +300,7 @@ def test_a_shared_layer_is_quantized_once_and_stays_shared(tmp_path):
 
 
 def test_a_registered_method_is_dispatched_to():
-    from qft.decompose import METHODS, Built
+    from qft.methods import METHODS, Built
 
     calls = []
 
@@ -319,7 +319,7 @@ def test_a_registered_method_is_dispatched_to():
 
 
 def test_a_table_of_rows_with_different_columns_leaves_missing_cells_empty():
-    from qft.report import markdown_table
+    from qft.prepare.report import markdown_table
 
     table = markdown_table([{"run": "fp32", "ppl": 12.5}, {"run": "int2", "ppl": 3.0, "s/step": 1.25}], ".2f")
     assert table.splitlines() == ["| run | ppl | s/step |", "|---|---|---|", "| fp32 | 12.50 |  |", "| int2 | 3.00 | 1.25 |"]

@@ -6,8 +6,8 @@ from conftest import ALL_FORMATS
 from torch import nn
 
 from qft.nn import QLinear, mark_trainable
-from qft.packing import unpack
-from qft.tensor import QuantizedTensor
+from qft.quant.packing import unpack
+from qft.quant.tensor import QuantizedTensor
 
 
 def reference_weight(qt: QuantizedTensor, scale: torch.Tensor | None = None) -> torch.Tensor:

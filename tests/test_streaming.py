@@ -8,7 +8,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 
 import qft
-from qft.checkpoint import CheckpointError
+from qft.files.checkpoint import CheckpointError
 
 
 @pytest.fixture(scope="module")

@@ -3,8 +3,8 @@ import torch
 from conftest import ALL_FORMATS
 from safetensors.torch import load, save
 
-from qft.formats import get_format
-from qft.tensor import QuantizedTensor
+from qft.quant.formats import get_format
+from qft.quant.tensor import QuantizedTensor
 
 # The shapes of SmolLM2's projections, and one odd shape.
 MODEL_SHAPES = [(576, 576), (192, 576), (1536, 576), (576, 1536)]

@@ -11,7 +11,7 @@ from safetensors.torch import load_file
 
 import qft
 from qft.nn import QLinear
-from qft.train import (OBJECTIVES, TrainConfig, TrainResult, _load_checkpoint, _trainable, latest_checkpoint,
+from qft.training.loop import (OBJECTIVES, TrainConfig, TrainResult, _load_checkpoint, _trainable, latest_checkpoint,
                        register_objective)
 
 SETTINGS = dict(steps=6, batch_size=2, block_size=16, lr=5e-3, warmup=2, seed=3)
@@ -193,7 +193,7 @@ def test_bf16_trains_fp32_master_weights_under_autocast(tmp_path):
 
 def test_bf16_gives_a_bf16_model_fp32_trainable_parameters(caplog):
     model = prepared().to(torch.bfloat16)
-    with caplog.at_level(logging.INFO, logger="qft.train"):
+    with caplog.at_level(logging.INFO, logger="qft.training.loop"):
         result = qft.train(model, None, *data(), progress=False, precision="bf16", **SETTINGS)
     assert all(p.dtype == torch.float32 for p in _trainable(model).values())
     assert model.model.embed_tokens.weight.dtype == torch.bfloat16  # frozen weights are left as they are

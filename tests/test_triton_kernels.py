@@ -17,8 +17,8 @@ from qft.kernels import torch_path, triton_dequant
 from qft.kernels.dispatch import dequant_matmul, resolve_backend
 
 from qft.nn import QLinear
-from qft.packing import pack
-from qft.tensor import QuantizedTensor
+from qft.quant.packing import pack
+from qft.quant.tensor import QuantizedTensor
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 FORMATS = [

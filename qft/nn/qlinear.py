@@ -2,7 +2,7 @@
 
     y = x @ dequant(W).T + bias + scaling * (x @ A.T) @ B.T
 
-``weight`` is a :class:`~qft.tensor.QuantizedTensor` held as a non-trainable
+``weight`` is a :class:`~qft.quant.tensor.QuantizedTensor` held as a non-trainable
 ``nn.Parameter`` (so ``module.weight.dtype``/``.shape``/``.device`` answer as
 for nn.Linear, and FSDP2 can treat it as a parameter). The adapters are the
 layer's trainable parts, each in its own dtype (fp32 by default):
@@ -28,7 +28,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from qft.kernels.dispatch import dequant_matmul
-from qft.tensor import QuantizedTensor, _decode_name
+from qft.quant.tensor import QuantizedTensor, _decode_name
 
 _PREFIX = "weight_"
 ADAPTERS = ("lora_A", "lora_B", "scale")  # what trains, and nothing else

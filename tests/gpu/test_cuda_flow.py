@@ -54,7 +54,7 @@ def test_quantize_on_the_gpu(method, bits, tmp_path):
 def test_fisher_weighted_lqlora_on_the_gpu(tmp_path):
     from transformers import AutoTokenizer
 
-    from qft.models import DEFAULT_GGUF, default_model_dir
+    from qft.files.models import DEFAULT_GGUF, default_model_dir
 
     tokenizer = AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF)
     model = tiny_llama()

@@ -14,7 +14,7 @@ import torch.distributed as dist
 from helpers import tiny_llama
 
 import qft
-from qft.tensor import QuantizedTensor
+from qft.quant.tensor import QuantizedTensor
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available() or not dist.is_nccl_available(),
                                                   reason="needs a CUDA device and nccl")]

@@ -11,7 +11,7 @@ import torch
 from qft.kernels import torch_path, triton_dequant
 from qft.kernels.dispatch import dequant_matmul
 
-from qft.tensor import QuantizedTensor
+from qft.quant.tensor import QuantizedTensor
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 FORMATS = ["nf4-b64", "nf3-b64-dq8b256", "nf2-b64-dq8b256", "int4-g128", "int8-ch", "fp8-e4m3-row"]

@@ -1,0 +1,1 @@
+"""Exports for serving and sharing: merged compressed-tensors and dense, PEFT, ComPEFT."""

@@ -1,0 +1,1 @@
+"""Files: qft checkpoints, the transformers quantizer, task adapters, atomic writes, the embedded model."""
