@@ -11,7 +11,7 @@ _CHECKOUT = Path(__file__).resolve().parent.parent
 if not (Path(__file__).parent / "kernels").is_dir() and (_CHECKOUT / "kernels" / "dispatch.py").is_file():
     __path__.append(str(_CHECKOUT))
 
-from qft.files import hf_quantizer  # noqa: F401  (registers quant_method "qft" with transformers)
+from qft.prepare import hf_quantizer  # noqa: F401  (registers quant_method "qft" with transformers)
 from qft.files.adapters import load_adapter, save_adapter
 from qft.files.checkpoint import load_quantized, save_quantized
 from qft.exports.compeft import compress_adapter, decompress_adapter

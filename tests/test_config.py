@@ -84,3 +84,47 @@ def test_bits_from_the_command_line_and_a_config_that_is_not_one():
     assert parse_bits("4") == 4 and parse_bits("2.5") == 2.5 and parse_bits("nf3-b64") == "nf3-b64"
     with pytest.raises(ValueError, match="config must be a qft config"):
         qft.quantize_(tiny_llama(), {"method": "lqlora"})
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    """A full-precision model folder with SmolLM2's tokenizer (quantize on load reads calibration text with it)."""
+    from transformers import AutoTokenizer
+
+    from qft.files.models import DEFAULT_GGUF, default_model_dir
+
+    out = tmp_path_factory.mktemp("base")
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF)
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
+@pytest.mark.parametrize("config", [
+    qft.QLoRAConfig(bits="int4-g32", rank=2),
+    qft.LQLoRAConfig(bits=3.0, rank=2, fisher=True, formats=SMALL_GRID),
+    qft.HALOConfig(level=1, peft=True, rank=2),
+])
+def test_quantize_on_load_equals_quantize_underscore_on_the_loaded_model(config, folder, tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    on_load = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config)
+    tokenizer = AutoTokenizer.from_pretrained(folder) if config.method == "lqlora" else None
+    after = qft.quantize_(AutoModelForCausalLM.from_pretrained(folder), config, tokenizer=tokenizer, progress=False)
+    assert on_load.qft_config == config and on_load.config.quantization_config.config == config.to_dict()
+    assert on_load.state_dict().keys() == after.state_dict().keys()
+    for key, value in on_load.state_dict().items():
+        assert torch.equal(value, after.state_dict()[key]), key
+    on_load.save_pretrained(tmp_path / "q")  # and it saves as a qft checkpoint
+    reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
+    with torch.no_grad():
+        assert torch.equal(reloaded(ids()).logits, on_load(ids()).logits)
+
+
+def test_quantize_on_load_refuses_what_is_not_a_qft_config(folder):
+    from transformers import AutoModelForCausalLM
+
+    from qft.prepare.hf_quantizer import QftConfig
+
+    with pytest.raises(ValueError, match="takes a qft config object"):
+        AutoModelForCausalLM.from_pretrained(folder, quantization_config=QftConfig())

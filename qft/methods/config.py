@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass, field
+from typing import ClassVar
 
 from qft.methods import ROUNDINGS, get_method
 from qft.nn import HaloSettings
@@ -38,6 +39,8 @@ class QuantConfig:
     alpha: their scaling is alpha / rank; target_modules / skip_modules: which Linear (or Conv1D)
     layers to quantize, by name or name suffix (the output head is skipped unless skip_modules says
     otherwise); seed: of every random draw."""
+
+    quant_method: ClassVar[str] = "qft"  # transformers' name for qft: from_pretrained(quantization_config=config)
 
     method: str
     rank: int | None = None

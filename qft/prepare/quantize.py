@@ -26,7 +26,7 @@ from qft.methods.config import BudgetConfig, QuantConfig, WholeModelConfig, conf
 from qft.methods.gptq import LayerwiseHessians
 from qft.prepare.fisher import empirical_fisher
 from qft.quant.formats import Format, get_format
-from qft.files.hf_quantizer import record_quantization_config
+from qft.prepare.hf_quantizer import record_quantization_config
 from qft.nn import QLinear, dense_weight, mark_trainable
 from qft.solvers.mckp import Solution
 from qft.prepare.streaming import TargetWeights, open_model

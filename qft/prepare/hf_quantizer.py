@@ -1,4 +1,5 @@
-"""transformers integration: ``AutoModelForCausalLM.from_pretrained(folder)`` reads qft checkpoints.
+"""transformers integration: ``AutoModelForCausalLM.from_pretrained(folder)`` reads qft checkpoints,
+and ``from_pretrained(folder, quantization_config=qft.LQLoRAConfig(...))`` quantizes while loading.
 
 Importing qft registers quant_method "qft". Before transformers loads the
 weights (on the meta device), the quantizer swaps the listed Linear layers for
@@ -8,7 +9,13 @@ random weights. The loader then sets each flat tensor (``weight_codes``,
 ``lora_A``, ...) on its QLinear, which puts it in place. Afterwards only the
 adapters train (Trainer accepts the model).
 
-``quantize_and_prepare`` marks the model it prepares the same way (:func:`record_quantization_config`),
+Given a qft config instead (quantize on load, as ``BitsAndBytesConfig(load_in_4bit=True)`` does for
+QLoRA), transformers loads the full-precision weights as usual and the quantizer then applies the
+config with ``qft.quantize_`` (the whole model is loaded first: this path does not stream; for a
+model larger than memory, ``qft.quantize_(folder, config)`` reads one weight at a time). Calibration
+text for ``fisher=True`` or GPTQ rounding is read with the folder's own tokenizer.
+
+``quantize_`` marks the model it prepares the same way (:func:`record_quantization_config`),
 so that ``save_pretrained`` (and so every ``Trainer`` checkpoint) writes a qft checkpoint too.
 """
 
@@ -16,7 +23,7 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from transformers import PreTrainedModel
+from transformers import AutoTokenizer, PreTrainedModel
 from transformers.quantizers import (
     HfQuantizer,
     register_quantization_config,
@@ -35,6 +42,7 @@ from qft.files.checkpoint import (
     swap_in_empty_layers,
     tensor_layout,
 )
+from qft.methods.config import BudgetConfig, QuantConfig
 from qft.nn import mark_trainable
 
 
@@ -50,12 +58,18 @@ class QftConfig(QuantizationConfigMixin):
 
 
 class QftHfQuantizer(HfQuantizer):
-    requires_calibration = True  # reads checkpoints written by qft.save_quantized; quantizing is qft's job
+    """Reads a qft checkpoint (pre-quantized), or quantizes a full-precision model as its qft config says."""
 
     def validate_environment(self, *args, **kwargs) -> None:
-        check_quantization_config(self.quantization_config.to_dict(), "this checkpoint")
+        if self.pre_quantized:
+            check_quantization_config(self.quantization_config.to_dict(), "this checkpoint")
+        elif not isinstance(self.quantization_config, QuantConfig):
+            raise ValueError("quantize on load takes a qft config object (qft.LQLoRAConfig(...), qft.PEQAConfig(...), "
+                             f"...), got {type(self.quantization_config).__name__}")
 
     def _process_model_before_weight_loading(self, model, checkpoint_files=None, **kwargs):
+        if not self.pre_quantized:  # the weights load as they are; quantize_ runs once they are in
+            return
         with torch.device("meta"):
             swap_in_empty_layers(model, self.quantization_config.modules)
         found = {}
@@ -71,8 +85,15 @@ class QftHfQuantizer(HfQuantizer):
         check_tensors(found, expected, tied, self.quantization_config.modules, "the checkpoint")
 
     def _process_model_after_weight_loading(self, model, **kwargs):
-        mark_trainable(model)
-        return model
+        if self.pre_quantized:
+            mark_trainable(model)
+            return model
+        from qft.prepare.quantize import quantize_  # the front door imports this module to mark what it prepares
+
+        config = self.quantization_config
+        reads_text = isinstance(config, BudgetConfig) and (config.fisher or config.resolved_rounding == "gptq")
+        tokenizer = AutoTokenizer.from_pretrained(model.name_or_path) if reads_text else None
+        return quantize_(model, config, tokenizer=tokenizer, progress=False)
 
     def get_state_dict_and_metadata(self, model):
         """save_pretrained writes what save_quantized writes, with the quantization_config of the model as it
