@@ -40,3 +40,16 @@ def assert_exports_read_back_as(model, ids, dense, peft, merged) -> None:
         torch.testing.assert_close(dense(ids).logits, ours, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(peft(ids).logits, ours, rtol=1e-4, atol=1e-5)
         assert (merged(ids).logits - ours).norm() < 0.2 * ours.norm()
+
+
+def tiny_with_smollm2_tokenizer(folder):
+    """A tiny Llama folder with SmolLM2's real tokenizer: what the command line and quantize-on-load read
+    calibration text with."""
+    from transformers import AutoTokenizer
+
+    from qft.files.models import DEFAULT_GGUF, default_model_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF)
+    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder

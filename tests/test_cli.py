@@ -3,7 +3,7 @@
 import json
 
 import pytest
-from helpers import tiny_llama
+from helpers import tiny_with_smollm2_tokenizer
 
 import qft
 from qft.cli import build_parser, main
@@ -28,15 +28,7 @@ def test_help_lists_the_commands(capsys):
 
 @pytest.fixture(scope="module")
 def base(tmp_path_factory):
-    from transformers import AutoTokenizer
-
-    from qft.files.models import DEFAULT_GGUF, default_model_dir
-
-    folder = tmp_path_factory.mktemp("base")
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF)
-    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return tiny_with_smollm2_tokenizer(tmp_path_factory.mktemp("base"))
 
 
 def _notes(folder):

@@ -4,7 +4,7 @@ import json
 
 import pytest
 import torch
-from helpers import SMALL_GRID, tiny_llama
+from helpers import SMALL_GRID, tiny_llama, tiny_with_smollm2_tokenizer
 
 import qft
 from qft.methods.config import QuantConfig, config_for, parse_bits
@@ -88,16 +88,8 @@ def test_bits_from_the_command_line_and_a_config_that_is_not_one():
 
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
-    """A full-precision model folder with SmolLM2's tokenizer (quantize on load reads calibration text with it)."""
-    from transformers import AutoTokenizer
-
-    from qft.files.models import DEFAULT_GGUF, default_model_dir
-
-    out = tmp_path_factory.mktemp("base")
-    tokenizer = AutoTokenizer.from_pretrained(default_model_dir(), gguf_file=DEFAULT_GGUF)
-    tiny_llama(vocab_size=len(tokenizer)).save_pretrained(out)
-    tokenizer.save_pretrained(out)
-    return out
+    """A full-precision model folder with a real tokenizer (quantize on load reads calibration text with it)."""
+    return tiny_with_smollm2_tokenizer(tmp_path_factory.mktemp("base"))
 
 
 @pytest.mark.parametrize("config", [

@@ -10,19 +10,25 @@ LAYERS = {"qlinear": QLinear, "halo": HaloLinear}  # a checkpoint's spec names i
 QFT_LAYERS = tuple(LAYERS.values())
 
 
+def qft_layers(model: nn.Module, kinds: tuple[type, ...] = QFT_LAYERS, *, every_name: bool = False
+               ) -> dict[str, nn.Module]:
+    """The model's qft layers by module name (``kinds``: only these classes). A layer shared by two
+    places (a tied head) is listed once, under its first name, unless ``every_name``."""
+    return {n: m for n, m in model.named_modules(remove_duplicate=not every_name) if isinstance(m, kinds)}
+
+
 def mark_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     """What trains: each qft layer's ``adapters()`` (low-rank factors, trainable scales, a HALO
     layer's own weight); everything else is frozen."""
     trainable = {}
     for p in model.parameters():
         p.requires_grad_(False)
-    for name, module in model.named_modules():
-        if isinstance(module, QFT_LAYERS):
-            for n, p in module.adapters().items():
-                p.requires_grad_(True)
-                trainable[f"{name}.{n}" if name else n] = p
+    for name, module in qft_layers(model).items():
+        for n, p in module.adapters().items():
+            p.requires_grad_(True)
+            trainable[f"{name}.{n}" if name else n] = p
     return trainable
 
 
 __all__ = ["LAYERS", "QFT_LAYERS", "HaloLinear", "HaloSettings", "QLinear", "dense_weight", "dense_weights",
-           "mark_trainable"]
+           "mark_trainable", "qft_layers"]
