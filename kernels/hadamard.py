@@ -63,8 +63,9 @@ def _base(k: int) -> torch.Tensor | None:
     return None
 
 
-def _split(n: int) -> tuple[int, int] | None:
-    """(K, 2ᵐ) with n = K·2ᵐ, K the smallest order with a construction, 2ᵐ as large as the kernel takes."""
+def try_factorisation(n: int) -> tuple[int, int] | None:
+    """(K, 2ᵐ) with n = K·2ᵐ, K the smallest order with a construction, 2ᵐ as large as the kernel takes;
+    None when there is none (:func:`factorisation` raises instead)."""
     k = n // (n & -n)  # the odd part
     while k <= min(n, MAX_K):
         if n // k <= MAX_FWHT and _base(k) is not None:
@@ -78,11 +79,11 @@ def factorisation(n: int) -> tuple[int, int]:
     supported sizes when there is none."""
     if n < 1:
         raise ValueError(f"a Hadamard transform needs a positive size, got {n}")
-    found = _split(n)
+    found = try_factorisation(n)
     if found is None:
-        below = next(m for m in range(n - 1, 0, -1) if _split(m))
-        above = next(m for m in range(n + 1, 2 * n + 2) if _split(m))
-        near = ", ".join(f"{m} = {_split(m)[0]}·{_split(m)[1]}" for m in (below, above))
+        below = next(m for m in range(n - 1, 0, -1) if try_factorisation(m))
+        above = next(m for m in range(n + 1, 2 * n + 2) if try_factorisation(m))
+        near = ", ".join("{} = {}·{}".format(m, *try_factorisation(m)) for m in (below, above))
         raise ValueError(f"no Hadamard matrix of order {n} is built here (qft builds K·2^m for K from Paley's "
                          f"constructions, K ≤ {MAX_K}); the nearest supported sizes are {near}")
     return found

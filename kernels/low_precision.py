@@ -20,7 +20,19 @@ import torch
 PRECISIONS = ("fp8", "int8")
 FP8_FORMATS = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 GRANULARITIES = ("tensor", "row")
-_LARGEST = {"e4m3": 448.0, "e5m2": 57344.0, "int8": 127.0}
+
+
+def symmetric_cast(x: torch.Tensor, dtype: torch.dtype, per_row: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale) of a 2-D float32 ``x`` scaled by its absmax onto ``dtype``'s largest value (FP8:
+    448 or 57344, by round-to-nearest-even cast; int8: 127, by round()), clamped there and cast; the
+    float32 scale is of shape () per tensor or (rows, 1) ``per_row``, 1 where it would be 0."""
+    top = torch.finfo(dtype).max if dtype.is_floating_point else torch.iinfo(dtype).max
+    scale = (x.abs().amax(dim=1, keepdim=True) if per_row else x.abs().amax()) / top
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = x / scale
+    if not dtype.is_floating_point:
+        q = torch.round(q)
+    return q.clamp(-top, top).to(dtype), scale
 
 
 def quantize(x: torch.Tensor, precision: str, granularity: str = "tensor",
@@ -33,13 +45,7 @@ def quantize(x: torch.Tensor, precision: str, granularity: str = "tensor",
         raise ValueError(f"unknown scale granularity {granularity!r}; choose one of {list(GRANULARITIES)}")
     if precision == "fp8" and fp8 not in FP8_FORMATS:
         raise ValueError(f"unknown FP8 format {fp8!r}; choose one of {list(FP8_FORMATS)}")
-    x = x.float()
-    top = _LARGEST[fp8 if precision == "fp8" else "int8"]
-    absmax = x.abs().amax() if granularity == "tensor" else x.abs().amax(dim=1, keepdim=True)
-    scale = torch.where(absmax > 0, absmax / top, torch.ones_like(absmax))
-    if precision == "fp8":
-        return (x / scale).clamp(-top, top).to(FP8_FORMATS[fp8]), scale
-    return torch.round(x / scale).clamp(-top, top).to(torch.int8), scale
+    return symmetric_cast(x.float(), FP8_FORMATS[fp8] if precision == "fp8" else torch.int8, granularity == "row")
 
 
 def _fast_fp8(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -57,7 +57,7 @@ def frozen_inner(model) -> dict[str, torch.Tensor]:
     """Every inner tensor of every quantized weight, gathered whole."""
     with qft.gathered(model) as m:
         return {f"{n}/{k}": t.clone() for n, p in m.named_parameters() if isinstance(p, QuantizedTensor)
-                for k, t in p._inner().items()}
+                for k, t in p.inner_tensors().items()}
 
 
 def with_trainer(out: Path) -> None:
@@ -116,7 +116,7 @@ def main() -> None:
         record["unwrapped refused"] = "neither sharded nor replicated" in str(e)
     model = prepared()
     before = {n: t.clone() for n, p in model.named_parameters() if isinstance(p, QuantizedTensor)
-              for n, t in [(f"{n}/{k}", t) for k, t in p._inner().items()]}
+              for n, t in [(f"{n}/{k}", t) for k, t in p.inner_tensors().items()]}
     wrapped = wrap(model, mode)
     if mode == "fsdp":
         local = next(p for n, p in model.named_parameters() if n.endswith("q_proj.weight"))

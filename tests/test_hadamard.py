@@ -8,9 +8,9 @@ import sys
 
 import pytest
 import torch
-from qft.kernels.hadamard import _base, _split, factorisation, hadamard_matrix, hadamard_transform
+from qft.kernels.hadamard import _base, factorisation, hadamard_matrix, hadamard_transform, try_factorisation
 
-SUPPORTED = [n for n in range(1, 16385) if _split(n)]
+SUPPORTED = [n for n in range(1, 16385) if try_factorisation(n)]
 
 
 def test_smollm2_and_llama_widths_factor_as_the_paper_needs():
@@ -22,7 +22,7 @@ def test_smollm2_and_llama_widths_factor_as_the_paper_needs():
     assert {12, 20, 28, 36, 44, 60} <= {factorisation(n)[0] for n in SUPPORTED}
 
 
-@pytest.mark.parametrize("k", sorted({_split(n)[0] for n in SUPPORTED}))
+@pytest.mark.parametrize("k", sorted({try_factorisation(n)[0] for n in SUPPORTED}))
 def test_every_stored_order_is_a_hadamard_matrix(k):
     h = _base(k)
     assert set(h.unique().tolist()) <= {-1.0, 1.0}

@@ -66,3 +66,21 @@ def test_streaming_bad_folders(folder, tmp_path):
     (broken / "model.safetensors").write_bytes(b"\x00" * 40)
     with pytest.raises(CheckpointError, match="not a readable safetensors"):
         qft.quantize_and_prepare(broken, bits="nf4", method="qlora", progress=False)
+
+
+def test_streaming_reads_the_shards_the_index_lists(folder, tmp_path):
+    import json
+    import shutil
+
+    from qft.prepare.streaming import FileTensors
+
+    copy = tmp_path / "indexed"
+    shutil.copytree(folder, copy)
+    listed = set(json.loads((copy / "model.safetensors.index.json").read_text())["weight_map"].values())
+    name = "model.layers.1.mlp.down_proj.weight"
+    stale = load_file(next(copy / f for f in listed if name in load_file(copy / f)))[name]
+    save_file({name: torch.full_like(stale, float("nan"))}, str(copy / "zz-stale.safetensors"))  # not in the index
+    tensors = FileTensors(copy)
+    assert {f.name for f in tensors.file_of.values()} == listed
+    assert torch.equal(tensors[name], stale)
+    qft.quantize_and_prepare(copy, bits="nf4", method="qlora", progress=False)  # no NaN read from the stale file

@@ -74,18 +74,18 @@ def test_fsdp_shards_hold_1_over_n_and_gather_back_exactly(name, n, rng):
     q = QuantizedTensor.quantize(torch.randn(48, 160, generator=rng), name)
     shards = torch.chunk(q, n, dim=0)  # FSDP2 calls this on the parameter
     assert len(shards) == n and all(s.shape == (48 // n, 160) for s in shards)
-    for key, t in q._inner().items():
-        assert all(s._inner()[key].numel() == -(-t.numel() // n) for s in shards)
-    gathered = [torch.cat([s._inner()[k] for s in shards]) for k in q._inner()]
+    for key, t in q.inner_tensors().items():
+        assert all(s.inner_tensors()[key].numel() == -(-t.numel() // n) for s in shards)
+    gathered = [torch.cat([s.inner_tensors()[k] for s in shards]) for k in q.inner_tensors()]
     _, meta = shards[1].fsdp_pre_all_gather(None, None, None, None, None)
     whole, _ = shards[0].fsdp_post_all_gather(tuple(gathered), meta, torch.float32)
     assert whole.format == q.format and whole.shape == q.shape
-    for key, t in q._inner().items():
-        assert torch.equal(whole._inner()[key], t)
+    for key, t in q.inner_tensors().items():
+        assert torch.equal(whole.inner_tensors()[key], t)
     assert torch.equal(whole.dequantize(), q.dequantize())
     zero = q.new_zeros((48 // n, 160))  # FSDP2's padded shard, filled by copy_
     zero.narrow(0, 0, 48 // n).copy_(shards[1])
-    assert all(torch.equal(a, b) for a, b in zip(zero._inner().values(), shards[1]._inner().values()))
+    assert all(torch.equal(a, b) for a, b in zip(zero.inner_tensors().values(), shards[1].inner_tensors().values()))
 
 
 def test_fsdp_shards_refuse_uneven_rows_and_dequantizing(rng):

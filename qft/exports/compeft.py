@@ -285,10 +285,10 @@ def _source(folder: Path) -> tuple[str, dict, dict[str, torch.Tensor]]:
     """("qft" or "peft", the adapter's own header or config, its tensors)."""
     from safetensors.torch import load_file
 
-    from qft.files.adapters import HEADER, _read
+    from qft.files.adapters import HEADER, read_adapter
 
     if (folder / HEADER).is_file():
-        header, tensors = _read(folder)
+        header, tensors = read_adapter(folder)
         return "qft", header, tensors
     if (folder / PEFT_CONFIG).is_file():
         config = json.loads((folder / PEFT_CONFIG).read_text())
@@ -374,7 +374,7 @@ def _applied(initial: dict[str, torch.Tensor], ternary: dict[str, Ternary]) -> d
 def _search_alpha(kind, folder, base, tokenizer, texts, initial, update, ternary, progress) -> float:
     from tqdm.auto import tqdm
 
-    from qft.files.data import default_corpus, token_blocks
+    from qft.files.data import calibration_blocks
     from qft.training.evaluate import perplexity
 
     if base is None or tokenizer is None:
@@ -399,7 +399,7 @@ def _search_alpha(kind, folder, base, tokenizer, texts, initial, update, ternary
                 for name, value in values.items():
                     params[name].copy_(value)
 
-    blocks = token_blocks(tokenizer, texts if texts is not None else default_corpus()["train"]["text"])[-4:]
+    blocks = calibration_blocks(tokenizer, texts, max_blocks=None)[-4:]
     start = least_squares_alpha(update, ternary)
     scores = {}
     for step in tqdm(ALPHA_STEPS, desc="ComPEFT alpha", disable=not progress):

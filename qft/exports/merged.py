@@ -53,17 +53,17 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 from torch import nn
 from transformers import PretrainedConfig
-from transformers.pytorch_utils import Conv1D
 
 from qft.files.atomic import atomic_dir
 from qft.files.checkpoint import CheckpointError, recorded_class, shared_keys
 from qft.methods import ROUNDINGS
 from qft.methods.gptq import Grid, LayerwiseHessians, gptq, gptq_codes
+from qft.nn import QFT_LAYERS, QLinear, qft_layers
 from qft.nn.distributed import model_class
+from qft.nn.qlinear import is_conv1d, oriented
+from qft.nn.targets import is_linear
 from qft.quant.formats import UniformInt
 from qft.quant.formats.base import check_choice
-from qft.nn import QFT_LAYERS, QLinear
-from qft.nn.qlinear import is_conv1d
 from qft.quant.packing import pack, unpack
 from qft.quant.tensor import QuantizedTensor
 
@@ -162,11 +162,6 @@ def _codes_of(weight: QuantizedTensor, dtype: torch.dtype) -> tuple[Scheme, dict
     return Scheme(fmt.bits, False, group), tensors
 
 
-def oriented(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
-    """An (out, in) ``weight`` as ``module`` holds it: transposed for a Conv1D (GPT-2), which stores (in, out)."""
-    return weight.t() if is_conv1d(module) else weight
-
-
 def export_config(model: nn.Module) -> PretrainedConfig:
     """A copy of ``model``'s config for a plain model of its own class: no qft quantization_config, and untied
     when the output head is a qft layer (its quantized weight is no longer the input embeddings; a tied reader
@@ -237,12 +232,12 @@ def export_merged(
     check_choice("rounding", rounding, ROUNDINGS)
     if rounding == "gptq" and tokenizer is None:
         raise ValueError("rounding='gptq' needs the tokenizer to read the calibration text (tokenizer=...)")
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QFT_LAYERS)}
+    layers = qft_layers(model)
     if not layers:
         raise ValueError("the model has no qft layer; export_merged writes models prepared or loaded by qft")
     if dtype is None:
         dtype = torch.float32 if all(keeps_codes(m) for m in layers.values()) else torch.bfloat16
-    ignore = [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, Conv1D)) and n not in layers]
+    ignore = [n for n, m in model.named_modules() if is_linear(m) and n not in layers]
     state = model.state_dict()
     shared = shared_keys(state)
     out: dict[str, torch.Tensor] = {}
@@ -316,7 +311,7 @@ def dense_model(model: nn.Module, dtype: torch.dtype, *, merged: bool) -> nn.Mod
     """A plain transformers model of ``model``'s own class (no qft layers) in ``dtype``: every qft layer
     becomes the model's own nn.Linear (or Conv1D) holding W' = dequant(Q) + scaling·B·A (``merged``) or
     dequant(Q) alone (a HALO layer: its weight, or its 8-bit base + B·A)."""
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QFT_LAYERS)}
+    layers = qft_layers(model)
     dense = model_class(model)._from_config(export_config(model), dtype=dtype)
     state = {k: v for k, v in model.state_dict().items() if k.rpartition(".")[0] not in layers}
     for name, layer in layers.items():
@@ -338,7 +333,7 @@ def export_dense(model: nn.Module, directory: str | os.PathLike, tokenizer=None,
                  dtype: torch.dtype = torch.bfloat16) -> Path:
     """W' = dequant(Q) + scaling·B·A for every QLinear, written densely as a plain transformers checkpoint
     (``dtype``, bf16 by default): the hand-off to another quantizer (llm-compressor, GPTQModel, llama.cpp)."""
-    if not any(isinstance(m, QFT_LAYERS) for m in model.modules()):
+    if not qft_layers(model):
         raise ValueError("the model has no qft layer; export_dense writes models prepared or loaded by qft")
     dense = dense_model(model, dtype, merged=True)
     with atomic_dir(directory) as tmp:

@@ -32,7 +32,7 @@ from torch import nn
 
 from qft.files.atomic import atomic_dir
 from qft.exports.merged import dense_model
-from qft.nn import QLinear
+from qft.nn import QLinear, qft_layers
 from qft.nn.qlinear import is_conv1d
 
 BASE = "base"
@@ -58,7 +58,7 @@ def _peft_config(layers: dict[str, QLinear], base: nn.Module) -> dict:
 
 
 def _check(model: nn.Module) -> dict[str, QLinear]:
-    layers = {n: m for n, m in model.named_modules() if isinstance(m, QLinear)}
+    layers = qft_layers(model, (QLinear,))
     if not layers:
         raise ValueError("the model has no QLinear layer; export_peft writes models prepared or loaded by qft")
     without = [n for n, m in layers.items() if not m.rank]

@@ -24,7 +24,7 @@ from torch import nn
 
 from qft.files.atomic import atomic_dir
 from qft.files.checkpoint import CheckpointError, quantization_config
-from qft.nn import QFT_LAYERS
+from qft.nn import qft_layers
 
 ADAPTER_VERSION = 1
 WEIGHTS, HEADER = "adapter.safetensors", "adapter.json"
@@ -32,11 +32,10 @@ WEIGHTS, HEADER = "adapter.safetensors", "adapter.json"
 
 def _adapters(model: nn.Module, every_name: bool) -> dict[str, nn.Parameter]:
     found = {}
-    for name, layer in model.named_modules(remove_duplicate=not every_name):
-        if isinstance(layer, QFT_LAYERS):
-            for part, param in layer.adapters().items():
-                key = "weight_scale" if part == "scale" else part  # a trainable scale's state-dict name
-                found[f"{name}.{key}" if name else key] = param
+    for name, layer in qft_layers(model, every_name=every_name).items():
+        for part, param in layer.adapters().items():
+            key = "weight_scale" if part == "scale" else part  # a trainable scale's state-dict name
+            found[f"{name}.{key}" if name else key] = param
     return found
 
 
@@ -84,7 +83,9 @@ def save_adapter(model: nn.Module, folder: str | os.PathLike) -> Path:
     return Path(folder)
 
 
-def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+def read_adapter(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(header, tensors) of the qft adapter in ``folder``, checked to be one this qft reads (a
+    CheckpointError otherwise); nothing is loaded into a model."""
     try:
         header = json.loads((folder / HEADER).read_text())
     except (OSError, json.JSONDecodeError) as err:
@@ -104,7 +105,7 @@ def _read(folder: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 def load_adapter(model: nn.Module, folder: str | os.PathLike) -> nn.Module:
     """Swap the adapter in ``folder`` into ``model`` in place (same parameters, new values)."""
     folder = Path(folder)
-    header, tensors = _read(folder)
+    header, tensors = read_adapter(folder)
     method, ours = header.get("method"), _method(model)
     if method and ours and method != ours:
         raise ValueError(f"{folder} is a {method!r} adapter; this model was prepared with {ours!r}")

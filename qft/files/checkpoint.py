@@ -27,7 +27,7 @@ from torch import nn
 
 from qft.nn import distributed
 from qft.files.atomic import atomic_dir
-from qft.nn import LAYERS, QFT_LAYERS, mark_trainable
+from qft.nn import LAYERS, mark_trainable, qft_layers, tied_names
 from qft.nn.targets import set_module
 
 logger = logging.getLogger(__name__)
@@ -48,15 +48,9 @@ class CheckpointError(ValueError):
 def module_specs(model: nn.Module) -> dict[str, dict]:
     """What it takes to rebuild each qft layer of ``model`` (QLinear, HaloLinear) as an empty layer (a
     layer that sits at several places, tied, is described once and the others say ``same_as``)."""
-    specs, first = {}, {}
-    for name, m in model.named_modules(remove_duplicate=False):
-        if isinstance(m, QFT_LAYERS):
-            if id(m) in first:
-                specs[name] = {"same_as": first[id(m)]}
-            else:
-                first[id(m)] = name
-                specs[name] = m.spec()
-    return specs
+    layers = qft_layers(model, every_name=True)
+    tied = tied_names(layers)
+    return {name: {"same_as": tied[name]} if name in tied else m.spec() for name, m in layers.items()}
 
 
 def swap_in_empty_layers(model: nn.Module, specs: dict[str, dict]) -> None:
@@ -212,17 +206,27 @@ def _save(model: nn.Module, directory, tokenizer, dtype, max_shard_size) -> Path
 
 
 def weight_files(directory: str | os.PathLike) -> list[Path]:
-    """The safetensors files of a checkpoint folder: one file, or the shards its index lists."""
+    """The safetensors files of a model folder (a qft checkpoint, or any model saved with safetensors):
+    the shards its index lists, else its one file."""
     directory = Path(directory)
     if (directory / INDEX).is_file():
         weight_map = json.loads((directory / INDEX).read_text())["weight_map"]
         files = [directory / f for f in dict.fromkeys(weight_map.values())]
-    else:
+    elif (directory / WEIGHTS).is_file():
         files = [directory / WEIGHTS]
+    else:
+        raise CheckpointError(f"{directory} holds neither {WEIGHTS} nor {INDEX}: qft reads a model folder written "
+                              "by save_pretrained(safe_serialization=True); copy the whole folder again")
     for f in files:
         if not f.is_file():
             raise CheckpointError(f"{f} is missing; copy the whole checkpoint folder again")
     return files
+
+
+def folder_layout(directory: str | os.PathLike) -> dict[Path, dict[str, tuple[torch.dtype, tuple[int, ...]]]]:
+    """Each safetensors file of a model folder (:func:`weight_files`: its index honoured) -> name -> (dtype,
+    shape) of its tensors, from the headers only; a truncated or foreign file is a CheckpointError."""
+    return {f: tensor_layout(f) for f in weight_files(directory)}
 
 
 def read_config(directory: str | os.PathLike) -> dict:
@@ -256,7 +260,8 @@ def tensor_layout(path: str | os.PathLike) -> dict[str, tuple[torch.dtype, tuple
         with safe_open(str(path), framework="pt") as f:
             return {k: (_DTYPES.get(f.get_slice(k).get_dtype()), tuple(f.get_slice(k).get_shape())) for k in f.keys()}
     except (SafetensorError, OSError) as e:
-        raise CheckpointError(f"{path} is truncated or not a safetensors file ({e}); write or copy it again") from None
+        raise CheckpointError(f"{path} is truncated or not a readable safetensors file ({e}); write or copy it "
+                              "again") from None
 
 
 def check_tensors(found: dict, expected: dict[str, torch.Tensor], optional: set[str], modules, where) -> None:
@@ -284,8 +289,7 @@ def load_quantized(directory: str | os.PathLike, device: str | torch.device = "c
     """
     directory = Path(directory)
     config = read_config(directory)
-    for f in weight_files(directory):
-        tensor_layout(f)  # a truncated file fails here, with qft's message
+    folder_layout(directory)  # a truncated file fails here, with qft's message
     model = recorded_class(config).from_pretrained(directory, dtype="auto")
     mark_trainable(model)
     return model.to(device).eval()
@@ -306,10 +310,8 @@ def checkpoint_sizes(directory: str | os.PathLike) -> dict[str, int]:
     modules = read_config(directory)["quantization_config"]["modules"]
     modules = {n: s for n, s in modules.items() if "same_as" not in s}
     sizes = {"quantized": 0, "low_rank": 0, "other": 0, "parameters_quantized": 0}
-    files = weight_files(directory)
-    layout = {}
-    for f in files:
-        layout.update(tensor_layout(f))
+    layouts = folder_layout(directory)
+    layout = {k: v for file_layout in layouts.values() for k, v in file_layout.items()}
     for name, (dtype, shape) in layout.items():
         nbytes = dtype.itemsize * int(torch.Size(shape).numel())
         module, _, leaf = name.rpartition(".")
@@ -320,5 +322,5 @@ def checkpoint_sizes(directory: str | os.PathLike) -> dict[str, int]:
         else:
             sizes["other"] += nbytes
     sizes["parameters_quantized"] = sum(s["shape"][0] * s["shape"][1] for s in modules.values())
-    sizes["file"] = sum(f.stat().st_size for f in files)
+    sizes["file"] = sum(f.stat().st_size for f in layouts)
     return sizes

@@ -46,6 +46,15 @@ def token_blocks(tokenizer, texts: list[str], block_size: int = 512) -> torch.Te
     return ids[: n * block_size].view(n, block_size)
 
 
+def calibration_blocks(tokenizer, texts: list[str] | None = None, block_size: int = 512,
+                       max_blocks: int | None = 64) -> torch.Tensor:
+    """The first ``max_blocks`` token blocks of ``texts`` (default: the embedded corpus's train split):
+    what a calibration (the Fisher, GPTQ's Hessians) reads."""
+    if texts is None:
+        texts = default_corpus()["train"]["text"]
+    return token_blocks(tokenizer, texts, block_size)[:max_blocks]
+
+
 _FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
 
 

@@ -116,6 +116,7 @@ def quantize(w: torch.Tensor, fmt: Format, options: MethodOptions) -> QuantizedT
 
 
 def weighted_error(w: torch.Tensor, approx: torch.Tensor, fisher: torch.Tensor | None) -> float:
+    """sum(F ⊙ (W − A)²) in float32 (F: the Fisher diagonal; None: 1, the squared Frobenius error)."""
     diff = (w.float() - approx.float()).square_()  # in place: one temporary the size of w, not two
     return float((diff if fisher is None else diff.mul_(fisher.float())).sum())
 
@@ -125,4 +126,4 @@ from qft.methods import halo, int21, lqlora, peqa, qlora  # noqa: E402,F401
 from qft.methods.lqlora import Decomposition  # noqa: E402
 
 __all__ = ["METHODS", "ROUNDINGS", "Built", "Decomposition", "Method", "MethodOptions", "get_method", "quantize",
-           "register_method", "register_prepare_method"]
+           "register_method", "register_prepare_method", "weighted_error"]

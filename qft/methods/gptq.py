@@ -29,9 +29,10 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qft.files.data import default_corpus, token_blocks
+from qft.files.data import calibration_blocks
 from qft.quant.formats import Format, check_weight, get_format
 from qft.quant.packing import pack
+from qft.nn.distributed import decoder_layers
 from qft.nn.targets import set_module
 from qft.quant.tensor import QuantizedTensor
 
@@ -144,22 +145,6 @@ def gptq(w: torch.Tensor, format: str | Format, hessian: torch.Tensor, *, dtype:
     return QuantizedTensor(fmt, tuple(w.shape), pack(codes, fmt.bits), tensors, dtype)
 
 
-def decoder_layers(model: nn.Module, names: list[str]) -> tuple[str, nn.ModuleList]:
-    """The ModuleList of decoder layers holding ``names`` (the list that holds most of them)."""
-    best = ("", None, 0)
-    for path, module in model.named_modules():
-        if isinstance(module, nn.ModuleList):
-            held = sum(n.startswith(path + ".") for n in names)
-            if held > best[2]:
-                best = (path, module, held)
-    path, layers, held = best
-    if layers is None or held < len(names):
-        outside = [n for n in names if layers is None or not n.startswith(path + ".")]
-        raise ValueError(f"GPTQ calibrates decoder layer by decoder layer, but {outside[:3]} lie outside the "
-                         "model's list of decoder layers; leave them out with skip_modules=")
-    return path, layers
-
-
 class _Stop(Exception):
     pass
 
@@ -189,13 +174,18 @@ class LayerwiseHessians:
     def __init__(self, model: nn.Module, tokenizer, names: list[str], texts: list[str] | None = None, *,
                  block_size: int = 512, max_blocks: int = 64, batch_size: int = 4, progress: bool = True,
                  stand_ins: Mapping[str, nn.Module] | None = None):
-        if texts is None:
-            texts = default_corpus()["train"]["text"]
-        blocks = token_blocks(tokenizer, texts, block_size)[:max_blocks]
+        blocks = calibration_blocks(tokenizer, texts, block_size, max_blocks)
         if len(blocks) == 0:
             raise ValueError(f"the calibration text holds fewer than {block_size} tokens; give more text")
         self.model, self.names, self.stand_ins = model, names, {} if stand_ins is None else stand_ins
-        self.path, self.layers = decoder_layers(model, names)
+        try:
+            self.path, self.layers = decoder_layers(model, names)
+        except ValueError:
+            self.path, self.layers = "", None
+        outside = [n for n in names if self.layers is None or not n.startswith(self.path + ".")]
+        if outside:
+            raise ValueError(f"GPTQ calibrates decoder layer by decoder layer, but {outside[:3]} lie outside the "
+                             "model's list of decoder layers; leave them out with skip_modules=")
         self.layer_of = {n: int(n[len(self.path) + 1:].split(".")[0]) for n in names}
         self.current = -1
         self.hessians: dict[str, torch.Tensor] = {}

@@ -15,7 +15,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from qft.methods import register_prepare_method
-from qft.nn import HaloLinear, HaloSettings, dense_weight
+from qft.nn import HaloLinear, HaloSettings, dense_weight, tied_names
 
 PEFT_RANK = 16
 
@@ -29,11 +29,10 @@ def prepare(model: nn.Module, targets: dict[str, nn.Module], *, rank: int, alpha
     settings = HaloSettings(level, precision, granularity, grad_format)  # HALOConfig has checked rank and peft
     rank = (rank or PEFT_RANK) if peft else 0
     generator = torch.Generator().manual_seed(seed)  # one stream for every layer's LoRA A, as PEFT draws them
-    built: dict[int, HaloLinear] = {}
-    layers = {}
+    tied = tied_names(targets)  # a layer tied at several places is swapped once, one object everywhere
+    layers: dict[str, HaloLinear] = {}
     for name, linear in tqdm(targets.items(), disable=not progress, desc="halo", unit="matrix"):
-        if id(linear) not in built:  # a layer tied at several places is swapped once, one object everywhere
-            built[id(linear)] = HaloLinear(dense_weight(linear), linear.bias, settings=settings, peft=peft,
-                                           rank=rank, alpha=alpha, generator=generator).to(linear.weight.device)
-        layers[name] = built[id(linear)]
+        layers[name] = layers[tied[name]] if name in tied else HaloLinear(
+            dense_weight(linear), linear.bias, settings=settings, peft=peft, rank=rank, alpha=alpha,
+            generator=generator).to(linear.weight.device)
     return layers

@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from qft.methods import Built, MethodOptions, register_method
+from qft.methods import Built, MethodOptions, register_method, weighted_error
 from qft.methods.gptq import gptq, output_error
 from qft.quant.formats import Format, check_weight, get_format
 from qft.nn import QLinear
@@ -133,7 +133,6 @@ def lqlora(
         raise ValueError(f"init must be 'svd' or 'zero', got {init!r}")
     generator = torch.Generator().manual_seed(seed)
     weights = None if fisher is None else rank1_weights(fisher)
-    importance = 1.0 if fisher is None else fisher.float()
 
     basis = None
     if init == "svd":
@@ -147,7 +146,7 @@ def lqlora(
         residual = w - (fmt.fake_quantize(target) if quantized is None else quantized.dequantize())
         l1, l2, basis = low_rank(residual, rank, generator, weights, start=basis)
         if hessian is None:
-            error = float((importance * (residual - l1 @ l2) ** 2).sum())
+            error = weighted_error(residual, l1 @ l2, fisher)
         else:
             error = output_error(residual, l1 @ l2, hessian)
         history.append(error)

@@ -1,5 +1,7 @@
 """Modules that hold quantized weights, and the one place that decides what trains."""
 
+from collections.abc import Mapping
+
 from torch import nn
 
 from qft.nn.dense_cache import dense_weights
@@ -17,6 +19,13 @@ def qft_layers(model: nn.Module, kinds: tuple[type, ...] = QFT_LAYERS, *, every_
     return {n: m for n, m in model.named_modules(remove_duplicate=not every_name) if isinstance(m, kinds)}
 
 
+def tied_names(objects: Mapping[str, object]) -> dict[str, str]:
+    """name -> the first name of the same object (by identity), for every name after the first that holds
+    it: which places are tied. Give layers to tie by module, or their weights to tie by the weight."""
+    first: dict[int, str] = {}
+    return {name: first[id(o)] for name, o in objects.items() if first.setdefault(id(o), name) != name}
+
+
 def mark_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
     """What trains: each qft layer's ``adapters()`` (low-rank factors, trainable scales, a HALO
     layer's own weight); everything else is frozen."""
@@ -31,4 +40,4 @@ def mark_trainable(model: nn.Module) -> dict[str, nn.Parameter]:
 
 
 __all__ = ["LAYERS", "QFT_LAYERS", "HaloLinear", "HaloSettings", "QLinear", "dense_weight", "dense_weights",
-           "mark_trainable", "qft_layers"]
+           "mark_trainable", "qft_layers", "tied_names"]

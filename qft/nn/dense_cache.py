@@ -27,7 +27,9 @@ logger = logging.getLogger(__name__)
 def dense_weights(model: nn.Module, dtype: torch.dtype | None = None) -> Iterator[int]:
     """Cache every QLinear's dense weight (in ``dtype``, default the weight's own) for the block;
     yields the bytes the cache holds and frees it on exit."""
-    layers = list({id(m): m for m in model.modules() if isinstance(m, QLinear)}.values())  # tied: once
+    from qft.nn import qft_layers  # here: qft.nn's __init__ imports this module before defining it
+
+    layers = list(qft_layers(model, (QLinear,)).values())  # a tied layer once
     held = 0
     try:
         with torch.no_grad():

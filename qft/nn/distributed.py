@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from qft.nn import QLinear
+from qft.nn import QLinear, qft_layers
 from qft.quant.tensor import QuantizedTensor
 
 
@@ -40,17 +40,25 @@ def world() -> tuple[int, int]:
     return 0, 1
 
 
-def decoder_layers(model: nn.Module) -> nn.ModuleList:
-    """The model's stack of decoder blocks: its longest ``nn.ModuleList``."""
-    lists = [m for m in model.modules() if isinstance(m, nn.ModuleList)]
-    if not lists:
+def decoder_layers(model: nn.Module, names=None) -> tuple[str, nn.ModuleList]:
+    """The model's stack of decoder blocks and its path: the nn.ModuleList holding the most of ``names``
+    (module or parameter names; default every parameter's), the outermost on a tie. Not simply the
+    longest list: in a mixture-of-experts model a layer's list of experts can be longer."""
+    names = [n for n, _ in model.named_parameters()] if names is None else list(names)
+    best = ("", None, 0)
+    for path, module in model.named_modules():
+        if isinstance(module, nn.ModuleList):
+            held = sum(n.startswith(path + ".") for n in names)
+            if held > best[2]:
+                best = (path, module, held)
+    if best[1] is None:
         raise ValueError(f"found no nn.ModuleList of decoder layers in {type(model).__name__}")
-    return max(lists, key=len)
+    return best[0], best[1]
 
 
 def _check_shardable(model: nn.Module) -> None:
-    for name, module in model.named_modules():
-        if isinstance(module, QLinear) and module.scale is not None:
+    for name, module in qft_layers(model, (QLinear,)).items():
+        if module.scale is not None:
             raise ValueError(f"{name} trains the scales stored inside its quantized weight (PEQA), which FSDP2 "
                              "cannot shard apart from the weight; train PEQA with qft.replicate (DDP)")
 
@@ -68,7 +76,7 @@ def shard(model: nn.Module, mesh=None, *, reshard_after_forward: bool = True) ->
         if isinstance(p, QuantizedTensor) and p.shape[0] % size:
             raise ValueError(f"{name} has {p.shape[0]} rows, which {size} processes cannot share evenly; "
                              "use a world size that divides every quantized matrix's rows")
-    for layer in decoder_layers(model):
+    for layer in decoder_layers(model)[1]:
         fully_shard(layer, mesh=mesh, reshard_after_forward=reshard_after_forward)
     fully_shard(model, mesh=mesh, reshard_after_forward=reshard_after_forward)
     return model
@@ -82,14 +90,14 @@ def _frozen_state(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def _broadcast(t: torch.Tensor) -> None:
-    pieces = t._inner().values() if isinstance(t, QuantizedTensor) else [t]
+    pieces = t.inner_tensors().values() if isinstance(t, QuantizedTensor) else [t]
     for piece in pieces:
         data = piece.data
         if data.dtype.itemsize == 1 and data.is_floating_point():  # FP8: not every backend sends it
             data = data.view(torch.uint8)
         dist.broadcast(data, src=0)
     if isinstance(t, QuantizedTensor):
-        t._decoded = None
+        t.forget_decoded()
 
 
 def exclude_frozen(model: nn.Module) -> nn.Module:

@@ -28,15 +28,15 @@ Two kinds of layer:
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
 
-from qft.kernels.hadamard import _split, factorisation, hadamard_transform
+from qft.kernels.hadamard import factorisation, hadamard_transform, try_factorisation
 from qft.kernels.low_precision import FP8_FORMATS, GRANULARITIES, PRECISIONS, low_precision_matmul, quantize
 from qft.kernels.torch_path import autocast_dtype, autocast_off
+from qft.nn.qlinear import peft_lora_a
 
 LEVELS = (0, 1, 2)
 
@@ -58,7 +58,7 @@ class HaloSettings:
 
 def _padded_tokens(t: int) -> int:
     """The least size ≥ t that a Hadamard matrix is built for."""
-    while _split(t) is None:
+    while try_factorisation(t) is None:
         t += 1
     return t
 
@@ -160,9 +160,7 @@ class HaloLinear(nn.Module):
         self.register_buffer("weight_codes", codes)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", bias)
-        gen = generator if generator is not None else torch.Generator().manual_seed(0)
-        bound = 1 / math.sqrt(self.in_features)  # as PEFT's LoRA: A Kaiming-uniform, B zero
-        a = (torch.rand(rank, self.in_features, generator=gen) * 2 - 1) * bound
+        a = peft_lora_a(rank, self.in_features, generator)
         self.lora_A = nn.Parameter(a.to(device=weight.device, dtype=adapter_dtype))
         self.lora_B = nn.Parameter(torch.zeros(self.out_features, rank, device=weight.device, dtype=adapter_dtype))
 

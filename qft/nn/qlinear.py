@@ -28,7 +28,7 @@ from torch import nn
 from torch.distributed.tensor import DTensor
 
 from qft.kernels.dispatch import dequant_matmul
-from qft.quant.tensor import QuantizedTensor, _decode_name
+from qft.quant.tensor import QuantizedTensor, decode_name
 
 _PREFIX = "weight_"
 ADAPTERS = ("lora_A", "lora_B", "scale")  # what trains, and nothing else
@@ -90,10 +90,7 @@ class QLinear(nn.Module):
     def _init_factors(self, a, b, generator, seed, dtype) -> tuple[torch.Tensor, torch.Tensor]:
         want_a, want_b = (self.rank, self.in_features), (self.out_features, self.rank)
         if a is None:
-            # As PEFT's LoRA: A Kaiming-uniform, B zero, so the adapter starts as a no-op.
-            gen = generator if generator is not None else torch.Generator().manual_seed(seed)
-            bound = 1 / math.sqrt(self.in_features)
-            a = (torch.rand(want_a, generator=gen) * 2 - 1) * bound
+            a = peft_lora_a(self.rank, self.in_features, generator, seed)
         if b is None:
             b = torch.zeros(want_b)
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
@@ -109,7 +106,7 @@ class QLinear(nn.Module):
         """Make the weight hold the trainable scale itself: one set of scales, never two."""
         if self.scale is not None and self.weight.scale is not self.scale:
             self.weight.scale = self.scale
-            self.weight._decoded = None
+            self.weight.forget_decoded()
 
     # -- construction -----------------------------------------------------------------------------
 
@@ -242,8 +239,8 @@ class QLinear(nn.Module):
         if tuple(value.shape) != tuple(current.shape):
             raise ValueError(f"{name} has shape {tuple(value.shape)}, this layer needs {tuple(current.shape)}")
         if name in (_PREFIX + "shape", _PREFIX + "format", "lora_scaling", "train_scales"):
-            if name == _PREFIX + "format" and _decode_name(value) != self.weight.format.name:
-                raise ValueError(f"the state holds a {_decode_name(value)} weight, this layer is "
+            if name == _PREFIX + "format" and decode_name(value) != self.weight.format.name:
+                raise ValueError(f"the state holds a {decode_name(value)} weight, this layer is "
                                  f"{self.weight.format.name}; build the layer with QLinear.from_state_dict instead")
             if name == _PREFIX + "shape" and value.tolist() != list(self.weight.shape):
                 raise ValueError(f"the state holds a {value.tolist()} weight, this layer is {list(self.weight.shape)}")
@@ -264,7 +261,7 @@ class QLinear(nn.Module):
         if copy and not current.is_meta:
             with torch.no_grad():
                 current.copy_(value)
-            self.weight._decoded = None
+            self.weight.forget_decoded()
         else:
             if value.dtype != current.dtype:
                 raise ValueError(f"{name} is {value.dtype}, this layer stores {current.dtype}")
@@ -337,6 +334,22 @@ def is_conv1d(module: nn.Module) -> bool:
     return type(module).__name__ == "Conv1D" and hasattr(module, "nf")
 
 
+def oriented(module: nn.Module, weight: torch.Tensor) -> torch.Tensor:
+    """An (out, in) ``weight`` as ``module`` holds it, and back: transposed for a Conv1D (GPT-2), which
+    stores (in, out)."""
+    return weight.t() if is_conv1d(module) else weight
+
+
 def dense_weight(module: nn.Module) -> torch.Tensor:
     """The (out_features, in_features) weight of an nn.Linear or a transformers Conv1D."""
-    return module.weight.detach().t() if is_conv1d(module) else module.weight.detach()
+    return oriented(module, module.weight.detach())
+
+
+def peft_lora_a(rank: int, in_features: int, generator: torch.Generator | None = None,
+                seed: int = 0) -> torch.Tensor:
+    """LoRA's A (rank, in_features) as PEFT initialises it: Kaiming-uniform, U(-1/√in, 1/√in), in float32
+    (B starts at zero, so the adapter starts as a no-op). Drawn from ``generator``, or without one from
+    a fresh stream seeded with ``seed``."""
+    gen = generator if generator is not None else torch.Generator().manual_seed(seed)
+    bound = 1 / math.sqrt(in_features)
+    return (torch.rand(rank, in_features, generator=gen) * 2 - 1) * bound

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from qft.nn import QFT_LAYERS
+from qft.nn import qft_layers
 from qft.nn.qlinear import is_conv1d
 
 
@@ -36,7 +36,7 @@ def find_target_linears(
     skip_modules: leave these alone (same matching). Default: the output head
       (the model's output embeddings); pass [] to quantize it too.
     """
-    done = [n for n, m in model.named_modules() if isinstance(m, QFT_LAYERS)]
+    done = list(qft_layers(model))
     if done:
         raise ValueError(f"the model is already prepared by qft ({len(done)} qft layers, e.g. {done[0]}); "
                          "quantize_and_prepare takes the original float model (reload it to quantize again)")

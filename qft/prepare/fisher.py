@@ -10,8 +10,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from qft.files.data import default_corpus, token_blocks
-from qft.nn.qlinear import is_conv1d
+from qft.files.data import calibration_blocks
+from qft.nn.qlinear import oriented
 
 
 def empirical_fisher(
@@ -26,9 +26,7 @@ def empirical_fisher(
 ) -> dict[str, torch.Tensor]:
     """Fisher diagonal per target weight: float32, (out_features, in_features) (a Conv1D's is transposed
     to match). Default text: the corpus's train split."""
-    if texts is None:
-        texts = default_corpus()["train"]["text"]
-    blocks = token_blocks(tokenizer, texts, block_size)[:max_blocks]
+    blocks = calibration_blocks(tokenizer, texts, block_size, max_blocks)
     params = list(model.parameters())
     saved = [p.requires_grad for p in params]
     for p in params:
@@ -59,4 +57,4 @@ def empirical_fisher(
         for name, w in weights.items():
             w.grad = saved_grads[name]
         model.train(was_training)
-    return {name: (f.t() if is_conv1d(targets[name]) else f) / len(blocks) for name, f in fisher.items()}
+    return {name: oriented(targets[name], f) / len(blocks) for name, f in fisher.items()}

@@ -27,7 +27,7 @@ from qft.methods.gptq import LayerwiseHessians
 from qft.prepare.fisher import empirical_fisher
 from qft.quant.formats import Format, get_format
 from qft.prepare.hf_quantizer import record_quantization_config
-from qft.nn import QLinear, dense_weight, mark_trainable
+from qft.nn import QLinear, dense_weight, mark_trainable, tied_names
 from qft.solvers.mckp import Solution
 from qft.prepare.streaming import TargetWeights, open_model
 from qft.nn.targets import find_target_linears, is_linear, output_head_names, set_module
@@ -258,11 +258,7 @@ def _prepare_budget(model: nn.Module | str | os.PathLike, config: BudgetConfig, 
     report = Report(method, bits, rank, fisher is True or isinstance(fisher, dict), rounding)
     report.skipped = _skipped_modules(model, targets, skip_modules)
 
-    owner: dict[int, str] = {}  # id(weight parameter) -> the first target holding it
-    for name, layer in targets.items():
-        first = owner.setdefault(id(layer.weight), name)
-        if first != name:
-            report.tied[name] = first
+    report.tied = tied_names({name: layer.weight for name, layer in targets.items()})  # tied by the weight
     unique = {name: layer for name, layer in targets.items() if name not in report.tied}
     if streamed is None:
         weights = {name: dense_weight(layer) for name, layer in unique.items()}

@@ -7,6 +7,7 @@ import math
 import torch
 from tqdm.auto import tqdm
 
+from qft.methods import weighted_error
 from qft.quant.formats import Format, get_format
 from qft.quant.tensor import QuantizedTensor
 
@@ -29,7 +30,7 @@ def quantization_error_table(
         err2, nbytes, per_matrix = 0.0, 0, []
         for w in weights.values():
             qt = QuantizedTensor.quantize(w, fmt)
-            e2 = float((qt.dequantize() - w.float()).pow(2).sum())
+            e2 = weighted_error(w, qt.dequantize(), None)
             err2 += e2
             nbytes += qt.nbytes
             per_matrix.append(math.sqrt(e2 / max(float(w.float().pow(2).sum()), 1e-30)))

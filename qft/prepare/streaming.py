@@ -19,30 +19,17 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from qft.files.checkpoint import CheckpointError
+from qft.files.checkpoint import CheckpointError, folder_layout
 from qft.nn.qlinear import is_conv1d
 from qft.nn.targets import find_target_linears
 
 
-def _files(directory: Path) -> list[Path]:
-    files = sorted(directory.glob("*.safetensors"))
-    if not files:
-        raise CheckpointError(f"{directory} holds no .safetensors file; streaming quantization reads a model saved "
-                              "with save_pretrained(safe_serialization=True)")
-    return files
-
-
 class FileTensors(Mapping):
-    """Every tensor of a folder of safetensors files, by name, read from disk on each access."""
+    """Every tensor of a model folder's safetensors files (its index honoured), by name, read from disk on
+    each access."""
 
     def __init__(self, directory: str | os.PathLike) -> None:
-        self.file_of: dict[str, Path] = {}
-        for f in _files(Path(directory)):
-            try:
-                with safe_open(f, "pt") as handle:
-                    self.file_of.update(dict.fromkeys(handle.keys(), f))
-            except Exception as e:  # a truncated or foreign file
-                raise CheckpointError(f"{f} is not a readable safetensors file ({e}); copy it again") from e
+        self.file_of: dict[str, Path] = {k: f for f, layout in folder_layout(directory).items() for k in layout}
 
     def __getitem__(self, key: str) -> torch.Tensor:
         with safe_open(self.file_of[key], "pt") as handle:

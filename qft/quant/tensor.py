@@ -42,7 +42,8 @@ def _encode_name(name: str) -> torch.Tensor:
     return torch.tensor(list(name.encode("ascii")), dtype=torch.uint8)
 
 
-def _decode_name(t: torch.Tensor) -> str:
+def decode_name(t: torch.Tensor) -> str:
+    """A format name stored as a tensor (``to_tensors()["format"]``) back as text."""
     return bytes(t.tolist()).decode("ascii")
 
 
@@ -137,6 +138,10 @@ class QuantizedTensor(torch.Tensor):
             self._decoded = decoded
         return decoded
 
+    def forget_decoded(self) -> None:
+        """Drop the cached decoded scales: call it after changing a stored tensor in place."""
+        self._decoded = None
+
     def codebook(self) -> torch.Tensor:
         if self._codebook is None:
             self._codebook = self.format.codebook(self.codes.device)
@@ -173,7 +178,7 @@ class QuantizedTensor(torch.Tensor):
         missing = {"codes", "shape", "format"} - tensors.keys()
         if missing:
             raise ValueError(f"not a qft QuantizedTensor: missing {sorted(missing)}")
-        fmt = get_format(_decode_name(tensors["format"]))
+        fmt = get_format(decode_name(tensors["format"]))
         rows, cols = (int(v) for v in tensors["shape"].tolist())
         rest = {k: v for k, v in tensors.items() if k not in ("codes", "shape", "format")}
         codes = tensors["codes"]
@@ -215,7 +220,8 @@ class QuantizedTensor(torch.Tensor):
 
     # -- FSDP2 ------------------------------------------------------------------------------------
 
-    def _inner(self) -> dict[str, torch.Tensor]:
+    def inner_tensors(self) -> dict[str, torch.Tensor]:
+        """Every tensor it holds, by name: the packed codes and the format's stored tensors."""
         return {"codes": self.codes, **self.tensors}
 
     def shards(self, n: int) -> list[QuantizedTensor]:
@@ -225,9 +231,9 @@ class QuantizedTensor(torch.Tensor):
         if self.rows % n:
             raise ValueError(f"a {tuple(self.shape)} QuantizedTensor cannot be split into {n} equal row shards "
                              f"({self.rows} rows); use a world size that divides every quantized matrix's rows")
-        whole = {k: tuple(t.shape) for k, t in self._inner().items()}
+        whole = {k: tuple(t.shape) for k, t in self.inner_tensors().items()}
         chunks = {}
-        for k, t in self._inner().items():
+        for k, t in self.inner_tensors().items():
             size = -(-t.numel() // n)
             flat = t.detach().reshape(-1)
             chunks[k] = torch.cat([flat, flat.new_zeros(size * n - flat.numel())]).split(size)
@@ -237,7 +243,7 @@ class QuantizedTensor(torch.Tensor):
 
     def fsdp_pre_all_gather(self, mesh, outer_size, outer_stride, module, mp_policy):
         """FSDP2: what to all-gather (this shard's packed bytes, as they are) and how to rebuild."""
-        return tuple(self._inner().values()), (self.format.name, self.dtype, self.shard_of, self._names)
+        return tuple(self.inner_tensors().values()), (self.format.name, self.dtype, self.shard_of, self._names)
 
     def fsdp_post_all_gather(self, outputs, metadata, param_dtype, *, out=None):
         """FSDP2: the whole weight from every rank's chunks (each gathered output is the chunks in rank
@@ -273,7 +279,7 @@ class QuantizedTensor(torch.Tensor):
             dst.codes.copy_(src.codes)
             for n, t in dst.tensors.items():
                 t.copy_(getattr(src, n))
-            dst._decoded = None
+            dst.forget_decoded()
             return dst
         # anything else computes on the dense weight
         args, kwargs = tree_map_only(QuantizedTensor, lambda q: q.dequantize(), (args, kwargs))

@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
+from qft.kernels.low_precision import FP8_FORMATS, symmetric_cast
 from qft.quant.formats.base import Format, check_choice, check_weight
 
-FP8_DTYPES = {"e4m3": torch.float8_e4m3fn, "e5m2": torch.float8_e5m2}
 FP8_SCALING = ("row", "tensor")
 
 
@@ -24,14 +24,14 @@ class FP8(Format):
     bits: int = 8
 
     def __post_init__(self) -> None:
-        check_choice("FP8 kind", self.kind, tuple(FP8_DTYPES))
+        check_choice("FP8 kind", self.kind, tuple(FP8_FORMATS))
         check_choice("FP8 scaling", self.scaling, FP8_SCALING)
         if self.bits != 8:
             raise ValueError(f"FP8 codes are 8 bits wide, got bits={self.bits}")
 
     @property
     def dtype(self) -> torch.dtype:
-        return FP8_DTYPES[self.kind]
+        return FP8_FORMATS[self.kind]
 
     @property
     def name(self) -> str:
@@ -44,16 +44,8 @@ class FP8(Format):
         return cols
 
     def quantize(self, w: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        w = check_weight(w)
-        if self.scaling == "row":
-            amax = w.abs().amax(dim=1, keepdim=True)
-        else:
-            amax = w.abs().amax().reshape(1, 1)
-        largest = torch.finfo(self.dtype).max
-        scale = amax / largest
-        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-        codes = (w / scale).clamp(-largest, largest).to(self.dtype).view(torch.uint8)
-        return codes, {"scale": scale}
+        codes, scale = symmetric_cast(check_weight(w), self.dtype, per_row=self.scaling == "row")
+        return codes.view(torch.uint8), {"scale": scale.reshape(-1, 1)}  # per tensor: (1, 1)
 
     def decode_scales(
         self, tensors: dict[str, torch.Tensor], rows: int, cols: int
