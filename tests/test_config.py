@@ -84,6 +84,8 @@ def test_bits_from_the_command_line_and_a_config_that_is_not_one():
     assert parse_bits("4") == 4 and parse_bits("2.5") == 2.5 and parse_bits("nf3-b64") == "nf3-b64"
     with pytest.raises(ValueError, match="config must be a qft config"):
         qft.quantize_(tiny_llama(), {"method": "lqlora"})
+    with pytest.raises(ValueError, match="no handler applies a QuantConfig"):
+        qft.quantize_(tiny_llama(), QuantConfig(method="lqlora"))
 
 
 @pytest.fixture(scope="module")

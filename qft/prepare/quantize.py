@@ -167,7 +167,10 @@ def quantize_(
     if not isinstance(config, QuantConfig):
         raise ValueError(f"config must be a qft config (qft.LQLoRAConfig(...), qft.PEQAConfig(...), ...), "
                          f"got {type(config).__name__}")
-    handler = next(HANDLERS[t] for t in type(config).__mro__ if t in HANDLERS)
+    handler = next((HANDLERS[t] for t in type(config).__mro__ if t in HANDLERS), None)
+    if handler is None:
+        raise ValueError(f"no handler applies a {type(config).__name__}; use a method's own config "
+                         "(qft.LQLoRAConfig(...), ...), qft.BudgetConfig or qft.WholeModelConfig")
     return handler(model, config, tokenizer=tokenizer, calibration=calibration, fisher=fisher, cache_dir=cache_dir,
                    progress=progress)
 
