@@ -25,9 +25,8 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import nn
 
-from qft.nn import distributed
 from qft.files.atomic import atomic_dir
-from qft.nn import LAYERS, mark_trainable, qft_layers, tied_names
+from qft.nn import LAYERS, distributed, mark_trainable, qft_layers, tied_names
 from qft.nn.targets import set_module
 
 logger = logging.getLogger(__name__)
