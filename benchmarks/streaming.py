@@ -6,6 +6,7 @@ Writes once a random LLaMA-style model (TinyLlama-1.1B's shape: hidden 2048, MLP
 4 KV heads, vocabulary 32000, --layers decoder layers; bf16, 1 GB safetensors shards) to
 benchmarks/out/random-llama, then quantizes it in two fresh processes:
   streamed  quantize_and_prepare(folder, ...): target weights read one at a time from the shards
+  on-load   AutoModelForCausalLM.from_pretrained(folder, dtype=float32, quantization_config=qft config)
   loaded    AutoModelForCausalLM.from_pretrained(folder, dtype=float32), then quantize_and_prepare
 Each reports its peak RSS (sampled every 50 ms), the same above the interpreter with torch and
 transformers imported, the bytes the prepared model holds, one decoder layer's weights in fp32,
@@ -24,6 +25,7 @@ import torch
 from finetune import PeakRSS
 from lqlora import OUT, header
 
+from qft.methods.config import config_for
 from qft.prepare.report import markdown_table
 
 FOLDER = OUT / "random-llama"
@@ -58,6 +60,11 @@ def one_run(mode: str, bits: str, method: str) -> dict:
     with PeakRSS() as rss:
         if mode == "streamed":
             model = qft.quantize_and_prepare(FOLDER, bits=bits, method=method, progress=False, cache_dir=False)
+        elif mode == "on-load":
+            from transformers import AutoModelForCausalLM
+
+            config = config_for(method, bits=bits)
+            model = AutoModelForCausalLM.from_pretrained(FOLDER, dtype=torch.float32, quantization_config=config)
         else:
             from transformers import AutoModelForCausalLM
 
@@ -79,7 +86,8 @@ def main() -> None:
     parser.add_argument("--bits", default="nf3-b64", help="a format name or an average budget")
     parser.add_argument("--method", default="qlora")
     parser.add_argument("--layers", type=int, default=22)
-    parser.add_argument("--runs", nargs="+", default=["streamed", "loaded"], choices=["streamed", "loaded"])
+    parser.add_argument("--runs", nargs="+", default=["streamed", "on-load", "loaded"],
+                        choices=["streamed", "on-load", "loaded"])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:

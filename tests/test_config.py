@@ -96,6 +96,8 @@ def folder(tmp_path_factory):
 
 @pytest.mark.parametrize("config", [
     qft.QLoRAConfig(bits="int4-g32", rank=2),
+    qft.LQLoRAConfig(bits=3.0, rank=2, formats=SMALL_GRID),
+    qft.PEQAConfig(bits=4),
     qft.LQLoRAConfig(bits=3.0, rank=2, fisher=True, formats=SMALL_GRID),
     qft.HALOConfig(level=1, peft=True, rank=2),
 ])
@@ -113,6 +115,31 @@ def test_quantize_on_load_equals_quantize_underscore_on_the_loaded_model(config,
     reloaded = AutoModelForCausalLM.from_pretrained(tmp_path / "q")
     with torch.no_grad():
         assert torch.equal(reloaded(ids()).logits, on_load(ids()).logits)
+
+
+@pytest.mark.parametrize("config, streamed", [(qft.LQLoRAConfig(bits=3.0, rank=2, formats=SMALL_GRID), True),
+                                              (qft.LQLoRAConfig(bits=3.0, rank=2, rounding="gptq"), False)])
+def test_quantize_on_load_streams_unless_calibration_needs_the_whole_model(config, streamed, folder, monkeypatch):
+    """Streamed: no target weight was held in full precision by the time the planned layers go in (each
+    is a zero-size placeholder); with GPTQ rounding the model is loaded whole and quantize_ runs on it."""
+    from transformers import AutoModelForCausalLM
+
+    import qft.prepare.quantize as front
+
+    held = {}
+    real_swap_in = front.swap_in
+
+    def spy(model, config, layers, report):
+        held.update({n: model.get_submodule(n).weight.numel() for n in layers})
+        return real_swap_in(model, config, layers, report)
+
+    monkeypatch.setattr(front, "swap_in", spy)
+    model = AutoModelForCausalLM.from_pretrained(folder, quantization_config=config)
+    assert len(qft.nn.qft_layers(model)) == len(held) > 0
+    if streamed:
+        assert set(held.values()) == {0}
+    else:
+        assert 0 not in held.values()
 
 
 def test_quantize_on_load_refuses_what_is_not_a_qft_config(folder):

@@ -32,6 +32,7 @@ from qft.quant.tensor import QuantizedTensor, decode_name
 
 _PREFIX = "weight_"
 ADAPTERS = ("lora_A", "lora_B", "scale")  # what trains, and nothing else
+_RECORDED = (_PREFIX + "shape", _PREFIX + "format", "lora_scaling", "train_scales")  # layout, not data
 
 
 class QLinear(nn.Module):
@@ -170,20 +171,9 @@ class QLinear(nn.Module):
 
     # -- the flat state dict ----------------------------------------------------------------------
 
-    def _flat_names(self) -> set[str]:
-        names = {_PREFIX + n for n in ("codes", "shape", "format", *self.weight.tensors)}
-        names |= {n for n in ("lora_A", "lora_B") if self._parameters.get(n) is not None}
-        if self.rank:
-            names.add("lora_scaling")
-        if self.scale is not None:
-            names.add("train_scales")
-        return names
-
     def _flat_tensors(self) -> dict[str, torch.Tensor]:
         flat = {_PREFIX + n: t for n, t in self.weight.to_tensors().items()}
-        for name in ("lora_A", "lora_B"):
-            if getattr(self, name) is not None:
-                flat[name] = getattr(self, name)
+        flat |= {n: getattr(self, n) for n in ("lora_A", "lora_B", "bias") if getattr(self, n) is not None}
         if self.rank:
             flat["lora_scaling"] = torch.tensor(self.scaling, dtype=torch.float64)
         if self.scale is not None:
@@ -191,82 +181,70 @@ class QLinear(nn.Module):
         return flat
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        for name, t in self._flat_tensors().items():
-            destination[prefix + name] = t if keep_vars else t.detach()
-        if self.bias is not None:
-            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
+        destination.update({prefix + n: t if keep_vars else t.detach() for n, t in self._flat_tensors().items()})
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
         ours = {k[len(prefix):]: v for k, v in state_dict.items() if k.startswith(prefix) and "." not in k[len(prefix):]}
-        expected = self._flat_names() | ({"bias"} if self.bias is not None else set())
+        expected = set(self._flat_tensors())
         missing_keys.extend(prefix + k for k in sorted(expected - set(ours)))
         if strict:
             unexpected_keys.extend(prefix + k for k in sorted(set(ours) - expected))
-        # what is there loads, what is not is reported (strict=False loads an adapter alone)
-        copy = not local_metadata.get("assign_to_params_buffers", False)
-        try:
-            for name in sorted((expected & set(ours)) - {"bias"}):
-                self._assign_flat(name, ours[name], copy=copy)
+        try:  # what is there loads, what is not is reported (strict=False loads an adapter alone)
+            for name in sorted(expected & set(ours)):
+                self._assign_flat(name, ours[name], copy=not local_metadata.get("assign_to_params_buffers", False))
         except ValueError as e:
             error_msgs.append(f"{prefix[:-1]}: {e}")
-        if self.bias is not None and "bias" in ours:
-            with torch.no_grad():
-                if copy:
-                    self.bias.copy_(ours["bias"])
-                else:
-                    self._buffers["bias"] = ours["bias"].detach()
 
+    # transformers' loader reads and sets each checkpoint tensor as an attribute of its module (FSDP2 swaps
+    # sharded DTensor parameters and their gathered wholes: those go through as they are)
     def __getattr__(self, name: str):
-        if (name.startswith(_PREFIX) or name in ("lora_scaling", "train_scales")) and name in self._flat_names():
-            return self._flat_tensors()[name]
+        if name.startswith(_PREFIX) or name in _RECORDED:
+            flat = self._flat_tensors()
+            if name in flat:
+                return flat[name]
         return super().__getattr__(name)
 
     def __setattr__(self, name: str, value) -> None:
-        # transformers' loader sets each checkpoint tensor as an attribute of its module
-        # (FSDP2 swaps sharded DTensor parameters and their gathered wholes: those go through as they are)
-        if ("_parameters" in self.__dict__ and isinstance(self._parameters.get("weight"), QuantizedTensor)
-                and name in self._flat_names() and not isinstance(value, DTensor)
-                and not isinstance(self._parameters.get(name), DTensor)):
+        if (isinstance(self.__dict__.get("_parameters", {}).get("weight"), QuantizedTensor)
+                and isinstance(value, torch.Tensor) and not isinstance(value, DTensor)
+                and not isinstance(self._parameters.get(name), DTensor) and name in self._flat_tensors()):
             self._assign_flat(name, value, copy=False)
         else:
             super().__setattr__(name, value)
 
     def _assign_flat(self, name: str, value: torch.Tensor, copy: bool) -> None:
-        """Put one flat checkpoint tensor where it belongs (``copy``: into the existing storage)."""
-        value = value.detach()
-        current = self._flat_tensors()[name]
+        """Put one flat state-dict tensor where it belongs (``copy``: into the existing storage)."""
+        value, current = value.detach(), self._flat_tensors()[name]
         if tuple(value.shape) != tuple(current.shape):
             raise ValueError(f"{name} has shape {tuple(value.shape)}, this layer needs {tuple(current.shape)}")
-        if name in (_PREFIX + "shape", _PREFIX + "format", "lora_scaling", "train_scales"):
-            if name == _PREFIX + "format" and decode_name(value) != self.weight.format.name:
-                raise ValueError(f"the state holds a {decode_name(value)} weight, this layer is "
-                                 f"{self.weight.format.name}; build the layer with QLinear.from_state_dict instead")
-            if name == _PREFIX + "shape" and value.tolist() != list(self.weight.shape):
-                raise ValueError(f"the state holds a {value.tolist()} weight, this layer is {list(self.weight.shape)}")
-            if name == "lora_scaling":
-                self.scaling = float(value)
-            return
-        if name in ("lora_A", "lora_B") or (name == _PREFIX + "scale" and self.scale is not None):
-            target = "scale" if name == _PREFIX + "scale" else name
-            param = self._parameters[target]
-            with torch.no_grad():
-                if copy and not param.is_meta:
-                    param.copy_(value)
-                else:
-                    self._parameters[target] = nn.Parameter(value.to(param.dtype), requires_grad=param.requires_grad)
-            self._link_scale()
-            return
-        inner = name[len(_PREFIX):]
-        if copy and not current.is_meta:
+        trainable = {"lora_A": "lora_A", "lora_B": "lora_B", _PREFIX + "scale": "scale" if self.scale is not None else None}
+        if name in _RECORDED:  # layout and scaling: checked (the layout is the layer's own), not stored
+            self._check_recorded(name, value)
+        elif copy and not current.is_meta:
             with torch.no_grad():
                 current.copy_(value)
-            self.weight.forget_decoded()
+        elif name == "bias":
+            self._buffers["bias"] = value.to(current.dtype)
+        elif trainable.get(name):
+            param = self._parameters[trainable[name]]
+            self._parameters[trainable[name]] = nn.Parameter(value.to(param.dtype), requires_grad=param.requires_grad)
+        elif value.dtype != current.dtype:
+            raise ValueError(f"{name} is {value.dtype}, this layer stores {current.dtype}")
         else:
-            if value.dtype != current.dtype:
-                raise ValueError(f"{name} is {value.dtype}, this layer stores {current.dtype}")
-            self._parameters["weight"] = nn.Parameter(self.weight.replace(**{inner: value}), requires_grad=False)
-            self._link_scale()
+            self._parameters["weight"] = nn.Parameter(self.weight.replace(**{name[len(_PREFIX):]: value}),
+                                                      requires_grad=False)
+        self.weight.forget_decoded()
+        self._link_scale()
+
+    def _check_recorded(self, name: str, value: torch.Tensor) -> None:
+        if name == _PREFIX + "format" and decode_name(value) != self.weight.format.name:
+            raise ValueError(f"the state holds a {decode_name(value)} weight, this layer is "
+                             f"{self.weight.format.name}; build the layer with QLinear.from_state_dict instead")
+        if name == _PREFIX + "shape" and value.tolist() != list(self.weight.shape):
+            raise ValueError(f"the state holds a {value.tolist()} weight, this layer is {list(self.weight.shape)}")
+        if name == "lora_scaling":
+            self.scaling = float(value)
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)

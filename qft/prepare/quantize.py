@@ -29,7 +29,7 @@ from qft.quant.formats import Format, get_format
 from qft.prepare.hf_quantizer import record_quantization_config
 from qft.nn import QLinear, dense_weight, mark_trainable, tied_names
 from qft.solvers.mckp import Solution
-from qft.prepare.streaming import TargetWeights, open_model
+from qft.prepare.streaming import FileTensors, TargetWeights, open_model
 from qft.nn.targets import find_target_linears, is_linear, output_head_names, set_module
 
 logger = logging.getLogger(__name__)
@@ -230,20 +230,51 @@ def _prepare_budget(model: nn.Module | str | os.PathLike, config: BudgetConfig, 
                     cache_dir, progress: bool) -> nn.Module:
     """Matrix by matrix: the Fisher, the error table and the allocation (or one format), then the
     method's ``build`` for each matrix; every layer is built before any is swapped in."""
-    folder = model if isinstance(model, (str, os.PathLike)) else None
+    streamed = None
+    if isinstance(model, (str, os.PathLike)):  # every tensor loaded but the target weights, which stay on disk
+        check_streamable(config, fisher)
+        model, _, streamed = open_model(model, config.target_modules, config.skip_modules)
+    layers, report = plan_budget(model, config, tensors=streamed, tokenizer=tokenizer, calibration=calibration,
+                                 fisher=fisher, cache_dir=cache_dir, progress=progress)
+    return swap_in(model, config, layers, report)
+
+
+def check_streamable(config: BudgetConfig, fisher=None) -> None:
+    """A model read from its files one weight at a time cannot run calibration text in full precision."""
+    if fisher is True or config.fisher and fisher is None or config.resolved_rounding == "gptq":
+        raise ValueError(f"fisher=True and rounding='gptq' (method {config.method!r} rounds with "
+                         f"{config.resolved_rounding!r}) run calibration text through the whole model in full "
+                         "precision, which streaming quantization never holds: load the model (from_pretrained) "
+                         "and pass it, pass a precomputed Fisher dict, or rounding='rtn'")
+
+
+def streams(config: QuantConfig) -> bool:
+    """Whether ``config`` can be applied while reading the weights from disk one at a time."""
+    return isinstance(config, BudgetConfig) and not config.fisher and config.resolved_rounding != "gptq"
+
+
+def swap_in(model: nn.Module, config: BudgetConfig, layers: dict[str, QLinear], report: Report) -> nn.Module:
+    """Put the planned layers in (one object at tied names: still tied) and leave only adapters trainable."""
+    for name, qlinear in layers.items():
+        set_module(model, name, qlinear)
+    mark_trainable(model)
+    return _finish(model, config, report)
+
+
+def plan_budget(model: nn.Module, config: BudgetConfig, *, tensors: FileTensors | None = None, tokenizer=None,
+                calibration=None, fisher=None, cache_dir=None, progress: bool = True
+                ) -> tuple[dict[str, QLinear], Report]:
+    """Everything computed, nothing swapped: the QLinear for each target name (tied names share one) and
+    the report. With ``tensors`` each target weight is read from the files when needed (the model's own
+    target weights may be on the meta device)."""
     spec = get_method(config.method)
     method, rank, alpha, seed, iters = config.method, config.resolved_rank, config.alpha, config.seed, config.iters
-    target_modules, skip_modules, formats, solver = (config.target_modules, config.skip_modules, config.formats,
-                                                     config.solver)
     rounding = config.resolved_rounding
     if fisher is not None and not config.fisher:
         raise ValueError("a Fisher dict was given but the config says fisher=False; set fisher=True in the config")
     fisher = fisher if fisher is not None else config.fisher
-    if folder is not None and (fisher is True or rounding == "gptq"):
-        raise ValueError(f"fisher=True and rounding='gptq' (method {method!r} rounds with {rounding!r}) run calibration "
-                         "text through the whole model in full precision, which streaming quantization never holds: "
-                         "load the model (from_pretrained) and pass it, pass a precomputed Fisher dict, or "
-                         "rounding='rtn'")
+    if tensors is not None:
+        check_streamable(config, fisher)
     if fisher is True and tokenizer is None:
         raise ValueError("fisher=True needs the tokenizer to read the calibration text")
     if rounding == "gptq" and tokenizer is None:
@@ -251,22 +282,19 @@ def _prepare_budget(model: nn.Module | str | os.PathLike, config: BudgetConfig, 
     bits = config.fixed_format or config.bits
     fixed = get_format(bits) if isinstance(bits, str) else None
     start = time.perf_counter()
-    streamed = None
-    if folder is None:
-        targets = find_target_linears(model, target_modules, skip_modules)
+    targets = find_target_linears(model, config.target_modules, config.skip_modules)
+    if tensors is None:
         _check_weights(targets)
-    else:  # every tensor loaded but the target weights, which stay on disk
-        model, targets, streamed = open_model(folder, target_modules, skip_modules)
     _check_rank(spec, rank, targets)
     report = Report(method, bits, rank, fisher is True or isinstance(fisher, dict), rounding)
-    report.skipped = _skipped_modules(model, targets, skip_modules)
+    report.skipped = _skipped_modules(model, targets, config.skip_modules)
 
     report.tied = tied_names({name: layer.weight for name, layer in targets.items()})  # tied by the weight
     unique = {name: layer for name, layer in targets.items() if name not in report.tied}
-    if streamed is None:
+    if tensors is None:
         weights = {name: dense_weight(layer) for name, layer in unique.items()}
     else:
-        weights = TargetWeights(streamed, unique)  # each read from disk when needed
+        weights = TargetWeights(tensors, unique)  # each read from disk when needed
 
     fisher_map = fisher if isinstance(fisher, dict) else None
     if fisher is True:
@@ -284,7 +312,7 @@ def _prepare_budget(model: nn.Module | str | os.PathLike, config: BudgetConfig, 
         chosen = [fixed] * len(weights)
     else:
         table_rank = spec.table_rank(rank)
-        candidates = formats or (spec.grid() if spec.grid else None)
+        candidates = config.formats or (spec.grid() if spec.grid else None)
         grid = pruned_grid(weights, table_rank, fisher=fisher_map, formats=candidates, seed=seed,
                            cache_dir=cache_dir, progress=progress)
         table = error_table(weights, grid, table_rank, fisher=fisher_map, seed=seed,
@@ -297,9 +325,8 @@ def _prepare_budget(model: nn.Module | str | os.PathLike, config: BudgetConfig, 
             logger.warning("%s", note)
             report.notes.append(note)
             budget = dearest
-        chosen, report.solution = allocate(table, budget, solver=solver)
+        chosen, report.solution = allocate(table, budget, solver=config.solver)
 
-    # Every layer is built before any is swapped in: a failure on a later matrix leaves the model as it was.
     built: dict[str, QLinear] = {}
     hessians = None
     if rounding == "gptq":  # each decoder layer calibrates on the ones before it as built (stand-ins)
@@ -313,8 +340,11 @@ def _prepare_budget(model: nn.Module | str | os.PathLike, config: BudgetConfig, 
             f = None if fisher_map is None else fisher_map[name].to(w.device)
             hessian = None if hessians is None else hessians.hessian(name)
             options = MethodOptions(rank, alpha, f, seed, generator, iters, layer.weight.dtype, hessian)
+            bias = layer.bias
+            if bias is not None and bias.is_meta:  # a skeleton's: read from the files too
+                bias = tensors[f"{name}.bias"].to(bias.dtype)
             try:
-                result = spec.build(w, layer.bias, fmt, options)
+                result = spec.build(w, bias, fmt, options)
             except ValueError as e:
                 raise ValueError(f"{name} ({fmt.name}): {e}; the model is left unchanged") from e
             qlinear = result.layer.to(w.device)
@@ -333,16 +363,12 @@ def _prepare_budget(model: nn.Module | str | os.PathLike, config: BudgetConfig, 
     finally:
         if hessians is not None:
             hessians.close()
-    for name, qlinear in built.items():
-        set_module(model, name, qlinear)
     for name, first in report.tied.items():
-        set_module(model, name, built[first])  # one layer object at both places: still tied
-
-    mark_trainable(model)
+        built[name] = built[first]  # one layer object at both places: still tied
     report.bits = quant_bits / numel
     report.bits_with_adapters = (quant_bits + adapter_bits) / numel
     report.seconds = time.perf_counter() - start
-    return _finish(model, config, report)
+    return built, report
 
 
 def quantize_and_prepare(

@@ -19,17 +19,19 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from qft.files.checkpoint import CheckpointError, folder_layout
+from qft.files.checkpoint import CheckpointError, folder_layout, tensor_layout
 from qft.nn.qlinear import is_conv1d
 from qft.nn.targets import find_target_linears
 
 
 class FileTensors(Mapping):
-    """Every tensor of a model folder's safetensors files (its index honoured), by name, read from disk on
-    each access."""
+    """Every tensor of a model folder's safetensors files (its index honoured), or of the files listed, by
+    name, read from disk on each access."""
 
-    def __init__(self, directory: str | os.PathLike) -> None:
-        self.file_of: dict[str, Path] = {k: f for f, layout in folder_layout(directory).items() for k in layout}
+    def __init__(self, source: str | os.PathLike | list[str | os.PathLike]) -> None:
+        layouts = (folder_layout(source) if isinstance(source, (str, os.PathLike))
+                   else {Path(f): tensor_layout(f) for f in source})
+        self.file_of: dict[str, Path] = {k: f for f, layout in layouts.items() for k in layout}
 
     def __getitem__(self, key: str) -> torch.Tensor:
         with safe_open(self.file_of[key], "pt") as handle:
