@@ -58,10 +58,11 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 
 class PeakRSS:
-    """Samples this process's resident memory every 50 ms while active."""
+    """Samples this process's resident memory every 50 ms while active: ``peak`` all of it, ``peak_private``
+    without the file-backed pages it shares (mapped safetensors files, which the OS can drop and re-read)."""
 
     def __enter__(self):
-        self.peak, self._stop = 0, threading.Event()
+        self.peak, self.peak_private, self._stop = 0, 0, threading.Event()
         self._thread = threading.Thread(target=self._sample, daemon=True)
         self._thread.start()
         return self
@@ -70,7 +71,8 @@ class PeakRSS:
         page = resource.getpagesize()
         while not self._stop.is_set():
             with open("/proc/self/statm") as f:
-                self.peak = max(self.peak, int(f.read().split()[1]) * page)
+                resident, shared = (int(v) * page for v in f.read().split()[1:3])
+            self.peak, self.peak_private = max(self.peak, resident), max(self.peak_private, resident - shared)
             self._stop.wait(0.05)
 
     def __exit__(self, *exc):

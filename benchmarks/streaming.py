@@ -8,7 +8,8 @@ benchmarks/out/random-llama, then quantizes it in two fresh processes:
   streamed  quantize_and_prepare(folder, ...): target weights read one at a time from the shards
   on-load   AutoModelForCausalLM.from_pretrained(folder, dtype=float32, quantization_config=qft config)
   loaded    AutoModelForCausalLM.from_pretrained(folder, dtype=float32), then quantize_and_prepare
-Each reports its peak RSS (sampled every 50 ms), the same above the interpreter with torch and
+Each reports its peak RSS (sampled every 50 ms), its peak without file-backed shared pages (mapped
+shards), the same above the interpreter with torch and
 transformers imported, the bytes the prepared model holds, one decoder layer's weights in fp32,
 and the time. Goal: streamed peak <= 1.5 x (prepared model + largest layer in fp32).
 """
@@ -77,6 +78,7 @@ def one_run(mode: str, bits: str, method: str) -> dict:
     fp32_layer = 4 * (2 * c.hidden_size**2 + 2 * c.hidden_size * kv + 3 * c.hidden_size * c.intermediate_size
                       + 2 * c.hidden_size)
     return {"mode": mode, "bits": bits, "method": method, "peak RSS GB": rss.peak / 1e9,
+            "peak private GB": rss.peak_private / 1e9,
             "imports GB": idle.peak / 1e9, "prepared model GB": held_bytes(model) / 1e9,
             "largest layer fp32 GB": fp32_layer / 1e9, "seconds": seconds}
 
