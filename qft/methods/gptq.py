@@ -102,7 +102,7 @@ def gptq_codes(w: torch.Tensor, grid: Grid, hessian: torch.Tensor, *, damp: floa
     u = _inverse_cholesky(hessian, damp)
     scale = grid.per_column(grid.scale, cols)[:, order]
     zero = grid.per_column(grid.zero, cols)[:, order] if grid.zero is not None else torch.zeros_like(scale)
-    safe = torch.where(scale > 0, scale, torch.ones_like(scale))
+    safe = torch.where(scale != 0, scale, torch.ones_like(scale))  # ggml's Q4_0/K types store negative scales
     # Rounding as round-to-nearest does it (x / scale in float32): so that under H = I the codes are
     # RTN's bit for bit. Consecutive-integer codebooks (int-k) round half to even like torch.round;
     # others take the nearest entry (ties to the lower, as NF's nearest_code), + zero exact in float64.

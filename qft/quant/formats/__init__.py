@@ -10,6 +10,9 @@ Names (``get_format``):
   groups of g in {16,...,256} (default 128) or one group per output channel.
 - ``fp8``, ``fp8-{e4m3,e5m2}[-{row,tensor}]``: FP8 with per-row (default) or
   per-tensor scale.
+- ``q8_0``, ``q4_0``, ``q5_0``, ``q6_k``, ``q3_k``: llama.cpp's symmetric block
+  formats, bit-exact with ggml (``to_ggml`` / ``from_ggml`` convert to and from
+  GGUF tensor bytes).
 """
 
 from __future__ import annotations
@@ -18,10 +21,12 @@ import re
 
 from qft.quant.formats.base import Format, check_weight
 from qft.quant.formats.fp8 import FP8
+from qft.quant.formats.ggml import GGML_TYPES, GGMLFormat, from_ggml, is_ggml, to_ggml
 from qft.quant.formats.intk import UniformInt
 from qft.quant.formats.nf import NormalFloat, nf_codebook
 
-__all__ = ["FP8", "Format", "NormalFloat", "UniformInt", "check_weight", "get_format", "nf_codebook"]
+__all__ = ["FP8", "GGML_TYPES", "Format", "GGMLFormat", "NormalFloat", "UniformInt", "check_weight", "from_ggml",
+           "get_format", "is_ggml", "nf_codebook", "to_ggml"]
 
 _NF = re.compile(r"nf(\d+)(?:-b(\d+))?(?:-dq(\d+)b(\d+)(?:-(fp16|fp32))?)?")
 _INT = re.compile(r"int(\d+)(?:-(?:g(\d+)|(ch)))?")
@@ -50,7 +55,9 @@ def get_format(spec: str | Format) -> Format:
     if m := _FP8.fullmatch(name):
         kind, scaling = m.groups()
         return FP8(kind=kind or "e4m3", scaling=scaling or "row")
+    if name in GGML_TYPES:
+        return GGMLFormat(name)
     raise ValueError(
         f"unknown format {spec!r}; examples of valid names: 'nf4', 'nf3-b64-dq8b256', "
-        "'nf2-b32-dq4b64-fp16', 'int4-g128', 'int8-ch', 'fp8-e4m3-row'"
+        "'nf2-b32-dq4b64-fp16', 'int4-g128', 'int8-ch', 'fp8-e4m3-row', 'q4_0', 'q6_k'"
     )
