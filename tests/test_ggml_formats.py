@@ -215,3 +215,39 @@ def test_a_strided_weight_quantizes_as_its_contiguous_copy(rng):
     w = torch.randn(512, 128, generator=rng).t()
     strided, contiguous = QuantizedTensor.quantize(w, "q6_k"), QuantizedTensor.quantize(w.contiguous(), "q6_k")
     assert torch.equal(strided.codes, contiguous.codes)
+
+
+def test_the_allocation_over_ggml_types_skips_a_type_a_matrix_cannot_hold(rng):
+    """SmolLM2's projections are 576 wide: K types (rows of 256) hold only its down projections."""
+    from qft.prepare.allocate import allocate, error_table
+
+    weights = {"narrow": torch.randn(64, 576, generator=rng), "wide": torch.randn(64, 512, generator=rng)}
+    table = error_table(weights, ["q3_k", "q4_0", "q6_k", "q8_0"], 0, cache_dir=False, progress=False)
+    assert np.isinf(table.errors[0, [0, 2]]).all() and np.isfinite(table.errors[0, [1, 3]]).all()
+    assert np.isfinite(table.errors[1]).all()
+    for bits in (4.0, 4.6, 6.0, 8.5):
+        chosen, _ = allocate(table, bits)
+        assert chosen[0].fits(64, 576), (bits, chosen)
+        average = sum(f.storage_bits(*w.shape) for f, w in zip(chosen, weights.values())) / (64 * 1088)
+        assert average <= bits + 1e-9
+    assert [f.name for f in allocate(table, 4.0)[0]] == ["q4_0", "q3_k"]  # the cheapest that fits each
+    only_k = error_table(weights, ["q3_k", "q6_k"], 0, cache_dir=False, progress=False)
+    with pytest.raises(ValueError, match="no candidate format can hold narrow"):
+        allocate(only_k, 5.0)
+
+
+def test_lqlora_over_ggml_types_end_to_end():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    import qft
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=256, intermediate_size=288, num_hidden_layers=1,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=64)).eval()
+    qft.quantize_(model, qft.LQLoRAConfig(bits=5.0, rank=2, formats=["q3_k", "q4_0", "q5_0", "q6_k", "q8_0"]),
+                  cache_dir=False, progress=False)
+    layers = qft.nn.qft_layers(model)
+    names = {m.weight.format.name for m in layers.values()}
+    assert names <= {"q3_k", "q4_0", "q5_0", "q6_k", "q8_0"} and len(names) > 1
+    assert layers["model.layers.0.mlp.down_proj"].weight.format.fits(256, 288)  # 288 = 9 x 32: no K type
+    assert model.qft_report.bits <= 5.0

@@ -172,13 +172,14 @@ def error_table(
                 return ErrorTable(names, formats, stored, costs, numel)
             logger.warning("ignoring cached table %s of the wrong shape %s", path, stored.shape)
 
-    errors = np.zeros((len(names), len(formats)))
+    errors = np.full((len(names), len(formats)), np.inf)  # inf: the format cannot hold the matrix
     for i, name in enumerate(tqdm(names, disable=not progress, desc="error table", unit="matrix")):
         w = check_weight(weights[name])
         f = None if fisher is None else fisher[name].float()
         residual = _residual(w, rank, f, seed)[::row_stride].contiguous()
         importance = None if f is None else f[::row_stride].contiguous()
-        errors[i] = w.shape[0] / residual.shape[0] * _errors(residual, importance, formats)
+        fit = [j for j, fmt in enumerate(formats) if fmt.fits(*w.shape)]
+        errors[i, fit] = w.shape[0] / residual.shape[0] * _errors(residual, importance, [formats[j] for j in fit])
 
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -232,6 +233,20 @@ def pruned_grid(
 def allocate(table: ErrorTable, bits: float, *, solver: str = "auto", time_limit: float = 60.0) -> tuple[list[Format], Solution]:
     """One format per matrix of ``table`` with average storage <= ``bits`` per parameter."""
     total = float(table.numel.sum())
-    check_budget(table.costs, bits * total, per_unit=total, unit=" bits/param")
-    solution = solve(table.errors, table.costs, bits * total, solver=solver, time_limit=time_limit)
+    fits = np.isfinite(table.errors)
+    unfit = [n for n, row in zip(table.names, fits) if not row.any()]
+    if unfit:
+        raise ValueError(f"no candidate format can hold {unfit[0]} (and {len(unfit) - 1} more matrices): ggml's types "
+                         "need rows of whole blocks (32, or 256 for the K types); add a format that fits, e.g. 'q8_0'")
+    # a format that cannot hold a matrix costs as much as the dearest that can and errs more: never chosen
+    dearest = np.where(fits, table.costs, -np.inf).max(axis=1, keepdims=True)
+    worst = np.where(fits, table.errors, -np.inf).max(axis=1, keepdims=True)
+    costs = np.where(fits, table.costs, dearest)
+    errors = np.where(fits, table.errors, 2 * worst + 1)
+    check_budget(costs, bits * total, per_unit=total, unit=" bits/param")
+    solution = solve(errors, costs, bits * total, solver=solver, time_limit=time_limit)
+    for i, c in enumerate(solution.choice):  # within the solver's gap a stand-in could remain: the fitting
+        if not fits[i, c]:                   # option of no greater cost and least error replaces it
+            solution.choice[i] = int(np.argmin(np.where(fits[i] & (table.costs[i] <= costs[i, c]), table.errors[i],
+                                                        np.inf)))
     return [table.formats[c] for c in solution.choice], solution

@@ -16,6 +16,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 from torch import nn
 from tqdm.auto import tqdm
@@ -317,7 +318,8 @@ def plan_budget(model: nn.Module, config: BudgetConfig, *, tensors: FileTensors 
                            cache_dir=cache_dir, progress=progress)
         table = error_table(weights, grid, table_rank, fisher=fisher_map, seed=seed,
                             cache_dir=cache_dir, progress=progress)
-        dearest = float(table.costs.max(axis=1).sum() / table.numel.sum())
+        fitting = np.where(np.isfinite(table.errors), table.costs, 0)  # a format too coarse-blocked for a matrix: not a choice
+        dearest = float(fitting.max(axis=1).sum() / table.numel.sum())
         budget = float(bits)
         if budget > dearest:
             note = (f"budget {budget:g} bits/param is above the dearest candidate allocation ({dearest:.4f}): "

@@ -71,6 +71,10 @@ class Format(ABC):
         )
         return rows * words_per_row(cols, self.bits) * 32 + scale_bits
 
+    def fits(self, rows: int, cols: int) -> bool:
+        """Whether this format can hold a (rows, cols) matrix at all (ggml's types need whole blocks)."""
+        return True
+
     def n_blocks(self, rows: int, cols: int) -> int:
         return -(-cols // self.block_size(rows, cols))
 

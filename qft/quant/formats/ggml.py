@@ -180,10 +180,13 @@ class GGMLFormat(Format):
     def block_size(self, rows: int, cols: int) -> int:
         return self.spec.scale_block
 
+    def fits(self, rows: int, cols: int) -> bool:
+        return cols % self.spec.block == 0
+
     def check_shape(self, rows: int, cols: int) -> None:
         """ggml stores whole blocks: a row length that is not a multiple of one is a ValueError."""
         block = self.spec.block
-        if cols % block == 0:
+        if self.fits(rows, cols):
             return
         if cols % 32 == 0:
             other = "'q8_0', 'q5_0' or 'q4_0' (blocks of 32)"
