@@ -31,6 +31,7 @@ from qft.methods.config import (
 from qft.methods.lrec import LREC
 from qft.nn.distributed import gathered, replicate, shard
 from qft.training.evaluate import perplexity
+from qft.exports.gguf import export_gguf, export_gguf_lora
 from qft.exports.merged import export_dense, export_merged, load_merged
 from qft.prepare.fisher import empirical_fisher
 from qft.quant.formats import FP8, Format, NormalFloat, UniformInt, get_format
@@ -76,6 +77,8 @@ __all__ = [
     "dense_weights",
     "empirical_fisher",
     "export_dense",
+    "export_gguf",
+    "export_gguf_lora",
     "export_merged",
     "export_peft",
     "find_target_linears",

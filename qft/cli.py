@@ -4,6 +4,7 @@
     qft train smol-2.5 --out smol-2.5-tuned --steps 100
     qft eval smol-2.5-tuned                         # held-out perplexity (embedded corpus unless --data)
     qft export smol-2.5-tuned --merged --out smol-int4
+    qft export smol-2.5-tuned --gguf --out smol.gguf     (and smol-lora.gguf: llama-cli -m smol.gguf --lora smol-lora.gguf)
     qft compress adapter-a --base smol-2.5 --density 0.05 --out a.qftc   # ComPEFT ternary file
     qft decompress a.qftc --base smol-2.5 --out adapter-a-again
     qft info smol-2.5-tuned                         # or a .qftc file
@@ -76,6 +77,10 @@ def cmd_quantize(args) -> None:
                if getattr(args, k) is not None}  # a method's own options, when given (0 is a level)
     if get_method(args.method).prepare is None:
         options.update(bits=parse_bits(args.bits), fisher=args.fisher, iters=args.iters, rounding=args.rounding)
+        if args.formats:
+            from qft.quant.formats.ggml import GGML_TYPES
+
+            options["formats"] = tuple(GGML_TYPES) if args.formats == "gguf" else tuple(args.formats.split(","))
     config = config_for(args.method, rank=args.rank, seed=args.seed, **options)
     if args.streaming:  # the folder itself: each weight is read from disk when it is quantized
         if args.model is None:
@@ -152,7 +157,17 @@ def cmd_export(args) -> None:
 
     model, tokenizer = _load_any(args.checkpoint, args.progress, _device(args.device))
     dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
-    if args.peft:
+    if args.gguf:
+        from qft.exports.gguf import export_gguf, export_gguf_lora
+        from qft.nn import qft_layers
+
+        out = Path(args.out)
+        export_gguf(model, out, tokenizer, dtype=args.gguf_dtype, adapters="merged" if args.merge_lora else "separate")
+        if not args.merge_lora and any(getattr(m, "rank", 0) for m in qft_layers(model).values()):
+            lora = out.with_name(out.stem + "-lora.gguf")
+            export_gguf_lora(model, lora, base_name=out.stem)
+            print(f"LoRA adapter saved to {lora} (llama-cli -m {out} --lora {lora})")
+    elif args.peft:
         export_peft(model, args.out, tokenizer, dtype=dtype)
     elif args.dense:
         export_dense(model, args.out, tokenizer, dtype=dtype or torch.bfloat16)
@@ -241,6 +256,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="round to nearest, or GPTQ over the embedded corpus (default: the method's; int21: gptq)")
     p.add_argument("--rank", type=int, help="rank of the low-rank factors (default: 64; PEQA: none)")
     p.add_argument("--fisher", action="store_true", help="weight errors by the empirical Fisher (needs text)")
+    p.add_argument("--formats", help="the formats the budget is spent over, comma-separated (e.g. nf3-b64,nf4), or "
+                                     "'gguf': llama.cpp's types q3_k, q4_0, q5_0, q6_k, q8_0 (for `export --gguf`)")
     p.add_argument("--streaming", action="store_true",
                    help="read --model's weights one at a time from its safetensors files (never the whole "
                         "model in full precision; not with --fisher or --rounding gptq)")
@@ -318,6 +335,15 @@ def build_parser() -> argparse.ArgumentParser:
                    help="W' = Q + low-rank written densely (bf16 unless --dtype): a plain transformers checkpoint")
     p.add_argument("--peft", action="store_true",
                    help="a PEFT LoRA adapter (the low-rank factors) plus OUT/base, the dequantized base it applies to")
+    p.add_argument("--gguf", action="store_true",
+                   help="one llama.cpp GGUF file OUT (Llama, Qwen2): layers in llama.cpp's types (q4_0, q6_k, ...) "
+                        "byte for byte, the rest in --gguf-dtype; the LoRA goes to OUT-lora.gguf (llama-cli --lora) "
+                        "unless --merge-lora")
+    p.add_argument("--gguf-dtype", default="f16", choices=["f16", "bf16", "f32", "q8_0"],
+                   help="--gguf: embeddings, head and layers not in a llama.cpp type")
+    p.add_argument("--merge-lora", action="store_true",
+                   help="--gguf: merge the LoRA into the weights (rounded once to --gguf-dtype) instead of a "
+                        "separate adapter file")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--rounding", default="rtn", choices=["rtn", "gptq"],
                    help="--merged: how re-quantized layers round (gptq: over the embedded corpus's train split)")

@@ -40,18 +40,26 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
 
 
 
-def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
-    """Write ``data`` to a temporary file next to ``target``, flush it to disk, then rename it into place."""
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary file name next to ``target`` for a writer that takes a path; once the block
+    ends without error the file is flushed to disk and renamed onto ``target``, else removed."""
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.tmp-", dir=target.parent)
+    os.close(fd)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
+        yield Path(tmp)
+        with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, target)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
         raise
+
+
+def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
+    """Write ``data`` to a temporary file next to ``target``, flush it to disk, then rename it into place."""
+    with atomic_path(target) as tmp:
+        Path(tmp).write_bytes(data)
