@@ -196,3 +196,20 @@ def test_streaming_quantize_writes_the_same_checkpoint(base, tmp_path):
                      "--out", str(out), *extra]) == 0
     a, b = load_file(loaded / "model.safetensors"), load_file(streamed / "model.safetensors")
     assert a.keys() == b.keys() and all(a[k].equal(b[k]) for k in a)
+
+
+def test_quantize_over_llama_cpp_types_and_export_gguf(base, tmp_path, capsys):
+    import gguf
+
+    q, out = tmp_path / "q", tmp_path / "smol.gguf"
+    assert main(["quantize", "-q", "--model", str(base), "--bits", "5", "--formats", "gguf", "--rank", "2",
+                 "--out", str(q)]) == 0
+    assert main(["export", "-q", str(q), "--gguf", "--out", str(out)]) == 0
+    assert "--lora" in capsys.readouterr().out
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(out).tensors}
+    projections = {v for k, v in types.items() if k.startswith("blk.") and not k.endswith("norm.weight")}
+    assert projections <= {"Q4_0", "Q5_0", "Q8_0"} and len(projections) > 1, types  # 64 wide: no K type fits
+    assert types["token_embd.weight"] == "F16"
+    lora = gguf.GGUFReader(tmp_path / "smol-lora.gguf")
+    assert bytes(lora.fields["general.type"].parts[-1]).decode() == "adapter"
+    assert "blk.0.attn_q.weight.lora_a" in {t.name for t in lora.tensors}
