@@ -20,7 +20,7 @@ import os
 
 import torch
 from qft.kernels import torch_path
-from qft.kernels.torch_path import autocast_dtype, autocast_off, dequantize
+from qft.kernels.torch_path import autocast_dtype, autocast_off, block_sums, dequantize
 from torch.autograd.function import once_differentiable
 
 __all__ = ["BACKENDS", "dequant_matmul", "dequantize", "resolve_backend"]
@@ -100,16 +100,24 @@ def dequant_matmul(
     cols: int,
     block: int,
     backend: str | None = None,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """y = x @ W.T for W = (codebook[code] - zero) * scale, from the packed codes.
+    """y = x @ W.T for W = (codebook[code] - zero) * scale (+ offset), from the packed codes.
+
+    An offset (rows, n_blocks), constant within each block (llama.cpp's d·q + m), adds
+    block_sums(x) @ offset.T: a matmul over n_blocks = cols / block columns, on any backend.
 
     Autocast is honoured as nn.Linear honours it: when autocast is on for x's device, x is cast
     to the autocast dtype first, and both backends compute in that dtype (fp32 accumulation) and
     return y in it; the gradient for x is computed in it too (autograd casts it back to x's own
     dtype). Without autocast y is in x's dtype.
     """
-    _check_devices(x, codes=codes, codebook=codebook, scale=scale, zero=zero)
+    _check_devices(x, codes=codes, codebook=codebook, scale=scale, zero=zero, offset=offset)
     x = x.to(autocast_dtype(x))
     if resolve_backend(x.device, backend) == "triton":
-        return _TritonDequantMatmul.apply(x, scale, codes, codebook, zero, bits, cols, block)
-    return torch_path.dequant_matmul(x, codes, codebook, scale, zero, bits=bits, cols=cols, block=block)
+        y = _TritonDequantMatmul.apply(x, scale, codes, codebook, zero, bits, cols, block)
+    else:
+        y = torch_path.dequant_matmul(x, codes, codebook, scale, zero, bits=bits, cols=cols, block=block)
+    if offset is not None:
+        y = y + (block_sums(x, block) @ offset.float().t()).to(y.dtype)
+    return y

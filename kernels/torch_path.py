@@ -60,22 +60,34 @@ def dequantize(
     cols: int,
     block: int,
     dtype: torch.dtype = torch.float32,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Dense (rows, cols) weight: (codebook[code] - zero) * scale, blockwise."""
-    return _scaled(_grid(codes, codebook, zero, bits, cols, block), scale, cols).to(dtype)
+    """Dense (rows, cols) weight: (codebook[code] - zero) * scale (+ offset), blockwise."""
+    return _scaled(_grid(codes, codebook, zero, bits, cols, block), scale, cols, offset).to(dtype)
 
 
 def dequantize_unpacked(
-    q: torch.Tensor, codebook: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, *, block: int
+    q: torch.Tensor, codebook: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, *, block: int,
+    offset: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """As :func:`dequantize`, from unpacked uint8 codes (rows, cols): skips packing when only values matter."""
-    return _scaled(_grid_unpacked(q, codebook, zero, block), scale, q.shape[1])
+    return _scaled(_grid_unpacked(q, codebook, zero, block), scale, q.shape[1], offset)
 
 
-def _scaled(grid: torch.Tensor, scale: torch.Tensor, cols: int) -> torch.Tensor:
-    """The dense weight from a grid of this call's own making, scaled in place (no second buffer)."""
+def _scaled(grid: torch.Tensor, scale: torch.Tensor, cols: int, offset: torch.Tensor | None = None) -> torch.Tensor:
+    """The dense weight from a grid of this call's own making, scaled in place (no second buffer); an
+    offset is added after the product, as llama.cpp's d·q + m (two roundings, never fused)."""
     w = grid.mul_(scale.float().unsqueeze(-1))
+    if offset is not None:
+        w = w.add_(offset.float().unsqueeze(-1))
     return w.reshape(w.shape[0], -1)[:, :cols]
+
+
+def block_sums(x: torch.Tensor, block: int) -> torch.Tensor:
+    """x (..., cols) summed over each block of ``block`` columns (the last one may be short), in float32:
+    x @ W.T of a weight constant within each (row, block) is block_sums(x) @ that constant's table .T."""
+    pad = -x.shape[-1] % block
+    return F.pad(x.float(), (0, pad)).unflatten(-1, (-1, block)).sum(-1)
 
 
 def autocast_dtype(x: torch.Tensor) -> torch.dtype:

@@ -452,3 +452,21 @@ def test_kernels_compile_for_h100():
     # 4 bits: every config (forward, input-grad, scale-grad), 3 bits: each bucket's first; fp32 scale-grad per
     # bucket; dequantize
     assert len(shared) == (9 + 9 + 7 + 3 + 1) + (3 + 3 + 3 + 3 + 1) and max(shared) <= 227 * 1024
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("m,n,k", [(3, 37, 70), (16, 20, 64)])
+def test_an_offset_per_block_is_added_on_either_backend(backend, m, n, k, rng):
+    """W = (codebook[code] − zero)·scale + offset (llama.cpp's d·q + m): the dense weight adds it after the
+    product; the matmul adds block_sums(x) @ offset.T, and x's gradient sees it."""
+    qt, args = _case("int4-g32", n, k, rng)
+    offset = (torch.randn(n, qt.format.n_blocks(n, k), generator=rng) * 0.01).to(DEVICE)
+    meta = dict(bits=qt.format.bits, cols=k, block=qt.block)
+    dense = torch_path.dequantize(*args, **meta, offset=offset)
+    assert torch.equal(dense, qt.dequantize().to(DEVICE) + offset.repeat_interleave(qt.block, dim=1)[:, :k])
+    x = torch.randn(m, k, generator=rng).to(DEVICE).requires_grad_()
+    y = dequant_matmul(x, *args, **meta, backend=backend, offset=offset)
+    assert _rel(y, x.double() @ dense.double().t()) < 1e-5
+    dy = torch.randn(m, n, generator=rng).to(DEVICE)
+    y.backward(dy)
+    assert _rel(x.grad, dy.double() @ dense.double()) < 1e-5

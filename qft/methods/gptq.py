@@ -141,6 +141,9 @@ def gptq(w: torch.Tensor, format: str | Format, hessian: torch.Tensor, *, dtype:
     dtype = dtype or w.dtype
     w = check_weight(w)
     grid, tensors = format_grid(w, fmt)
+    offset = fmt.decode_offset(tensors, *w.shape)
+    if offset is not None:  # a constant per block (d·q + m): the codes round what is left of w once it is taken off
+        w = w - grid.per_column(offset.to(w.device), w.shape[1])
     codes = gptq_codes(w, grid, hessian, damp=damp, act_order=act_order)
     return QuantizedTensor(fmt, tuple(w.shape), pack(codes, fmt.bits), tensors, dtype)
 

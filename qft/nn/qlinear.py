@@ -284,7 +284,7 @@ class QLinear(nn.Module):
             scale, zero = w.scales()
             y = dequant_matmul(
                 x, w.codes, w.codebook(), scale, zero,
-                bits=w.format.bits, cols=self.in_features, block=w.block, backend=self.backend,
+                bits=w.format.bits, cols=self.in_features, block=w.block, backend=self.backend, offset=w.offset(),
             )
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)

@@ -138,6 +138,10 @@ class QuantizedTensor(torch.Tensor):
             self._decoded = decoded
         return decoded
 
+    def offset(self) -> torch.Tensor | None:
+        """Decoded float32 offset per block (llama.cpp's m in d·q + m), or None for formats without one."""
+        return self.format.decode_offset(self.tensors, self.rows, self.cols)
+
     def forget_decoded(self) -> None:
         """Drop the cached decoded scales: call it after changing a stored tensor in place."""
         self._decoded = None
@@ -156,7 +160,7 @@ class QuantizedTensor(torch.Tensor):
         scale, zero = self.scales()
         return dequantize_codes(
             self.codes, self.codebook(), scale, zero,
-            bits=self.format.bits, cols=self.cols, block=self.block, dtype=dtype or self.dtype,
+            bits=self.format.bits, cols=self.cols, block=self.block, dtype=dtype or self.dtype, offset=self.offset(),
         )
 
     # -- safetensors ------------------------------------------------------------------------------

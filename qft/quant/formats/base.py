@@ -3,11 +3,12 @@
 Every qft format stores a weight matrix W (rows = output features, cols = input
 features) as k-bit codes plus per-block scales, and dequantizes as
 
-    W[r, c] = (codebook[code[r, c]] - zero[r, b]) * scale[r, b],   b = c // block
+    W[r, c] = (codebook[code[r, c]] - zero[r, b]) * scale[r, b] (+ offset[r, b]),   b = c // block
 
-with ``zero`` absent (0) for the symmetric formats. One formula for all formats
-keeps the dequant-matmul kernels format-agnostic: a format only decides how the
-codes are chosen and how ``scale`` and ``zero`` are stored.
+with ``zero`` absent (0) for the symmetric formats, and ``offset`` only for the formats that store
+a float minimum per block (llama.cpp's Q4_1, Q4_K, ...: d·q + m, added after the product). One
+formula for all formats keeps the dequant-matmul kernels format-agnostic: a format only decides
+how the codes are chosen and how ``scale``, ``zero`` and ``offset`` are stored.
 """
 
 from __future__ import annotations
@@ -48,13 +49,18 @@ class Format(ABC):
         """dequantize(quantize(w)) as float32, without packing the codes (when only the values matter)."""
         codes, tensors = self.quantize(w)
         scale, zero = self.decode_scales(tensors, *w.shape)
-        return dequantize_unpacked(codes, self.codebook(w.device), scale, zero, block=self.block_size(*w.shape))
+        return dequantize_unpacked(codes, self.codebook(w.device), scale, zero, block=self.block_size(*w.shape),
+                                   offset=self.decode_offset(tensors, *w.shape))
 
     @abstractmethod
     def decode_scales(
         self, tensors: dict[str, torch.Tensor], rows: int, cols: int
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """float32 ``scale`` and ``zero`` (or None), each (rows or 1, n_blocks)."""
+
+    def decode_offset(self, tensors: dict[str, torch.Tensor], rows: int, cols: int) -> torch.Tensor | None:
+        """float32 ``offset`` (rows, n_blocks) added after the scaling, or None (every format but d·q + m ones)."""
+        return None
 
     @abstractmethod
     def stored_layout(self, rows: int, cols: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
