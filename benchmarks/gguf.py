@@ -1,0 +1,178 @@
+"""GGUF for llama.cpp: qft's mixed llama.cpp types against llama.cpp's own recipes, and what a user
+deploys after training against what was trained. Every perplexity here is llama.cpp's own
+(llama-perplexity, ctx 512: it scores the second half of each chunk) on qft's held-out text.
+
+    bash benchmarks/gguf.sh                        # builds llama.cpp once (cached)
+    python benchmarks/gguf.py [--parts recipes trained] [--steps 30]
+
+recipes   llama.cpp's Q4_K_M, Q3_K_M and Q2_K, made by llama-quantize from an F16 GGUF of SmolLM2
+          (the shipped Q4_1 file expanded), against qft's allocation over llama.cpp's types
+          (q3_k, q4_0, q5_0, q6_k, q8_0; QLoRA-style rank 0, round to nearest, and with Fisher
+          weights + GPTQ rounding) at the same file size: qft's budget for the projections is
+          what llama.cpp's file leaves after the embeddings (written as Q8_0 by qft) and norms.
+trained   LQ-LoRA over llama.cpp's types (4.5 bits, rank 16) trained --steps steps (the finetune
+          benchmark's schedule); the trained model as llama.cpp reads it: (ref) merged in f32,
+          i.e. the trained model itself; (a) the base GGUF + the LoRA GGUF, unmerged; (b) merged,
+          rounded once to f16; (c) QA-LoRA on q4_1, trained the same way and merged into its
+          offsets (when qft has the qalora method). Goal: (a) and (c) within 1 % of (ref).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from pathlib import Path
+
+import torch
+from finetune import training_arguments
+from lqlora import OUT, header
+from llama_cpp import OUT as LLAMA_OUT
+from llama_cpp import bits_per_weight, default_gguf, find_llama_cpp, perplexity, quantize, tensor_types, write_heldout
+
+import qft
+from qft.prepare.report import markdown_table
+from qft.quant.formats import get_format
+from qft.training.evaluate import perplexity as qft_perplexity
+from qft.training.loop import train
+
+WORK = OUT / "gguf"
+RECIPES = ("Q4_K_M", "Q3_K_M", "Q2_K")
+PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+SYMMETRIC = ("q3_k", "q4_0", "q5_0", "q6_k", "q8_0")
+
+
+def f16_gguf() -> Path:
+    """SmolLM2 as F16 (llama-quantize expands the shipped Q4_1; the values are the Q4_1 ones)."""
+    path = LLAMA_OUT / "SmolLM2-135M-Instruct.F16.gguf"
+    if not path.is_file():
+        quantize(default_gguf(), path, "F16")
+    return path
+
+
+def projection_params(model) -> int:
+    return sum(m.weight.numel() for n, m in model.named_modules() if n.rsplit(".", 1)[-1] in PROJECTIONS)
+
+
+def llama_recipe(qtype: str, text: Path) -> dict:
+    path = WORK / f"llama-{qtype}.gguf"
+    if not path.is_file():
+        quantize(f16_gguf(), path, qtype)
+    kinds = sorted({t for t in tensor_types(path).values()})
+    return {"file": f"llama.cpp {qtype}", "MiB": path.stat().st_size / 2**20, "bits/weight": bits_per_weight(path),
+            "llama.cpp ppl": perplexity(path, text), "types": str(kinds)}
+
+
+def qft_recipe(target_bytes: int, text: Path, label: str, *, fisher: bool, gptq: bool) -> dict:
+    model, tokenizer = qft.default_model(progress=False)
+    probe = WORK / "probe.gguf"  # the bytes everything but the projections takes when written by qft
+    qft.quantize_(model, qft.QLoRAConfig(bits="q8_0", rank=0), progress=False)
+    qft.export_gguf(model, probe, tokenizer, dtype="q8_0")
+    n = projection_params(model)
+    q8_bytes = sum(get_format("q8_0").storage_bits(*m.weight.shape) // 8
+                   for m in qft.nn.qft_layers(model).values())
+    rest = probe.stat().st_size - q8_bytes
+    bits = (target_bytes - rest) * 8 / n
+    model, tokenizer = qft.default_model(progress=False)
+    config = qft.QLoRAConfig(bits=round(bits, 4), rank=0, formats=SYMMETRIC, fisher=fisher,
+                             rounding="gptq" if gptq else "rtn")
+    start = time.perf_counter()
+    qft.quantize_(model, config, tokenizer=tokenizer, progress=False)
+    seconds = time.perf_counter() - start
+    path = WORK / f"qft-{label}.gguf"
+    qft.export_gguf(model, path, tokenizer, dtype="q8_0")
+    chosen = {}
+    for layer in qft.nn.qft_layers(model).values():
+        chosen[layer.weight.format.name] = chosen.get(layer.weight.format.name, 0) + 1
+    return {"file": f"qft {label} ({bits:.3f} bits on projections)", "MiB": path.stat().st_size / 2**20,
+            "bits/weight": bits_per_weight(path), "llama.cpp ppl": perplexity(path, text),
+            "types": str(dict(sorted(chosen.items()))), "quantize s": seconds}
+
+
+def part_recipes(args, text: Path) -> list[dict]:
+    rows = []
+    for qtype in RECIPES:
+        row = llama_recipe(qtype, text)
+        rows.append(row)
+        print(row, flush=True)
+        target = (WORK / f"llama-{qtype}.gguf").stat().st_size
+        for label, fisher, gptq in (("rtn", False, False), ("fisher-gptq", True, True))[: 2 if args.gptq else 1]:
+            row = qft_recipe(target, text, f"{label}-as-{qtype}", fisher=fisher, gptq=gptq)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
+def trained(config, args) -> tuple:
+    model, tokenizer = qft.default_model(progress=False)
+    qft.quantize_(model, config, tokenizer=tokenizer, progress=False)
+    before = qft_perplexity(model, tokenizer, progress=False)
+    train(model, tokenizer, steps=args.steps, batch_size=args.batch_size, block_size=512, lr=args.lr,
+          warmup=args.warmup, seed=0, progress=False, eval_blocks=0)
+    return model, tokenizer, before, qft_perplexity(model, tokenizer, progress=False)
+
+
+def part_trained(args, text: Path) -> list[dict]:
+    rows = []
+    model, tokenizer, before, after = trained(qft.LQLoRAConfig(bits=4.5, rank=16, formats=SYMMETRIC), args)
+    files = {"ref": WORK / "lqlora-merged-f32.gguf", "base": WORK / "lqlora-base.gguf",
+             "lora": WORK / "lqlora-lora.gguf", "merged": WORK / "lqlora-merged-f16.gguf"}
+    qft.export_gguf(model, files["ref"], tokenizer, dtype="f32", adapters="merged")
+    qft.export_gguf(model, files["base"], tokenizer, dtype="q8_0")
+    qft.export_gguf_lora(model, files["lora"])
+    qft.export_gguf(model, files["merged"], tokenizer, dtype="f16", adapters="merged")
+    ref = perplexity(files["ref"], text)
+    common = {"method": "lqlora 4.5 bits, rank 16", "qft ppl before": before, "qft ppl after": after}
+    for label, path, lora in (("(ref) trained model, merged f32", files["ref"], None),
+                              ("(a) base + LoRA GGUF, unmerged", files["base"], files["lora"]),
+                              ("(b) merged, f16", files["merged"], None),
+                              ("base alone (no adapter)", files["base"], None)):
+        ppl = ref if lora is None and path == files["ref"] else perplexity(path, text, lora=lora)
+        rows.append({**common, "llama.cpp reads": label, "MiB": (path.stat().st_size + (lora.stat().st_size if lora
+                     else 0)) / 2**20, "llama.cpp ppl": ppl, "vs ref": ppl / ref - 1})
+        print(rows[-1], flush=True)
+    try:
+        from qft.methods.qalora import merge_qalora
+    except ImportError:
+        print("# qft has no qalora method: (c) skipped", flush=True)
+        return rows
+    model, tokenizer, before, after = trained(qft.QALoRAConfig(bits="q4_1", rank=16), args)
+    ref_path, merged_path = WORK / "qalora-f32.gguf", WORK / "qalora-merged-q4_1.gguf"
+    qft.export_gguf(model, ref_path, tokenizer, dtype="f32", adapters="merged")
+    merge_qalora(model)
+    qft.export_gguf(model, merged_path, tokenizer, dtype="q8_0")
+    ref = perplexity(ref_path, text)
+    common = {"method": "qalora q4_1, rank 16", "qft ppl before": before, "qft ppl after": after}
+    for label, path in (("(ref) trained model, merged f32", ref_path), ("(c) merged into q4_1's offsets", merged_path)):
+        ppl = ref if path == ref_path else perplexity(path, text)
+        rows.append({**common, "llama.cpp reads": label, "MiB": path.stat().st_size / 2**20, "llama.cpp ppl": ppl,
+                     "vs ref": ppl / ref - 1})
+        print(rows[-1], flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    training_arguments(parser, ["gguf"])
+    parser.add_argument("--parts", nargs="+", default=["recipes", "trained"], choices=["recipes", "trained"])
+    parser.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True,
+                        help="recipes: also qft with Fisher weights and GPTQ rounding (slower)")
+    args = parser.parse_args()
+    if find_llama_cpp() is None:
+        raise SystemExit("llama.cpp is not built: run `bash benchmarks/gguf.sh` first")
+    header()
+    WORK.mkdir(parents=True, exist_ok=True)
+    text = write_heldout(WORK / "heldout.txt")
+    torch.manual_seed(0)
+    results = {}
+    if "recipes" in args.parts:
+        results["recipes"] = part_recipes(args, text)
+        print(markdown_table(results["recipes"], ".3f"), flush=True)
+    if "trained" in args.parts:
+        results["trained"] = part_trained(args, text)
+        print(markdown_table(results["trained"], ".4f"), flush=True)
+    (WORK / "results.json").write_text(json.dumps(results, indent=1))
+
+
+if __name__ == "__main__":
+    main()
