@@ -24,7 +24,10 @@ How each qft layer is written (``adapters``):
   (``qft.quant.formats.ggml``) goes out as its bytes, never rounded again; any other format (NF-k,
   int-k, FP8, HALO's cast base) is dequantized and written in ``dtype``. The low-rank factors go to
   :func:`export_gguf_lora`, which llama.cpp applies unmerged (``--lora``).
-- ``"merged"``: dequant(Q) + scaling·B·A written in ``dtype``: one rounding, of the merged weight.
+- ``"merged"``: dequant(Q) + scaling·B·A written in ``dtype``: one rounding, of the merged weight. A
+  layer in a llama.cpp block format with nothing to merge (no low-rank factors, no trained scales:
+  e.g. a QA-LoRA model after ``qft.methods.qalora.merge_qalora``, whose update is in its Q4_1 / Q5_1
+  offsets) goes out as its bytes here too.
 
 Everything else (embeddings, a plain head) is written in ``dtype``; one-dimensional tensors (norms,
 biases) always in f32, as llama.cpp's converter does. ``dtype="q8_0"`` falls back to f16 for a matrix
@@ -283,7 +286,9 @@ def _layer_tensor(layer: nn.Module, adapters: str, dtype: str, gguf_name: str, p
     """A qft layer's weight as written: its own ggml bytes when it may be, else dense in ``dtype``."""
     weight = getattr(layer, "weight", None)
     fmt = getattr(weight, "format", None)
-    if adapters == "separate" and fmt is not None and is_ggml(fmt):
+    # merged, a layer with no factors and no trained scales merges nothing: its bytes are its merged weight
+    nothing_to_merge = not getattr(layer, "rank", 0) and getattr(layer, "scale", None) is None
+    if (adapters == "separate" or nothing_to_merge) and fmt is not None and is_ggml(fmt):
         data, qtype = to_ggml(weight)
         data = np.asarray(data, dtype=np.uint8).reshape(layer.out_features, -1)
         return (data if perm is None else data[perm]), qtype, True
@@ -387,7 +392,7 @@ def export_gguf_lora(model: nn.Module, path: str | os.PathLike, *, base_name: st
     --lora path``), as llama.cpp's ``convert_lora_to_gguf.py`` lays it out.
 
     Per qft layer with factors, on the base tensor ``blk.N.attn_q.weight``: ``….lora_a`` = A, (rank, in)
-    row-major (ggml ne = [in, rank]), and ``….lora_b`` = B, (out, rank) (ne = [rank, out]); Llama's q/k rows of
+    row-major (ggml ne = [in, rank]; a QA-LoRA layer's pooled A unpooled, :meth:`QLinear.unpooled_lora_A`), and ``….lora_b`` = B, (out, rank) (ne = [rank, out]); Llama's q/k rows of
     B permuted as :func:`export_gguf` permutes the base. llama.cpp scales each product by
     ``adapter.lora.alpha / rank``: alpha is written as the most common scaling·rank, and a layer whose
     scaling differs has the ratio folded into its B, so every layer's scale is qft's ``scaling``.
@@ -423,7 +428,8 @@ def export_gguf_lora(model: nn.Module, path: str | os.PathLike, *, base_name: st
     for module, layer in layers.items():
         base = names(f"{module}.weight")
         with torch.no_grad():
-            a = _numpy(layer.lora_A)
+            # a pooled A (QA-LoRA) as the plain (rank, in) A of the same update, which llama.cpp applies
+            a = _numpy(layer.unpooled_lora_A() if getattr(layer, "pool", 0) else layer.lora_A)
             b = _numpy(layer.lora_B) * np.float32(alphas[module] / alpha)
         perm = _permutation(arch, base, b.shape[0], config)
         if perm is not None:

@@ -122,7 +122,7 @@ def weighted_error(w: torch.Tensor, approx: torch.Tensor, fisher: torch.Tensor |
 
 
 # the built-in methods register themselves on import
-from qft.methods import halo, int21, lqlora, peqa, qlora  # noqa: E402,F401
+from qft.methods import halo, int21, lqlora, peqa, qalora, qlora  # noqa: E402,F401
 from qft.methods.lqlora import Decomposition  # noqa: E402
 
 __all__ = ["METHODS", "ROUNDINGS", "Built", "Decomposition", "Method", "MethodOptions", "get_method", "quantize",

@@ -5,7 +5,7 @@ and says exactly how a model was made: ``to_dict()`` is written into the checkpo
 ``model.config.quantization_config``; ``QuantConfig.from_dict`` reads it back.
 
 Two shapes: :class:`BudgetConfig` for the methods that quantize matrix by matrix under a bit
-budget or one format (LQ-LoRA, LoftQ, QLoRA, PEQA, INT2.1, and any method registered with
+budget or one format (LQ-LoRA, LoftQ, QLoRA, QA-LoRA, PEQA, INT2.1, and any method registered with
 ``register_method``), :class:`WholeModelConfig` for those that build every layer themselves
 (HALO, and any ``register_prepare_method``). Which handler applies each shape is registered in
 ``qft.prepare.quantize``.
@@ -190,6 +190,15 @@ class QLoRAConfig(BudgetConfig):
 
 
 @dataclass(frozen=True, kw_only=True)
+class QALoRAConfig(BudgetConfig):
+    """QA-LoRA: plain quantization (Q4_1 by default) and LoRA on inputs averaged over each of the format's
+    blocks (B = 0), which ``qft.methods.qalora.merge_qalora`` folds exactly into the blocks' offsets."""
+
+    method: str = field(default="qalora", init=False)
+    bits: float | int | str = "q4_1"
+
+
+@dataclass(frozen=True, kw_only=True)
 class PEQAConfig(BudgetConfig):
     """PEQA: int-k round-to-nearest, only the scales train; ``bits=4`` is int4 per channel."""
 
@@ -238,7 +247,7 @@ class HALOConfig(WholeModelConfig):
 
 CONFIGS: dict[str, type[QuantConfig]] = {
     c.__dataclass_fields__["method"].default: c
-    for c in (LQLoRAConfig, LoftQConfig, QLoRAConfig, PEQAConfig, INT21Config, HALOConfig)
+    for c in (LQLoRAConfig, LoftQConfig, QLoRAConfig, QALoRAConfig, PEQAConfig, INT21Config, HALOConfig)
 }
 
 

@@ -9,13 +9,18 @@ layer's trainable parts, each in its own dtype (fp32 by default):
 
 - ``lora_A`` (rank, in) and ``lora_B`` (out, rank), with ``scaling`` = alpha / rank
   (a Python float: a cast of the model never rounds it);
+- with ``pool=g`` (QA-LoRA), ``lora_A`` is (rank, ceil(in / g)) and reads x averaged over each group
+  of g columns (the last group may be short: its own length divides), so the update
+  scaling·B·A / len(group) is constant within each (row, group): a format with a per-block
+  offset of the same blocks absorbs it exactly (``qft.methods.qalora.merge_qalora``);
 - ``scale`` (with ``train_scales=True``): the weight's own stored scales, made
   trainable. It is the same tensor the weight holds, so ``weight.dequantize()``,
   the report, checkpoints and exports all see the trained values.
 
 The state dict stays flat and self-describing: ``weight_codes``,
 ``weight_shape``, ``weight_format``, ``weight_<stored scale>``,
-``lora_A``, ``lora_B``, ``lora_scaling`` (float64), ``bias``.
+``lora_A``, ``lora_B``, ``lora_scaling`` (float64), ``lora_pool`` (int64, pooled layers only),
+``bias``.
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from qft.quant.tensor import QuantizedTensor, decode_name
 
 _PREFIX = "weight_"
 ADAPTERS = ("lora_A", "lora_B", "scale")  # what trains, and nothing else
-_RECORDED = (_PREFIX + "shape", _PREFIX + "format", "lora_scaling", "train_scales")  # layout, not data
+_RECORDED = (_PREFIX + "shape", _PREFIX + "format", "lora_scaling", "lora_pool", "train_scales")  # layout, not data
 
 
 class QLinear(nn.Module):
@@ -50,20 +55,26 @@ class QLinear(nn.Module):
         seed: int = 0,
         adapter_dtype: torch.dtype = torch.float32,
         backend: str | None = None,
+        pool: int = 0,
     ) -> None:
         """generator: the stream PEFT-style LoRA-A initialisation draws from (share one across layers,
-        as PEFT does); without one, a fresh stream seeded with ``seed``."""
+        as PEFT does); without one, a fresh stream seeded with ``seed``. pool: average the LoRA's input
+        over groups of this many columns (QA-LoRA; 0: plain LoRA); without a LoRA (rank 0) there is
+        nothing to pool and it is 0."""
         super().__init__()
         if not isinstance(weight, QuantizedTensor):
             raise ValueError(f"weight must be a qft.QuantizedTensor, got {type(weight).__name__}; "
                              "use QLinear.from_linear to quantize an nn.Linear")
         if rank < 0:
             raise ValueError(f"rank must be >= 0, got {rank}")
+        if pool < 0:
+            raise ValueError(f"pool must be >= 0 (0: no pooling), got {pool}")
         self.scale = self.lora_A = self.lora_B = None
         self.dense_cache: torch.Tensor | None = None  # dequant(W), set by qft.dense_weights for inference
         self.scaling = 0.0
         self.out_features, self.in_features = weight.shape
         self.rank = int(rank)
+        self.pool = int(pool) if rank else 0  # set before any tensor attribute: _flat_tensors reads it
         self.backend = backend
         self.weight = nn.Parameter(weight, requires_grad=False)
         if bias is not None and tuple(bias.shape) != (self.out_features,):
@@ -89,9 +100,9 @@ class QLinear(nn.Module):
             raise ValueError("low-rank factors were given but rank=0; pass rank=A.shape[0]")
 
     def _init_factors(self, a, b, generator, seed, dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        want_a, want_b = (self.rank, self.in_features), (self.out_features, self.rank)
+        want_a, want_b = (self.rank, self.lora_in_features), (self.out_features, self.rank)
         if a is None:
-            a = peft_lora_a(self.rank, self.in_features, generator, seed)
+            a = peft_lora_a(self.rank, self.lora_in_features, generator, seed)
         if b is None:
             b = torch.zeros(want_b)
         if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
@@ -126,13 +137,14 @@ class QLinear(nn.Module):
         stored = {k[len(_PREFIX):]: d for k, d in dtypes.items() if k.startswith(_PREFIX)}
         weight = QuantizedTensor.empty(spec["format"], (out_features, in_features), device,
                                        getattr(torch, spec["dtype"]), stored)
-        rank = spec["rank"]
+        rank, pool = spec["rank"], spec.get("pool", 0)  # specs written before pooling have no "pool"
+        n_in = -(-in_features // pool) if pool and rank else in_features
         bias = None if spec["bias"] is None else torch.zeros(out_features, dtype=getattr(torch, spec["bias"]),
                                                              device=device)
         layer = cls(weight, bias, rank=rank, alpha=spec["alpha"],
-                    lora_a=torch.zeros(rank, in_features, device=device) if rank else None,
+                    lora_a=torch.zeros(rank, n_in, device=device) if rank else None,
                     lora_b=torch.zeros(out_features, rank, device=device) if rank else None,
-                    train_scales=spec["train_scales"], adapter_dtype=dtypes.get("lora_A", torch.float32))
+                    train_scales=spec["train_scales"], adapter_dtype=dtypes.get("lora_A", torch.float32), pool=pool)
         if rank:
             layer.lora_B.data = layer.lora_B.data.to(dtypes["lora_B"])
         if layer.scale is not None:
@@ -148,6 +160,7 @@ class QLinear(nn.Module):
         )
         lora_a = state.get(prefix + "lora_A")
         rank = 0 if lora_a is None else lora_a.shape[0]
+        kwargs.setdefault("pool", int(state.get(prefix + "lora_pool", torch.tensor(0))))
         return cls(
             qt, state.get(prefix + "bias"), rank=rank,
             alpha=float(state[prefix + "lora_scaling"]) * rank if rank else None,
@@ -158,7 +171,7 @@ class QLinear(nn.Module):
 
     def spec(self) -> dict:
         """What it takes to rebuild this layer empty (checkpoints record it): layout and every dtype."""
-        return {
+        spec = {
             "format": self.weight.format.name,
             "shape": [self.out_features, self.in_features],
             "dtype": str(self.weight.dtype).removeprefix("torch."),
@@ -168,6 +181,9 @@ class QLinear(nn.Module):
             "train_scales": self.scale is not None,
             "dtypes": {k: str(v.dtype).removeprefix("torch.") for k, v in self._flat_tensors().items()},
         }
+        if self.pool:  # only where pooled: an unpooled layer's spec reads as before
+            spec["pool"] = self.pool
+        return spec
 
     # -- the flat state dict ----------------------------------------------------------------------
 
@@ -176,6 +192,8 @@ class QLinear(nn.Module):
         flat |= {n: getattr(self, n) for n in ("lora_A", "lora_B", "bias") if getattr(self, n) is not None}
         if self.rank:
             flat["lora_scaling"] = torch.tensor(self.scaling, dtype=torch.float64)
+        if self.pool:
+            flat["lora_pool"] = torch.tensor(self.pool, dtype=torch.int64)
         if self.scale is not None:
             flat["train_scales"] = torch.tensor(1, dtype=torch.uint8)
         return flat
@@ -190,8 +208,12 @@ class QLinear(nn.Module):
         missing_keys.extend(prefix + k for k in sorted(expected - set(ours)))
         if strict:
             unexpected_keys.extend(prefix + k for k in sorted(set(ours) - expected))
-        try:  # what is there loads, what is not is reported (strict=False loads an adapter alone)
-            for name in sorted(expected & set(ours)):
+        if "lora_pool" in ours and "lora_pool" not in expected:  # a QA-LoRA state: its A means something else
+            error_msgs.append(f"{prefix[:-1]}: the state holds a LoRA pooled over groups of {int(ours['lora_pool'])} "
+                              "columns, this layer is not pooled; build the layer with QLinear.from_state_dict")
+        try:  # what is there loads, what is not is reported (strict=False loads an adapter alone); the
+            # layout (format, shape, pooling) is checked before any data is copied
+            for name in sorted(expected & set(ours), key=lambda n: (n not in _RECORDED, n)):
                 self._assign_flat(name, ours[name], copy=not local_metadata.get("assign_to_params_buffers", False))
         except ValueError as e:
             error_msgs.append(f"{prefix[:-1]}: {e}")
@@ -245,6 +267,9 @@ class QLinear(nn.Module):
             raise ValueError(f"the state holds a {value.tolist()} weight, this layer is {list(self.weight.shape)}")
         if name == "lora_scaling":
             self.scaling = float(value)
+        if name == "lora_pool" and int(value) != self.pool:
+            raise ValueError(f"the state holds a LoRA pooled over groups of {int(value)} columns, this layer pools "
+                             f"over {self.pool}; build the layer with QLinear.from_state_dict instead")
 
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
@@ -265,12 +290,41 @@ class QLinear(nn.Module):
         """dequant(Q): the frozen weight without the low-rank part."""
         return self.weight.dequantize(dtype)
 
+    @property
+    def lora_in_features(self) -> int:
+        """Columns of ``lora_A``: in_features, or the number of pooling groups ceil(in / pool)."""
+        return -(-self.in_features // self.pool) if self.pool else self.in_features
+
+    def _group_lengths(self, device=None) -> torch.Tensor:
+        """float32 (n_groups,): how many columns each pooling group holds (the last may be short)."""
+        lengths = torch.full((self.lora_in_features,), float(self.pool), device=device)
+        lengths[-1] = self.in_features - self.pool * (self.lora_in_features - 1)
+        return lengths
+
+    def pool_input(self, x: torch.Tensor) -> torch.Tensor:
+        """x (..., in) averaged over each pooling group, in lora_A's dtype: what a pooled lora_A reads."""
+        x = x.to(self.lora_A.dtype)
+        pad = -self.in_features % self.pool
+        if not pad:
+            return x.unflatten(-1, (-1, self.pool)).mean(-1)
+        sums = F.pad(x, (0, pad)).unflatten(-1, (-1, self.pool)).sum(-1)
+        return sums / self._group_lengths(x.device).to(x.dtype)
+
+    def unpooled_lora_A(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """The (rank, in_features) A of a plain LoRA with the same update: a pooled A's column for each
+        group, divided by the group's length, repeated over its columns (what PEFT or llama.cpp can hold)."""
+        with torch.no_grad():
+            a = self.lora_A.float()
+            if self.pool:
+                a = (a / self._group_lengths(a.device)).repeat_interleave(self.pool, dim=1)[:, :self.in_features]
+        return a.to(dtype)
+
     def merged_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """dequant(W) + scaling · B·A as one dense matrix (trained scales included)."""
+        """dequant(W) + scaling · B·A as one dense matrix (trained scales included; a pooled A unpooled)."""
         with torch.no_grad():
             w = self.weight.dequantize(torch.float32)
             if self.rank:
-                w = w + self.scaling * (self.lora_B.float() @ self.lora_A.float())
+                w = w + self.scaling * (self.lora_B.float() @ self.unpooled_lora_A())
         return w.to(dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -289,7 +343,7 @@ class QLinear(nn.Module):
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         if self.rank:
-            h = F.linear(x.to(self.lora_A.dtype), self.lora_A)
+            h = F.linear(self.pool_input(x) if self.pool else x.to(self.lora_A.dtype), self.lora_A)
             if h.dtype == y.dtype == self.lora_B.dtype:
                 # y + scaling·(h Bᵀ) in one addmm: no separate passes over the output to scale and add
                 flat = torch.addmm(y.reshape(-1, y.shape[-1]), h.reshape(-1, self.rank), self.lora_B.t(),
@@ -301,7 +355,7 @@ class QLinear(nn.Module):
     def extra_repr(self) -> str:
         parts = [f"in_features={self.in_features}", f"out_features={self.out_features}", self.weight.format.name]
         if self.rank:
-            parts.append(f"rank={self.rank}, scaling={self.scaling:g}")
+            parts.append(f"rank={self.rank}, scaling={self.scaling:g}" + (f", pool={self.pool}" if self.pool else ""))
         if self.scale is not None:
             parts.append("train_scales=True")
         return ", ".join(parts)

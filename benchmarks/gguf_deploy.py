@@ -1,9 +1,9 @@
-"""GGUF for llama.cpp: qft's mixed llama.cpp types against llama.cpp's own recipes, and what a user
+"""(Not named gguf.py: run from benchmarks/, that would shadow the gguf package.) GGUF for llama.cpp: qft's mixed llama.cpp types against llama.cpp's own recipes, and what a user
 deploys after training against what was trained. Every perplexity here is llama.cpp's own
 (llama-perplexity, ctx 512: it scores the second half of each chunk) on qft's held-out text.
 
     bash benchmarks/gguf.sh                        # builds llama.cpp once (cached)
-    python benchmarks/gguf.py [--parts recipes trained] [--steps 30]
+    python benchmarks/gguf_deploy.py [--parts recipes trained] [--steps 30]
 
 recipes   llama.cpp's Q4_K_M, Q3_K_M and Q2_K, made by llama-quantize from an F16 GGUF of SmolLM2
           (the shipped Q4_1 file expanded), against qft's allocation over llama.cpp's types
