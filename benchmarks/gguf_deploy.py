@@ -58,9 +58,8 @@ def llama_recipe(qtype: str, text: Path) -> dict:
     path = WORK / f"llama-{qtype}.gguf"
     if not path.is_file():
         quantize(f16_gguf(), path, qtype)
-    kinds = sorted({t for t in tensor_types(path).values()})
     return {"file": f"llama.cpp {qtype}", "MiB": path.stat().st_size / 2**20, "bits/weight": bits_per_weight(path),
-            "llama.cpp ppl": perplexity(path, text), "types": str(kinds)}
+            "llama.cpp ppl": perplexity(path, text), "types": str(tensor_types(path))}
 
 
 def qft_recipe(target_bytes: int, text: Path, label: str, *, fisher: bool, gptq: bool) -> dict:
