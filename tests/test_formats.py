@@ -115,7 +115,7 @@ def test_aliases():
         ("int9", "int bit width"),
         ("int1", "int bit width"),
         ("int4-g100", "group size"),
-        ("q4_k", "unknown format"),
+        ("iq4_nl", "unknown format"),
     ],
 )
 def test_bad_format_names(name, match):

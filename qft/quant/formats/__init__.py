@@ -11,8 +11,9 @@ Names (``get_format``):
 - ``fp8``, ``fp8-{e4m3,e5m2}[-{row,tensor}]``: FP8 with per-row (default) or
   per-tensor scale.
 - ``q8_0``, ``q4_0``, ``q5_0``, ``q6_k``, ``q3_k``: llama.cpp's symmetric block
-  formats, bit-exact with ggml (``to_ggml`` / ``from_ggml`` convert to and from
-  GGUF tensor bytes).
+  formats, and ``q4_1``, ``q5_1``, ``q2_k``, ``q4_k``, ``q5_k``: its asymmetric ones
+  (an offset per block, ``Format.decode_offset``), all bit-exact with ggml
+  (``to_ggml`` / ``from_ggml`` convert to and from GGUF tensor bytes).
 """
 
 from __future__ import annotations
@@ -59,5 +60,5 @@ def get_format(spec: str | Format) -> Format:
         return GGMLFormat(name)
     raise ValueError(
         f"unknown format {spec!r}; examples of valid names: 'nf4', 'nf3-b64-dq8b256', "
-        "'nf2-b32-dq4b64-fp16', 'int4-g128', 'int8-ch', 'fp8-e4m3-row', 'q4_0', 'q6_k'"
+        "'nf2-b32-dq4b64-fp16', 'int4-g128', 'int8-ch', 'fp8-e4m3-row', 'q4_0', 'q4_k', 'q6_k'"
     )
