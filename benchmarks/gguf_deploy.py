@@ -7,8 +7,8 @@ deploys after training against what was trained. Every perplexity here is llama.
 
 recipes   llama.cpp's Q4_K_M, Q3_K_M and Q2_K, made by llama-quantize from an F16 GGUF of SmolLM2
           (the shipped Q4_1 file expanded), against qft's allocation over llama.cpp's types
-          (q3_k, q4_0, q5_0, q6_k, q8_0; QLoRA-style rank 0, round to nearest, and with Fisher
-          weights + GPTQ rounding) at the same file size: qft's budget for the projections is
+          (all ten qft has; QLoRA-style rank 0: round to nearest, Fisher-weighted, and Fisher +
+          GPTQ rounding with --gptq) at the same file size: qft's budget for the projections is
           what llama.cpp's file leaves after the embeddings (written as Q8_0 by qft) and norms.
 trained   LQ-LoRA over llama.cpp's types (4.5 bits, rank 16) trained --steps steps (the finetune
           benchmark's schedule); the trained model as llama.cpp reads it: (ref) merged in f32,
@@ -33,13 +33,14 @@ from llama_cpp import bits_per_weight, default_gguf, find_llama_cpp, perplexity,
 import qft
 from qft.prepare.report import markdown_table
 from qft.quant.formats import get_format
+from qft.quant.formats.ggml import GGML_TYPES
 from qft.training.evaluate import perplexity as qft_perplexity
 from qft.training.loop import train
 
 WORK = OUT / "gguf"
 RECIPES = ("Q4_K_M", "Q3_K_M", "Q2_K")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-SYMMETRIC = ("q3_k", "q4_0", "q5_0", "q6_k", "q8_0")
+TYPES = tuple(GGML_TYPES)  # every llama.cpp type qft has: q8_0, q4_0, q5_0, q6_k, q3_k, q4_1, q5_1, q2_k, q4_k, q5_k
 
 
 def f16_gguf() -> Path:
@@ -73,7 +74,7 @@ def qft_recipe(target_bytes: int, text: Path, label: str, *, fisher: bool, gptq:
     rest = probe.stat().st_size - q8_bytes
     bits = (target_bytes - rest) * 8 / n
     model, tokenizer = qft.default_model(progress=False)
-    config = qft.QLoRAConfig(bits=round(bits, 4), rank=0, formats=SYMMETRIC, fisher=fisher,
+    config = qft.QLoRAConfig(bits=round(bits, 4), rank=0, formats=TYPES, fisher=fisher,
                              rounding="gptq" if gptq else "rtn")
     start = time.perf_counter()
     qft.quantize_(model, config, tokenizer=tokenizer, progress=False)
@@ -95,7 +96,8 @@ def part_recipes(args, text: Path) -> list[dict]:
         rows.append(row)
         print(row, flush=True)
         target = (WORK / f"llama-{qtype}.gguf").stat().st_size
-        for label, fisher, gptq in (("rtn", False, False), ("fisher-gptq", True, True))[: 2 if args.gptq else 1]:
+        for label, fisher, gptq in (("rtn", False, False), ("fisher", True, False), ("fisher-gptq", True, True)
+                                    )[: 3 if args.gptq else 2]:
             row = qft_recipe(target, text, f"{label}-as-{qtype}", fisher=fisher, gptq=gptq)
             rows.append(row)
             print(row, flush=True)
@@ -113,7 +115,7 @@ def trained(config, args) -> tuple:
 
 def part_trained(args, text: Path) -> list[dict]:
     rows = []
-    model, tokenizer, before, after = trained(qft.LQLoRAConfig(bits=4.5, rank=16, formats=SYMMETRIC), args)
+    model, tokenizer, before, after = trained(qft.LQLoRAConfig(bits=4.5, rank=16, formats=TYPES), args)
     files = {"ref": WORK / "lqlora-merged-f32.gguf", "base": WORK / "lqlora-base.gguf",
              "lora": WORK / "lqlora-lora.gguf", "merged": WORK / "lqlora-merged-f16.gguf"}
     qft.export_gguf(model, files["ref"], tokenizer, dtype="f32", adapters="merged")
