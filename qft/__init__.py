@@ -24,6 +24,7 @@ from qft.methods.config import (
     LoftQConfig,
     LQLoRAConfig,
     PEQAConfig,
+    QALoRAConfig,
     QLoRAConfig,
     QuantConfig,
     WholeModelConfig,
@@ -43,6 +44,7 @@ from qft.prepare.quantize import quantize_, quantize_and_prepare
 from qft.prepare.report import quantization_error_table
 from qft.nn.targets import find_target_linears
 from qft.quant.tensor import QuantizedTensor
+from qft.methods.qalora import merge_qalora
 from qft.training.loop import TrainConfig, register_objective, train
 
 __version__ = "0.1.0"
@@ -57,6 +59,7 @@ __all__ = [
     "LQLoRAConfig",
     "LoftQConfig",
     "PEQAConfig",
+    "QALoRAConfig",
     "QLoRAConfig",
     "QuantConfig",
     "WholeModelConfig",
@@ -79,6 +82,7 @@ __all__ = [
     "export_dense",
     "export_gguf",
     "export_gguf_lora",
+    "merge_qalora",
     "export_merged",
     "export_peft",
     "find_target_linears",

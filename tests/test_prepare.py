@@ -100,7 +100,7 @@ def test_bad_input():
     with pytest.raises(ValueError, match="unknown method"):
         quantize_and_prepare(tiny_llama(), method="gptq")
     with pytest.raises(ValueError, match="unknown format"):
-        quantize_and_prepare(tiny_llama(), bits="q4_0")
+        quantize_and_prepare(tiny_llama(), bits="q9_9")
     model = tiny_llama()
     with torch.no_grad():
         model.model.layers[1].self_attn.k_proj.weight[0, 0] = float("nan")

@@ -119,7 +119,7 @@ def test_qlinear_scale_grad_triton_matches_torch(name, dtype, rng):
     assert _rel(grads[1], grads[0]) < TOLERANCE[torch.float32]
 
 
-@pytest.mark.parametrize("name", ["nf3-b32-dq8b256", "int4-g32", "fp8-e4m3-row"])
+@pytest.mark.parametrize("name", ["nf3-b32-dq8b256", "int4-g32", "fp8-e4m3-row", "q4_0", "q4_1", "q6_k", "q4_k"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_qlinear_triton_backend_matches_torch(name, dtype, monkeypatch, rng):
     """A whole QLinear (forward, input and adapter gradients) on either backend. fp32 activations go
@@ -132,14 +132,16 @@ def test_qlinear_triton_backend_matches_torch(name, dtype, monkeypatch, rng):
         return not fused[-1]
 
     monkeypatch.setattr(triton_dequant, "_dense", spy)
-    linear = torch.nn.Linear(70, 24)
+    cols = 256 if name.startswith("q") else 70  # llama.cpp's types store whole blocks (256 for the K types)
+    linear = torch.nn.Linear(cols, 24)
     lora_b = torch.randn(24, 4, generator=rng) * 0.1  # non-zero, so lora_A's gradient is too
-    train_scales = "-dq" not in name  # double-quantized scales are stored as codes: they cannot train
+    # double-quantized scales (NF's, the K types' sub-scales) are stored as codes: they cannot train
+    train_scales = "-dq" not in name and not name.endswith("_k")
     torch_layer = QLinear.from_linear(linear, name, rank=4, lora_b=lora_b, train_scales=train_scales,
                                       backend="torch").to(DEVICE, dtype)
     triton_layer = QLinear.from_state_dict(torch_layer.state_dict(), backend="triton").to(DEVICE)
     assert len(triton_layer.adapters()) == 2 + train_scales
-    x = torch.randn(2, 3, 70, generator=rng).to(DEVICE, dtype)
+    x = torch.randn(2, 3, cols, generator=rng).to(DEVICE, dtype)
     outs = []
     for layer in (torch_layer, triton_layer):
         xi = x.clone().requires_grad_(True)

@@ -76,7 +76,8 @@ def export_peft(model: nn.Module, directory: str | os.PathLike, tokenizer=None, 
     dtype = dtype or model.get_input_embeddings().weight.dtype
     tensors = {}
     for name, layer in layers.items():
-        tensors[f"base_model.model.{name}.lora_A.weight"] = layer.lora_A.detach().cpu().contiguous()
+        a = layer.unpooled_lora_A(layer.lora_A.dtype) if getattr(layer, "pool", 0) else layer.lora_A  # QA-LoRA's
+        tensors[f"base_model.model.{name}.lora_A.weight"] = a.detach().cpu().contiguous()
         tensors[f"base_model.model.{name}.lora_B.weight"] = layer.lora_B.detach().cpu().contiguous()
     base = dense_model(model, dtype, merged=False)
     config = _peft_config(layers, base)
