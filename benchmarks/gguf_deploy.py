@@ -13,8 +13,9 @@ recipes   llama.cpp's Q4_K_M, Q3_K_M and Q2_K, made by llama-quantize from an F1
 trained   LQ-LoRA over llama.cpp's types (4.5 bits, rank 16) trained --steps steps (the finetune
           benchmark's schedule); the trained model as llama.cpp reads it: (ref) merged in f32,
           i.e. the trained model itself; (a) the base GGUF + the LoRA GGUF, unmerged; (b) merged,
-          rounded once to f16; (c) QA-LoRA on q4_1, trained the same way and merged into its
-          offsets (when qft has the qalora method). Goal: (a) and (c) within 1 % of (ref).
+          rounded once to f16. Goal: (a) within 1 % of (ref).
+qalora    (c) QA-LoRA on q4_1, trained the same way and merged into its offsets, with the
+          embeddings in Q8_0 and in f16. Goal: within 1 % of the trained model.
 """
 
 from __future__ import annotations
@@ -132,19 +133,27 @@ def part_trained(args, text: Path) -> list[dict]:
         rows.append({**common, "llama.cpp reads": label, "MiB": (path.stat().st_size + (lora.stat().st_size if lora
                      else 0)) / 2**20, "llama.cpp ppl": ppl, "vs ref": ppl / ref - 1})
         print(rows[-1], flush=True)
-    try:
-        from qft.methods.qalora import merge_qalora
-    except ImportError:
-        print("# qft has no qalora method: (c) skipped", flush=True)
-        return rows
+    return rows
+
+
+def part_qalora(args, text: Path) -> list[dict]:
+    """(c): QA-LoRA on q4_1 merged into its offsets; the embeddings in Q8_0 and in f16 (to tell what the
+    merge costs from what a quantized embedding costs)."""
+    from qft.methods.qalora import merge_qalora
+
+    rows = []
     model, tokenizer, before, after = trained(qft.QALoRAConfig(bits="q4_1", rank=16), args)
-    ref_path, merged_path = WORK / "qalora-f32.gguf", WORK / "qalora-merged-q4_1.gguf"
+    ref_path = WORK / "qalora-f32.gguf"
+    merged = {"q8_0": WORK / "qalora-merged-q4_1.gguf", "f16": WORK / "qalora-merged-q4_1-f16-embeddings.gguf"}
     qft.export_gguf(model, ref_path, tokenizer, dtype="f32", adapters="merged")
     merge_qalora(model)
-    qft.export_gguf(model, merged_path, tokenizer, dtype="q8_0")
+    for dtype, path in merged.items():
+        qft.export_gguf(model, path, tokenizer, dtype=dtype)
     ref = perplexity(ref_path, text)
     common = {"method": "qalora q4_1, rank 16", "qft ppl before": before, "qft ppl after": after}
-    for label, path in (("(ref) trained model, merged f32", ref_path), ("(c) merged into q4_1's offsets", merged_path)):
+    for label, path in (("(ref) trained model, merged f32", ref_path),
+                        ("(c) merged into q4_1's offsets, Q8_0 embeddings", merged["q8_0"]),
+                        ("(c) merged into q4_1's offsets, f16 embeddings", merged["f16"])):
         ppl = ref if path == ref_path else perplexity(path, text)
         rows.append({**common, "llama.cpp reads": label, "MiB": path.stat().st_size / 2**20, "llama.cpp ppl": ppl,
                      "vs ref": ppl / ref - 1})
@@ -155,7 +164,8 @@ def part_trained(args, text: Path) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training_arguments(parser, ["gguf"])
-    parser.add_argument("--parts", nargs="+", default=["recipes", "trained"], choices=["recipes", "trained"])
+    parser.add_argument("--parts", nargs="+", default=["recipes", "trained", "qalora"],
+                        choices=["recipes", "trained", "qalora"])
     parser.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True,
                         help="recipes: also qft with Fisher weights and GPTQ rounding (slower)")
     args = parser.parse_args()
@@ -172,7 +182,10 @@ def main() -> None:
     if "trained" in args.parts:
         results["trained"] = part_trained(args, text)
         print(markdown_table(results["trained"], ".4f"), flush=True)
-    (WORK / "results.json").write_text(json.dumps(results, indent=1))
+    if "qalora" in args.parts:
+        results["qalora"] = part_qalora(args, text)
+        print(markdown_table(results["qalora"], ".4f"), flush=True)
+    (WORK / f"results-{'-'.join(args.parts)}.json").write_text(json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":
