@@ -130,17 +130,22 @@ class QuantizedTensor(torch.Tensor):
     def scales(self) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Decoded float32 (scale, zero) per block; zero is None for symmetric formats. Cached,
         except while a stored scale requires grad (a trained scale must stay in the graph)."""
+        return self._decode()[0]
+
+    def offset(self) -> torch.Tensor | None:
+        """Decoded float32 offset per block (llama.cpp's m in d·q + m), or None for formats without one;
+        cached with the scales."""
+        return self._decode()[1]
+
+    def _decode(self) -> tuple[tuple[torch.Tensor, torch.Tensor | None], torch.Tensor | None]:
         if self._decoded is not None:
             return self._decoded
-        decoded = self.format.decode_scales(self.tensors, self.rows, self.cols)
+        decoded = (self.format.decode_scales(self.tensors, self.rows, self.cols),
+                   self.format.decode_offset(self.tensors, self.rows, self.cols))
         trained = any(isinstance(t, torch.nn.Parameter) or t.requires_grad for t in self.tensors.values())
         if self._keep_decoded and not trained:
             self._decoded = decoded
         return decoded
-
-    def offset(self) -> torch.Tensor | None:
-        """Decoded float32 offset per block (llama.cpp's m in d·q + m), or None for formats without one."""
-        return self.format.decode_offset(self.tensors, self.rows, self.cols)
 
     def forget_decoded(self) -> None:
         """Drop the cached decoded scales: call it after changing a stored tensor in place."""
