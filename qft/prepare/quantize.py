@@ -240,18 +240,20 @@ def _prepare_budget(model: nn.Module | str | os.PathLike, config: BudgetConfig, 
     return swap_in(model, config, layers, report)
 
 
+def streams(config: QuantConfig, fisher=None) -> bool:
+    """Whether ``config`` can be applied while reading the weights from disk one at a time: not when it runs
+    calibration text through the full-precision model (a Fisher given as a dict was read already)."""
+    return (isinstance(config, BudgetConfig) and config.resolved_rounding != "gptq"
+            and (not config.fisher or isinstance(fisher, dict)))
+
+
 def check_streamable(config: BudgetConfig, fisher=None) -> None:
     """A model read from its files one weight at a time cannot run calibration text in full precision."""
-    if fisher is True or config.fisher and fisher is None or config.resolved_rounding == "gptq":
+    if not streams(config, fisher):
         raise ValueError(f"fisher=True and rounding='gptq' (method {config.method!r} rounds with "
                          f"{config.resolved_rounding!r}) run calibration text through the whole model in full "
                          "precision, which streaming quantization never holds: load the model (from_pretrained) "
                          "and pass it, pass a precomputed Fisher dict, or rounding='rtn'")
-
-
-def streams(config: QuantConfig) -> bool:
-    """Whether ``config`` can be applied while reading the weights from disk one at a time."""
-    return isinstance(config, BudgetConfig) and not config.fisher and config.resolved_rounding != "gptq"
 
 
 def swap_in(model: nn.Module, config: BudgetConfig, layers: dict[str, QLinear], report: Report) -> nn.Module:
