@@ -3,12 +3,12 @@ deploys after training against what was trained. Every perplexity here is llama.
 (llama-perplexity, ctx 512: it scores the second half of each chunk) on qft's held-out text.
 
     bash benchmarks/gguf.sh                        # builds llama.cpp once (cached)
-    python benchmarks/gguf_deploy.py [--parts recipes trained] [--steps 30]
+    python benchmarks/gguf_deploy.py [--parts recipes trained qalora] [--variants ...] [--types ...] [--steps 30]
 
 recipes   llama.cpp's Q4_K_M, Q3_K_M and Q2_K, made by llama-quantize from an F16 GGUF of SmolLM2
           (the shipped Q4_1 file expanded), against qft's allocation over llama.cpp's types
-          (all ten qft has; QLoRA-style rank 0: round to nearest, Fisher-weighted, and Fisher +
-          GPTQ rounding with --gptq) at the same file size: qft's budget for the projections is
+          (--types symmetric (default) or all ten qft has; QLoRA-style rank 0, --variants: round to
+          nearest, Fisher-weighted, Fisher + GPTQ rounding) at the same file size: qft's budget for the projections is
           what llama.cpp's file leaves after the embeddings (written as Q8_0 by qft) and norms.
 trained   LQ-LoRA over llama.cpp's types (4.5 bits, rank 16) trained --steps steps (the finetune
           benchmark's schedule); the trained model as llama.cpp reads it: (ref) merged in f32,
@@ -42,6 +42,8 @@ WORK = OUT / "gguf"
 RECIPES = ("Q4_K_M", "Q3_K_M", "Q2_K")
 PROJECTIONS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 TYPES = tuple(GGML_TYPES)  # every llama.cpp type qft has: q8_0, q4_0, q5_0, q6_k, q3_k, q4_1, q5_1, q2_k, q4_k, q5_k
+SYMMETRIC = ("q3_k", "q4_0", "q5_0", "q6_k", "q8_0")  # no offset: none of them holds this model's Q4_1 grid exactly
+VARIANTS = {"rtn": (False, False), "fisher": (True, False), "fisher-gptq": (True, True)}  # label -> (fisher, gptq)
 
 
 def f16_gguf() -> Path:
@@ -64,7 +66,7 @@ def llama_recipe(qtype: str, text: Path) -> dict:
             "llama.cpp ppl": perplexity(path, text), "types": str(tensor_types(path))}
 
 
-def qft_recipe(target_bytes: int, text: Path, label: str, *, fisher: bool, gptq: bool) -> dict:
+def qft_recipe(target_bytes: int, text: Path, label: str, *, types: tuple, fisher: bool, gptq: bool) -> dict:
     model, tokenizer = qft.default_model(progress=False)
     probe = WORK / "probe.gguf"  # the bytes everything but the projections takes when written by qft
     qft.quantize_(model, qft.QLoRAConfig(bits="q8_0", rank=0), progress=False)
@@ -75,7 +77,7 @@ def qft_recipe(target_bytes: int, text: Path, label: str, *, fisher: bool, gptq:
     rest = probe.stat().st_size - q8_bytes
     bits = (target_bytes - rest) * 8 / n
     model, tokenizer = qft.default_model(progress=False)
-    config = qft.QLoRAConfig(bits=round(bits, 4), rank=0, formats=TYPES, fisher=fisher,
+    config = qft.QLoRAConfig(bits=round(bits, 4), rank=0, formats=types, fisher=fisher,
                              rounding="gptq" if gptq else "rtn")
     start = time.perf_counter()
     qft.quantize_(model, config, tokenizer=tokenizer, progress=False)
@@ -97,9 +99,10 @@ def part_recipes(args, text: Path) -> list[dict]:
         rows.append(row)
         print(row, flush=True)
         target = (WORK / f"llama-{qtype}.gguf").stat().st_size
-        for label, fisher, gptq in (("rtn", False, False), ("fisher", True, False), ("fisher-gptq", True, True)
-                                    )[: 3 if args.gptq else 2]:
-            row = qft_recipe(target, text, f"{label}-as-{qtype}", fisher=fisher, gptq=gptq)
+        types = SYMMETRIC if args.types == "symmetric" else TYPES
+        for label in args.variants:
+            fisher, gptq = VARIANTS[label]
+            row = qft_recipe(target, text, f"{args.types}-{label}-as-{qtype}", types=types, fisher=fisher, gptq=gptq)
             rows.append(row)
             print(row, flush=True)
     return rows
@@ -166,8 +169,11 @@ def main() -> None:
     training_arguments(parser, ["gguf"])
     parser.add_argument("--parts", nargs="+", default=["recipes", "trained", "qalora"],
                         choices=["recipes", "trained", "qalora"])
-    parser.add_argument("--gptq", action=argparse.BooleanOptionalAction, default=True,
-                        help="recipes: also qft with Fisher weights and GPTQ rounding (slower)")
+    parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="recipes: qft's allocations to run (round to nearest; Fisher-weighted; Fisher + GPTQ)")
+    parser.add_argument("--types", choices=["symmetric", "all"], default="symmetric",
+                        help="recipes: the ggml types qft may choose from (all: the asymmetric ones too, which hold "
+                             "this Q4_1-derived model's own grid exactly)")
     args = parser.parse_args()
     if find_llama_cpp() is None:
         raise SystemExit("llama.cpp is not built: run `bash benchmarks/gguf.sh` first")
@@ -185,7 +191,8 @@ def main() -> None:
     if "qalora" in args.parts:
         results["qalora"] = part_qalora(args, text)
         print(markdown_table(results["qalora"], ".4f"), flush=True)
-    (WORK / f"results-{'-'.join(args.parts)}.json").write_text(json.dumps(results, indent=1))
+    (WORK / f"results-{'-'.join(args.parts)}-{args.types}-{'-'.join(args.variants)}.json").write_text(
+        json.dumps(results, indent=1))
 
 
 if __name__ == "__main__":

@@ -162,7 +162,9 @@ def cmd_export(args) -> None:
         from qft.nn import qft_layers
 
         out = Path(args.out)
-        export_gguf(model, out, tokenizer, dtype=args.gguf_dtype, adapters="merged" if args.merge_lora else "separate")
+        adapters = {None: "separate", "dense": "merged", "requantized": "requantized"}[args.merge_lora]
+        export_gguf(model, out, tokenizer, dtype=args.gguf_dtype, adapters=adapters, rounding=args.rounding,
+                    progress=args.progress)
         if not args.merge_lora and any(getattr(m, "rank", 0) for m in qft_layers(model).values()):
             lora = out.with_name(out.stem + "-lora.gguf")
             export_gguf_lora(model, lora, base_name=out.stem)
@@ -257,7 +259,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rank", type=int, help="rank of the low-rank factors (default: 64; PEQA: none)")
     p.add_argument("--fisher", action="store_true", help="weight errors by the empirical Fisher (needs text)")
     p.add_argument("--formats", help="the formats the budget is spent over, comma-separated (e.g. nf3-b64,nf4), or "
-                                     "'gguf': llama.cpp's types q3_k, q4_0, q5_0, q6_k, q8_0 (for `export --gguf`)")
+                                     "'gguf': llama.cpp's ten block types q8_0 ... q2_k (for `export --gguf`)")
     p.add_argument("--streaming", action="store_true",
                    help="read --model's weights one at a time from its safetensors files (never the whole "
                         "model in full precision; not with --fisher or --rounding gptq)")
@@ -341,12 +343,14 @@ def build_parser() -> argparse.ArgumentParser:
                         "unless --merge-lora")
     p.add_argument("--gguf-dtype", default="f16", choices=["f16", "bf16", "f32", "q8_0"],
                    help="--gguf: embeddings, head and layers not in a llama.cpp type")
-    p.add_argument("--merge-lora", action="store_true",
-                   help="--gguf: merge the LoRA into the weights (rounded once to --gguf-dtype) instead of a "
-                        "separate adapter file")
+    p.add_argument("--merge-lora", nargs="?", const="dense", choices=["dense", "requantized"],
+                   help="--gguf: merge the LoRA into the weights instead of a separate adapter file, rounded once "
+                        "to --gguf-dtype (dense, the default) or into each layer's own llama.cpp type "
+                        "(requantized; --rounding gptq calibrates on the embedded corpus)")
     p.add_argument("--group-size", type=int, default=128)
     p.add_argument("--rounding", default="rtn", choices=["rtn", "gptq"],
-                   help="--merged: how re-quantized layers round (gptq: over the embedded corpus's train split)")
+                   help="--merged, --gguf --merge-lora requantized: how re-quantized layers round (gptq: over the "
+                        "embedded corpus's train split)")
     p.add_argument("--asymmetric", action="store_true",
                    help="--merged: re-quantize to int4 with a zero-point per group (W4A16_ASYM) instead of symmetric")
     p.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,

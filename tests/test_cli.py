@@ -213,3 +213,8 @@ def test_quantize_over_llama_cpp_types_and_export_gguf(base, tmp_path, capsys):
     lora = gguf.GGUFReader(tmp_path / "smol-lora.gguf")
     assert bytes(lora.fields["general.type"].parts[-1]).decode() == "adapter"
     assert "blk.0.attn_q.weight.lora_a" in {t.name for t in lora.tensors}
+    # merged and rounded once into each layer's own type: the same types, no adapter file
+    one = tmp_path / "one.gguf"
+    assert main(["export", "-q", str(q), "--gguf", "--merge-lora", "requantized", "--out", str(one)]) == 0
+    assert {t.name: t.tensor_type.name for t in gguf.GGUFReader(one).tensors} == types
+    assert not (tmp_path / "one-lora.gguf").exists()

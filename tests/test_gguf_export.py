@@ -28,6 +28,7 @@ from qft.exports.gguf import export_gguf, export_gguf_lora, llama_permutation, t
 from qft.exports.merged import dense_model
 from qft.files.models import DEFAULT_GGUF, default_model_dir
 from qft.nn import QLinear, qft_layers
+from qft.quant.tensor import QuantizedTensor
 
 SENTENCES = ["Hello world 123, how are you?", "<|im_start|>user\nWhat is 2+2?<|im_end|>",
              "  leading spaces, tabs\tand unicode: café, 東京", "def f(x):\n    return x ** 2"]
@@ -413,6 +414,49 @@ def test_a_model_in_a_llama_cpp_format_exports_its_bytes_unchanged(tmp_path, sma
     assert {found[gguf_name(m)].tensor_type.name for m in layers} == {bits.upper()}
     assert {t.tensor_type.name for t in tensors(merged).values()} == {"F32"}
     torch.testing.assert_close(logits(read_back(merged), ids), logits(model, ids), rtol=1e-4, atol=1e-4)
+
+
+def calibration_text(seed: int, chars: int = 2200) -> str:
+    """Words of the small tokenizer's merges and letters, about one token per character."""
+    words = ["the", "in", "we", "tin", "hen", "wet", "nine", "then"]
+    g = torch.Generator().manual_seed(seed)
+    return " ".join(words[i] for i in torch.randint(0, len(words), (chars // 4,), generator=g))
+
+
+def test_requantized_rounds_the_merged_weight_once_into_each_layers_own_type(tmp_path, small):
+    model = prepared(ggml_model(64, len(small)), bits="q4_0")
+    layers = qft_layers(model)
+    path = export_gguf(model, tmp_path / "r.gguf", small, dtype="f32", adapters="requantized")
+    base = export_gguf(model, tmp_path / "b.gguf", small, dtype="f32")
+    assert path.stat().st_size == base.stat().st_size  # one file the base's size, no adapter beside it
+    assert {tensors(path)[gguf_name(m)].tensor_type.name for m in layers} == {"Q4_0"}
+    back = read_back(path)
+    for module, layer in layers.items():
+        expected = QuantizedTensor.quantize(layer.merged_weight(), layer.weight.format).dequantize(torch.float32)
+        assert torch.equal(back.get_submodule(module).weight.float(), expected)
+        assert not torch.equal(expected, layer.base_weight())  # the adapters are in
+
+
+def test_requantized_with_gptq_is_closer_to_the_trained_model_than_rounding_to_nearest(tmp_path, small):
+    model = prepared(ggml_model(64, len(small)), bits="q4_0", rank=4)
+    texts = [calibration_text(seed) for seed in range(3)]
+    files = {rounding: export_gguf(model, tmp_path / f"{rounding}.gguf", small, dtype="f32", adapters="requantized",
+                                   rounding=rounding, calibration=texts, progress=False)
+             for rounding in ("rtn", "gptq")}
+    ids = small(texts[0], return_tensors="pt").input_ids[:, :256]
+    ours = logits(model, ids)
+    error = {r: float((logits(read_back(path), ids) - ours).norm()) for r, path in files.items()}
+    assert error["gptq"] < error["rtn"], error
+    with pytest.raises(ValueError, match="rounding"):
+        export_gguf(model, tmp_path / "x.gguf", small, adapters="requantized", rounding="round")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_requantized_refuses_layers_in_no_llama_cpp_type(tmp_path, small):
+    model = prepared(tiny_llama(vocab_size=len(small)), bits="nf4")
+    with pytest.raises(ValueError, match="requantized.*llama.cpp type.*adapters='merged'"):
+        export_gguf(model, tmp_path / "n.gguf", small, adapters="requantized")
+    assert not (tmp_path / "n.gguf").exists()
 
 
 # -- llama.cpp itself, where benchmarks/gguf.sh has built it ---------------------------------------

@@ -28,6 +28,10 @@ How each qft layer is written (``adapters``):
   layer in a llama.cpp block format with nothing to merge (no low-rank factors, no trained scales:
   e.g. a QA-LoRA model after ``qft.methods.qalora.merge_qalora``, whose update is in its Q4_1 / Q5_1
   offsets) goes out as its bytes here too.
+- ``"requantized"``: W + scaling·B·A rounded once into the layer's own llama.cpp type (round to
+  nearest, or GPTQ on the type's own scales, each layer calibrated on the ones before it as rounded):
+  one file of the base's size, no adapter. Every layer that merges something must be in a llama.cpp
+  type.
 
 Everything else (embeddings, a plain head) is written in ``dtype``; one-dimensional tensors (norms,
 biases) always in f32, as llama.cpp's converter does. ``dtype="q8_0"`` falls back to f16 for a matrix
@@ -47,16 +51,19 @@ import numpy as np
 import torch
 from torch import nn
 
+from qft.exports.merged import rounded_once
 from qft.files.atomic import atomic_path
+from qft.methods.gptq import gptq
 from qft.nn import QFT_LAYERS, qft_layers
 from qft.nn.distributed import is_sharded
 from qft.quant.formats.ggml import is_ggml, to_ggml
+from qft.quant.tensor import QuantizedTensor
 
 logger = logging.getLogger(__name__)
 
 ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}  # transformers class -> llama.cpp arch
 DTYPES = ("f32", "f16", "bf16", "q8_0")
-ADAPTERS = ("separate", "merged")
+ADAPTERS = ("separate", "merged", "requantized")
 SMOLLM_VOCAB = ("<|endoftext|>", "<|im_start|>", "<|im_end|>")  # ids 0..2 of SmolLM/SmolLM2's 49152 tokens
 # informational general.file_type of a file whose matrices are mostly of one ggml type
 _FILE_TYPES = {"F32": "ALL_F32", "F16": "MOSTLY_F16", "BF16": "MOSTLY_BF16", "Q8_0": "MOSTLY_Q8_0",
@@ -282,13 +289,41 @@ def _add_hyperparameters(writer, model: nn.Module, name: str, file_type: int) ->
     writer.add_rope_dimension_count(_head_dim(config))
 
 
-def _layer_tensor(layer: nn.Module, adapters: str, dtype: str, gguf_name: str, perm: np.ndarray | None):
-    """A qft layer's weight as written: its own ggml bytes when it may be, else dense in ``dtype``."""
-    weight = getattr(layer, "weight", None)
+def _merges(layer: nn.Module) -> bool:
+    """Whether merging changes ``layer``'s weight: it has low-rank factors or trained scales (else its
+    bytes are its merged weight)."""
+    return bool(getattr(layer, "rank", 0)) or getattr(layer, "scale", None) is not None
+
+
+def _requantized(model: nn.Module, layers: dict[str, nn.Module], tokenizer, rounding: str,
+                 calibration: list[str] | None, progress: bool) -> dict[str, QuantizedTensor]:
+    """W + scaling·B·A of every layer that merges something, rounded once into the layer's own llama.cpp type."""
+    names = [n for n, m in layers.items() if _merges(m)]
+    foreign = {n: getattr(getattr(layers[n], "weight", None), "format", None) for n in names}
+    foreign = {n: f for n, f in foreign.items() if f is None or not is_ggml(f)}
+    if foreign:
+        name, fmt = next(iter(foreign.items()))
+        raise ValueError(f"adapters='requantized' rounds each merged weight into the layer's own llama.cpp type, "
+                         f"but {len(foreign)} layers (e.g. {name}: {getattr(fmt, 'name', type(layers[name]).__name__)}) "
+                         "are in none; quantize with formats= from qft.quant.formats.ggml.GGML_TYPES, or export "
+                         "with adapters='merged' (dense)")
+
+    def round_one(name: str, weight: torch.Tensor, hessian: torch.Tensor | None):
+        fmt = layers[name].weight.format
+        q = QuantizedTensor.quantize(weight, fmt) if hessian is None else gptq(weight, fmt, hessian, act_order=True)
+        return q, q.dequantize(torch.float32)
+
+    return dict(rounded_once(model, names, round_one, rounding=rounding, tokenizer=tokenizer,
+                             calibration=calibration, progress=progress))
+
+
+def _layer_tensor(layer: nn.Module, adapters: str, dtype: str, gguf_name: str, perm: np.ndarray | None,
+                  rounded: QuantizedTensor | None):
+    """A qft layer's weight as written: ggml bytes (its own, or ``rounded``: its merged weight rounded once
+    into its type) when it may be, else dense in ``dtype``."""
+    weight = rounded if rounded is not None else getattr(layer, "weight", None)
     fmt = getattr(weight, "format", None)
-    # merged, a layer with no factors and no trained scales merges nothing: its bytes are its merged weight
-    nothing_to_merge = not getattr(layer, "rank", 0) and getattr(layer, "scale", None) is None
-    if (adapters == "separate" or nothing_to_merge) and fmt is not None and is_ggml(fmt):
+    if (adapters == "separate" or rounded is not None or not _merges(layer)) and fmt is not None and is_ggml(fmt):
         data, qtype = to_ggml(weight)
         data = np.asarray(data, dtype=np.uint8).reshape(layer.out_features, -1)
         return (data if perm is None else data[perm]), qtype, True
@@ -302,11 +337,11 @@ def _layer_tensor(layer: nn.Module, adapters: str, dtype: str, gguf_name: str, p
 
 
 def _add_layer(tensors: dict, names: _Names, arch: str, config, module: str, layer: nn.Module, adapters: str,
-               dtype: str) -> list[str]:
-    """Put one qft layer's weight (and bias) into ``tensors``; the ggml type names it kept as they were."""
+               dtype: str, rounded: QuantizedTensor | None) -> list[str]:
+    """Put one qft layer's weight (and bias) into ``tensors``; the ggml type names it wrote."""
     gguf_name = names(f"{module}.weight")
     perm = _permutation(arch, gguf_name, layer.out_features, config)
-    data, qtype, kept = _layer_tensor(layer, adapters, dtype, gguf_name, perm)
+    data, qtype, kept = _layer_tensor(layer, adapters, dtype, gguf_name, perm, rounded)
     tensors[gguf_name] = (data, qtype)
     if getattr(layer, "bias", None) is not None:
         bias = _numpy(layer.bias)
@@ -320,13 +355,17 @@ def _file_type(written: Counter, dtype: str) -> int:
 
 
 def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer, *, dtype: str = "f16",
-                adapters: str = "separate", name: str | None = None, pre: str | None = None) -> Path:
+                adapters: str = "separate", rounding: str = "rtn", calibration: list[str] | None = None,
+                name: str | None = None, pre: str | None = None, progress: bool = True) -> Path:
     """Write ``model`` (a Llama or Qwen2 causal LM, qft layers or not) as one llama.cpp GGUF file at ``path``
     (module doc): llama.cpp (``llama-cli -m path``) and transformers (``gguf_file=``) read it.
 
     dtype: of every dense matrix: "f16" (default), "f32", "bf16" or "q8_0"; norms and biases are f32.
     adapters: "separate" (the base only, llama.cpp-format layers byte for byte; write the LoRA with
-      :func:`export_gguf_lora`) or "merged" (W + scaling·B·A rounded once to ``dtype``).
+      :func:`export_gguf_lora`), "merged" (W + scaling·B·A rounded once to ``dtype``) or "requantized"
+      (W + scaling·B·A rounded once into each layer's own llama.cpp type: the size of the base, one file).
+    rounding: for "requantized", "rtn" (round to nearest) or "gptq" (GPTQ with act-order on the type's own
+      scales, over ``calibration`` texts, default the embedded corpus's train split).
     name: ``general.name`` (default: the model's folder name). pre: ``tokenizer.ggml.pre`` (default:
       :func:`tokenizer_pre`'s rule)."""
     if dtype not in DTYPES:
@@ -341,6 +380,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer, *, dtype: 
     names = _Names(arch, config.num_hidden_layers)
     layers = qft_layers(model)
     head = _tied_head(model)
+    rounded = (_requantized(model, layers, tokenizer, rounding, calibration, progress)
+               if adapters == "requantized" else {})
     tensors: dict[str, tuple[np.ndarray, object]] = {}
     native: Counter = Counter()
     done: set[str] = set()
@@ -349,7 +390,8 @@ def export_gguf(model: nn.Module, path: str | os.PathLike, tokenizer, *, dtype: 
         if module in layers:
             if module not in done:
                 done.add(module)
-                native.update(_add_layer(tensors, names, arch, config, module, layers[module], adapters, dtype))
+                native.update(_add_layer(tensors, names, arch, config, module, layers[module], adapters, dtype,
+                                         rounded.get(module)))
             continue
         if leaf == "inv_freq" or not value.is_floating_point() or (head is not None and module == head):
             continue

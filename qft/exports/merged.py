@@ -45,6 +45,7 @@ import json
 import logging
 import math
 import os
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -229,9 +230,6 @@ def export_merged(
     """
     if group_size < MIN_GROUP or group_size & (group_size - 1):
         raise ValueError(f"group_size={group_size}: use a power of two of at least {MIN_GROUP} (e.g. 128)")
-    check_choice("rounding", rounding, ROUNDINGS)
-    if rounding == "gptq" and tokenizer is None:
-        raise ValueError("rounding='gptq' needs the tokenizer to read the calibration text (tokenizer=...)")
     layers = qft_layers(model)
     if not layers:
         raise ValueError("the model has no qft layer; export_merged writes models prepared or loaded by qft")
@@ -247,36 +245,27 @@ def export_merged(
         if key in shared or module in layers:
             continue
         out[key] = value.to(dtype) if value.is_floating_point() else value
-    hessians = dense = None
-    if rounding == "gptq":
-        dense = dense_model(model, torch.float32, merged=True).to(next(model.parameters()).device)
-        merged_names = [n for n, m in layers.items() if not keeps_codes(m)]
-        hessians = LayerwiseHessians(dense, tokenizer, merged_names, calibration, progress=progress)
+
+    def round_one(name: str, weight: torch.Tensor, hessian: torch.Tensor | None):
+        scheme, tensors = _merged(weight, group_size, dtype, hessian, symmetric=symmetric, act_order=act_order)
+        state = {f"{name}.{k}": v for k, v in tensors.items()}
+        state[f"{name}.weight_shape"] = torch.tensor(weight.shape)
+        return (scheme, tensors), _dequantized(Path(directory), name, scheme, state)
+
+    merged_names = [n for n, m in layers.items() if not keeps_codes(m)]
+    rounded = dict(rounded_once(model, merged_names, round_one, rounding=rounding, tokenizer=tokenizer,
+                                calibration=calibration, progress=progress))
     for name, layer in layers.items():
-        if keeps_codes(layer):
-            scheme, tensors = _codes_of(layer.weight, dtype)
-        else:
-            weight = layer.merged_weight()
-            hessian = None if hessians is None else hessians.hessian(name)
-            scheme, tensors = _merged(weight, group_size, dtype, hessian, symmetric=symmetric, act_order=act_order)
-            if dense is not None:  # later layers calibrate on this one as a reader will compute it
-                state = {f"{name}.{k}": v for k, v in tensors.items()}
-                state[f"{name}.weight_shape"] = torch.tensor(weight.shape)
-                target = dense.get_submodule(name)
-                with torch.no_grad():
-                    target.weight.copy_(oriented(target, _dequantized(Path(directory), name, scheme, state)))
+        scheme, tensors = _codes_of(layer.weight, dtype) if keeps_codes(layer) else rounded.pop(name)
         groups.setdefault(scheme, []).append(name)
         out.update({f"{name}.{k}": v for k, v in tensors.items()})
         out[f"{name}.weight_shape"] = torch.tensor([layer.out_features, layer.in_features], dtype=torch.int64)
         if layer.bias is not None:
             out[f"{name}.bias"] = layer.bias.to(dtype)
-    if hessians is not None:
-        hessians.close()
-        del dense
-    rounded = [n for n, m in layers.items() if keeps_codes(m) and not _exact_in(m.weight.tensors["scale"], dtype)]
-    if rounded:
+    inexact = [n for n, m in layers.items() if keeps_codes(m) and not _exact_in(m.weight.tensors["scale"], dtype)]
+    if inexact:
         logger.warning("the scales of %d int-k layers (e.g. %s) are rounded to %s, so the export is close to, "
-                       "not exactly, the trained model; export in float32 for that", len(rounded), rounded[0], dtype)
+                       "not exactly, the trained model; export in float32 for that", len(inexact), inexact[0], dtype)
     merged = {n: group_for(m.in_features, group_size) for n, m in layers.items() if not keeps_codes(m)}
     if set(merged.values()) - {group_size, None}:
         logger.info("group size %d does not divide every input width; re-quantized layers use groups %s",
@@ -305,6 +294,34 @@ def export_merged(
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
     return Path(directory)
+
+
+def rounded_once(model: nn.Module, names: list[str], round_one: Callable, *, rounding: str, tokenizer=None,
+                 calibration: list[str] | None = None, progress: bool = True) -> Iterator[tuple[str, object]]:
+    """(name, result) for each qft layer of ``names``, in module order: ``round_one(name, W', hessian)``
+    rounds the merged weight W' = dequant(Q) + scaling·B·A once and returns (result, the weight a reader
+    will compute from it). ``rounding="rtn"`` passes no Hessian; ``"gptq"`` passes each layer's, gathered on
+    a dense merged copy of the model in which every earlier layer already holds its rounded weight."""
+    check_choice("rounding", rounding, ROUNDINGS)
+    if rounding == "gptq" and tokenizer is None:
+        raise ValueError("rounding='gptq' needs the tokenizer to read the calibration text (tokenizer=...)")
+    layers = qft_layers(model)
+    hessians = dense = None
+    if rounding == "gptq" and names:
+        dense = dense_model(model, torch.float32, merged=True).to(next(model.parameters()).device)
+        hessians = LayerwiseHessians(dense, tokenizer, names, calibration, progress=progress)
+    try:
+        for name in names:
+            hessian = None if hessians is None else hessians.hessian(name)
+            result, weight = round_one(name, layers[name].merged_weight(), hessian)
+            if dense is not None:  # later layers calibrate on this one as a reader will compute it
+                target = dense.get_submodule(name)
+                with torch.no_grad():
+                    target.weight.copy_(oriented(target, weight))
+            yield name, result
+    finally:
+        if hessians is not None:
+            hessians.close()
 
 
 def dense_model(model: nn.Module, dtype: torch.dtype, *, merged: bool) -> nn.Module:
