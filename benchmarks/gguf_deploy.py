@@ -13,15 +13,21 @@ recipes   llama.cpp's Q4_K_M, Q3_K_M and Q2_K, made by llama-quantize from an F1
 trained   LQ-LoRA over llama.cpp's types (4.5 bits, rank 16) trained --steps steps (the finetune
           benchmark's schedule); the trained model as llama.cpp reads it: (ref) merged in f32,
           i.e. the trained model itself; (a) the base GGUF + the LoRA GGUF, unmerged; (b) merged,
-          rounded once to f16. Goal: (a) within 1 % of (ref).
+          rounded once to f16, and rounded once into each layer's own type (round to nearest, GPTQ).
+          Goal: (a) within 1 % of (ref).
 qalora    (c) QA-LoRA on q4_1, trained the same way and merged into its offsets, with the
-          embeddings in Q8_0 and in f16. Goal: within 1 % of the trained model.
+          embeddings in Q8_0 and in f16. Goal: within 1 % of the trained model. To tell the merge's
+          cost from llama.cpp's Q4_1 arithmetic: the Q4_1 base + LoRA GGUF unmerged, and the merged
+          Q4_1 values written densely in f32.
+speed     llama-bench's prompt (pp) and generation (tg) tokens/s of llama.cpp's recipes against qft's
+          files of the same size (made by `recipes`), 2 threads, alternating rounds.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -29,9 +35,11 @@ import torch
 from finetune import training_arguments
 from lqlora import OUT, header
 from llama_cpp import OUT as LLAMA_OUT
-from llama_cpp import bits_per_weight, default_gguf, find_llama_cpp, perplexity, quantize, tensor_types, write_heldout
+from llama_cpp import (bits_per_weight, default_gguf, find_llama_cpp, perplexity, quantize, speed, tensor_types,
+                       write_heldout)
 
 import qft
+from qft.exports.merged import dense_model
 from qft.prepare.report import markdown_table
 from qft.quant.formats import get_format
 from qft.quant.formats.ggml import GGML_TYPES
@@ -108,6 +116,27 @@ def part_recipes(args, text: Path) -> list[dict]:
     return rows
 
 
+def part_speed(args) -> list[dict]:
+    """Tokens/s of each recipe's file against qft's files of the same size, in alternating rounds (the machine
+    is shared: the median of the rounds, and each file's ratio to llama.cpp's within the same round)."""
+    rows = []
+    for qtype in RECIPES:
+        ours = sorted(WORK.glob(f"qft-*-as-{qtype}.gguf"))
+        if not ours:
+            continue
+        files = [WORK / f"llama-{qtype}.gguf", *ours]
+        rounds = [speed(files if r % 2 == 0 else files[::-1]) for r in range(args.rounds)]
+        for path in files:
+            row = {"file": path.stem, "MiB": path.stat().st_size / 2**20}
+            for kind in ("pp", "tg"):
+                row[f"{kind} t/s"] = statistics.median(r[str(path)][kind] for r in rounds)
+                row[f"{kind} vs llama.cpp"] = statistics.median(r[str(path)][kind] / r[str(files[0])][kind]
+                                                                for r in rounds)
+            rows.append(row)
+            print(row, flush=True)
+    return rows
+
+
 def trained(config, args) -> tuple:
     model, tokenizer = qft.default_model(progress=False)
     qft.quantize_(model, config, tokenizer=tokenizer, progress=False)
@@ -121,16 +150,22 @@ def part_trained(args, text: Path) -> list[dict]:
     rows = []
     model, tokenizer, before, after = trained(qft.LQLoRAConfig(bits=4.5, rank=16, formats=TYPES), args)
     files = {"ref": WORK / "lqlora-merged-f32.gguf", "base": WORK / "lqlora-base.gguf",
-             "lora": WORK / "lqlora-lora.gguf", "merged": WORK / "lqlora-merged-f16.gguf"}
+             "lora": WORK / "lqlora-lora.gguf", "merged": WORK / "lqlora-merged-f16.gguf",
+             "rtn": WORK / "lqlora-requantized-rtn.gguf", "gptq": WORK / "lqlora-requantized-gptq.gguf"}
     qft.export_gguf(model, files["ref"], tokenizer, dtype="f32", adapters="merged")
     qft.export_gguf(model, files["base"], tokenizer, dtype="q8_0")
     qft.export_gguf_lora(model, files["lora"])
     qft.export_gguf(model, files["merged"], tokenizer, dtype="f16", adapters="merged")
+    for rounding in ("rtn", "gptq"):  # W + BA rounded once into each layer's own type: one file, the base's size
+        qft.export_gguf(model, files[rounding], tokenizer, dtype="q8_0", adapters="requantized", rounding=rounding,
+                        progress=False)
     ref = perplexity(files["ref"], text)
     common = {"method": "lqlora 4.5 bits, rank 16", "qft ppl before": before, "qft ppl after": after}
     for label, path, lora in (("(ref) trained model, merged f32", files["ref"], None),
                               ("(a) base + LoRA GGUF, unmerged", files["base"], files["lora"]),
                               ("(b) merged, f16", files["merged"], None),
+                              ("(b) merged into each layer's own type, round to nearest", files["rtn"], None),
+                              ("(b) merged into each layer's own type, GPTQ", files["gptq"], None),
                               ("base alone (no adapter)", files["base"], None)):
         ppl = ref if lora is None and path == files["ref"] else perplexity(path, text, lora=lora)
         rows.append({**common, "llama.cpp reads": label, "MiB": (path.stat().st_size + (lora.stat().st_size if lora
@@ -140,26 +175,33 @@ def part_trained(args, text: Path) -> list[dict]:
 
 
 def part_qalora(args, text: Path) -> list[dict]:
-    """(c): QA-LoRA on q4_1 merged into its offsets; the embeddings in Q8_0 and in f16 (to tell what the
-    merge costs from what a quantized embedding costs)."""
+    """(c): QA-LoRA on q4_1 merged into its offsets; the embeddings in Q8_0 and in f16 (what a quantized
+    embedding costs); served unmerged and written densely (what llama.cpp's Q4_1 arithmetic costs)."""
     from qft.methods.qalora import merge_qalora
 
     rows = []
     model, tokenizer, before, after = trained(qft.QALoRAConfig(bits="q4_1", rank=16), args)
-    ref_path = WORK / "qalora-f32.gguf"
-    merged = {"q8_0": WORK / "qalora-merged-q4_1.gguf", "f16": WORK / "qalora-merged-q4_1-f16-embeddings.gguf"}
-    qft.export_gguf(model, ref_path, tokenizer, dtype="f32", adapters="merged")
+    files = {"ref": WORK / "qalora-f32.gguf", "base": WORK / "qalora-base-q4_1.gguf", "lora": WORK / "qalora-lora.gguf",
+             "q8_0": WORK / "qalora-merged-q4_1.gguf", "f16": WORK / "qalora-merged-q4_1-f16-embeddings.gguf",
+             "dense": WORK / "qalora-merged-q4_1-values-f32.gguf"}
+    qft.export_gguf(model, files["ref"], tokenizer, dtype="f32", adapters="merged")
+    qft.export_gguf(model, files["base"], tokenizer, dtype="f16")
+    qft.export_gguf_lora(model, files["lora"])
     merge_qalora(model)
-    for dtype, path in merged.items():
-        qft.export_gguf(model, path, tokenizer, dtype=dtype)
-    ref = perplexity(ref_path, text)
+    for dtype in ("q8_0", "f16"):
+        qft.export_gguf(model, files[dtype], tokenizer, dtype=dtype)
+    # the merged Q4_1 values written densely in f32: what the merge itself costs, without llama.cpp's Q4_1 kernels
+    qft.export_gguf(dense_model(model, torch.float32, merged=True), files["dense"], tokenizer, dtype="f32")
+    ref = perplexity(files["ref"], text)
     common = {"method": "qalora q4_1, rank 16", "qft ppl before": before, "qft ppl after": after}
-    for label, path in (("(ref) trained model, merged f32", ref_path),
-                        ("(c) merged into q4_1's offsets, Q8_0 embeddings", merged["q8_0"]),
-                        ("(c) merged into q4_1's offsets, f16 embeddings", merged["f16"])):
-        ppl = ref if path == ref_path else perplexity(path, text)
-        rows.append({**common, "llama.cpp reads": label, "MiB": path.stat().st_size / 2**20, "llama.cpp ppl": ppl,
-                     "vs ref": ppl / ref - 1})
+    for label, path, lora in (("(ref) trained model, merged f32", files["ref"], None),
+                              ("Q4_1 base (f16 embeddings) + LoRA GGUF, unmerged", files["base"], files["lora"]),
+                              ("(c) merged into q4_1's offsets, Q8_0 embeddings", files["q8_0"], None),
+                              ("(c) merged into q4_1's offsets, f16 embeddings", files["f16"], None),
+                              ("the merged Q4_1 values, dense f32", files["dense"], None)):
+        ppl = ref if path == files["ref"] else perplexity(path, text, lora=lora)
+        rows.append({**common, "llama.cpp reads": label, "MiB": (path.stat().st_size + (lora.stat().st_size if lora
+                     else 0)) / 2**20, "llama.cpp ppl": ppl, "vs ref": ppl / ref - 1})
         print(rows[-1], flush=True)
     return rows
 
@@ -167,8 +209,9 @@ def part_qalora(args, text: Path) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training_arguments(parser, ["gguf"])
-    parser.add_argument("--parts", nargs="+", default=["recipes", "trained", "qalora"],
-                        choices=["recipes", "trained", "qalora"])
+    parser.add_argument("--parts", nargs="+", default=["recipes", "trained", "qalora", "speed"],
+                        choices=["recipes", "trained", "qalora", "speed"])
+    parser.add_argument("--rounds", type=int, default=4, help="speed: alternating rounds of llama-bench")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="recipes: qft's allocations to run (round to nearest; Fisher-weighted; Fisher + GPTQ)")
     parser.add_argument("--types", choices=["symmetric", "all"], default="symmetric",
@@ -191,6 +234,9 @@ def main() -> None:
     if "qalora" in args.parts:
         results["qalora"] = part_qalora(args, text)
         print(markdown_table(results["qalora"], ".4f"), flush=True)
+    if "speed" in args.parts:
+        results["speed"] = part_speed(args)
+        print(markdown_table(results["speed"], ".3f"), flush=True)
     (WORK / f"results-{'-'.join(args.parts)}-{args.types}-{'-'.join(args.variants)}.json").write_text(
         json.dumps(results, indent=1))
 

@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import importlib.util
+import json
 import os
 import platform
 import re
@@ -136,6 +137,20 @@ def perplexity(model_gguf, text_file, *, lora=None, ctx: int = 512, threads: int
     a GGUF that qft wrote independently of qft (see perplexity_report for the protocol).
     """
     return perplexity_report(model_gguf, text_file, lora=lora, ctx=ctx, threads=threads).ppl
+
+
+def speed(models: list, *, prompt: int = 128, gen: int = 32, repetitions: int = 3, threads: int = 2) -> dict:
+    """llama-bench's tokens/s for each GGUF file: {path: {"pp": prompt t/s, "tg": generation t/s}} (means over
+    ``repetitions``, after its warm-up run). One call runs the files one after another; alternate calls to
+    compare files under the same load."""
+    cmd = [str(_tool("llama-bench")), "-m", ",".join(str(m) for m in models), "-p", str(prompt), "-n", str(gen),
+           "-r", str(repetitions), "-t", str(threads), "-o", "json"]
+    log = _run(cmd)
+    found: dict[str, dict] = {}
+    for entry in json.loads(log[log.index("["): log.rindex("]") + 1]):
+        kind = "pp" if entry["n_prompt"] else "tg"
+        found.setdefault(entry["model_filename"], {})[kind] = float(entry["avg_ts"])
+    return {str(m): found[str(m)] for m in models}
 
 
 def _gguf_module():
