@@ -32,6 +32,7 @@ from qft.methods.config import (
 from qft.methods.lrec import LREC
 from qft.nn.distributed import gathered, replicate, shard
 from qft.training.evaluate import perplexity
+from qft.training.tasks import evaluate_tasks
 from qft.exports.gguf import export_gguf, export_gguf_lora
 from qft.exports.merged import export_dense, export_merged, load_merged
 from qft.prepare.fisher import empirical_fisher
@@ -79,6 +80,7 @@ __all__ = [
     "default_model",
     "dense_weights",
     "empirical_fisher",
+    "evaluate_tasks",
     "export_dense",
     "export_gguf",
     "export_gguf_lora",

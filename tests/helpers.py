@@ -1,7 +1,8 @@
 """Small models shared by the tests."""
 
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Tokenizer
+from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from qft.prepare.allocate import nf_grid
 
@@ -15,6 +16,19 @@ def tiny_llama(seed: int = 0, vocab_size: int = 300) -> LlamaForCausalLM:
     config = LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
                          num_key_value_heads=2, vocab_size=vocab_size, max_position_embeddings=128)
     return LlamaForCausalLM(config).eval()
+
+
+def small_tokenizer():
+    """A byte-level BPE tokenizer of 264 tokens with Qwen2's split regex (Qwen2's own needs a hub). Most tests
+    use it: a GGUF holding SmolLM2's 49152 tokens takes seconds for gguf's reader to parse."""
+    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
+    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "w")]
+    for a, b in merges:
+        vocab[a + b] = len(vocab)
+    vocab["<|endoftext|>"] = len(vocab)
+    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)
+    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
+    return tokenizer
 
 
 class Chars:

@@ -8,7 +8,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import small_tokenizer, tiny_llama
 from transformers import (
     AutoModelForCausalLM,
     AutoTokenizer,
@@ -19,7 +19,6 @@ from transformers import (
     LlamaForCausalLM,
     Qwen2Config,
     Qwen2ForCausalLM,
-    Qwen2Tokenizer,
 )
 from transformers.convert_slow_tokenizer import bytes_to_unicode
 
@@ -42,19 +41,6 @@ def smol_tokenizer():
 @pytest.fixture(scope="module")
 def smol_reader():
     return gguf.GGUFReader(os.path.join(default_model_dir(), DEFAULT_GGUF))
-
-
-def small_tokenizer():
-    """A byte-level BPE tokenizer of 264 tokens with Qwen2's split regex (Qwen2's own needs a hub). Most tests
-    use it: a GGUF holding SmolLM2's 49152 tokens takes seconds for gguf's reader to parse."""
-    vocab = {c: i for i, c in enumerate(bytes_to_unicode().values())}
-    merges = [("Ġ", "t"), ("h", "e"), ("Ġt", "he"), ("i", "n"), ("Ġ", "w")]
-    for a, b in merges:
-        vocab[a + b] = len(vocab)
-    vocab["<|endoftext|>"] = len(vocab)
-    tokenizer = Qwen2Tokenizer(vocab=vocab, merges=merges)
-    tokenizer.add_special_tokens({"additional_special_tokens": ["<|im_start|>", "<|im_end|>"]})
-    return tokenizer
 
 
 def tiny_qwen2(vocab_size, tie=True):

