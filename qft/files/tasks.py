@@ -101,7 +101,8 @@ def _boolq_requests(rows: list[dict]) -> list[dict]:
     for row in rows:
         doc = row["doc"]
         passage, question = doc["query"].rsplit("\nQuestion: ", 1)
-        docs.setdefault(doc["idx"], {"passage": passage, "question": question.removesuffix("?\nAnswer:"),
+        docs.setdefault(doc["idx"], {"idx": doc["idx"], "passage": passage,
+                                     "question": question.removesuffix("?\nAnswer:"),
                                      "label": int(doc["choices"][doc["gold"]] == "yes")})
     return [docs[i] for i in sorted(docs)]
 
@@ -145,6 +146,12 @@ def get_task(name: str) -> Task:
 
 def task_items(name: str, *, limit: int | None = None, data_dir: str | os.PathLike | None = None) -> list[Item]:
     """The first ``limit`` documents (all by default) of task ``name`` as scored requests."""
+    item = get_task(name).item
+    return [item(doc) for doc in task_docs(name, limit=limit, data_dir=data_dir)]
+
+
+def task_docs(name: str, *, limit: int | None = None, data_dir: str | os.PathLike | None = None) -> list[dict]:
+    """The first ``limit`` documents (all by default) of task ``name``, with the fields lm-eval's task reads."""
     from datasets import load_from_disk
 
     task = get_task(name)
@@ -161,4 +168,4 @@ def task_items(name: str, *, limit: int | None = None, data_dir: str | os.PathLi
         raise FileNotFoundError(f"{source} holds no datasets folder for {name}; pass data_dir= with {task.source} "
                                 "(as datasets' save_to_disk writes it) inside")
     count = len(docs) if limit is None else min(limit, len(docs))
-    return [task.item(docs[i]) for i in range(count)]
+    return [docs[i] for i in range(count)]
