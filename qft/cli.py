@@ -29,11 +29,12 @@ def _device(name: str | None) -> str:
 
 
 def _load_base(model: str | None, progress: bool, device: str):
-    """(model, tokenizer): the embedded default, or a Hugging Face model folder, on ``device``."""
-    if model is None:
-        from qft.files.models import default_model
+    """(model, tokenizer): the embedded default, a named model (qft.files.models.MODELS), or a Hugging Face
+    model folder, on ``device``."""
+    from qft.files.models import MODELS, named_model
 
-        base, tokenizer = default_model(progress=progress)
+    if model is None or model in MODELS:
+        base, tokenizer = named_model(model or "smollm2-135m", progress=progress)
         return base.to(device), tokenizer
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -264,7 +265,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("quantize", parents=[common], help="quantize a model and save a qft checkpoint")
-    p.add_argument("--model", help="Hugging Face model folder (default: the embedded SmolLM2-135M-Instruct)")
+    p.add_argument("--model", help="Hugging Face model folder, or a named model: smollm2-135m (the default, "
+                                   "embedded) or gemma3-270m (optional package, Gemma's terms)")
     p.add_argument("--bits", default="2.5", help="average bits per parameter, or a format name such as nf4")
     p.add_argument("--method", default="lqlora", help="a registered method: lqlora, loftq, qlora, peqa, int21, halo")
     p.add_argument("--rounding", choices=["rtn", "gptq"],

