@@ -303,8 +303,9 @@ def _requantized(model: nn.Module, layers: dict[str, nn.Module], tokenizer, roun
     foreign = {n: f for n, f in foreign.items() if f is None or not is_ggml(f)}
     if foreign:
         name, fmt = next(iter(foreign.items()))
+        kind = getattr(fmt, "name", type(layers[name]).__name__)
         raise ValueError(f"adapters='requantized' rounds each merged weight into the layer's own llama.cpp type, "
-                         f"but {len(foreign)} layers (e.g. {name}: {getattr(fmt, 'name', type(layers[name]).__name__)}) "
+                         f"but {len(foreign)} layers (e.g. {name}: {kind}) "
                          "are in none; quantize with formats= from qft.quant.formats.ggml.GGML_TYPES, or export "
                          "with adapters='merged' (dense)")
 
