@@ -163,3 +163,17 @@ def test_the_command_prints_the_table_and_writes_json(tmp_path, data_dir, capsys
     scores = json.loads(out.read_text())
     assert scores["arc_easy"]["n"] == 2 and 0 <= scores["arc_easy"]["acc_norm"] <= 1
     assert main(["eval", "-q", str(base), "--tasks", "mmlu_pro", "--task-data", str(data_dir)]) == 2
+
+
+def test_a_quantized_model_scores_as_its_dense_weights(model, tokenizer, data_dir):
+    from qft.exports.merged import dense_model
+
+    quantized = qft.quantize_(tiny_llama(seed=4, vocab_size=len(tokenizer)), qft.LQLoRAConfig(bits="nf4", rank=2),
+                              progress=False)
+    dense = dense_model(quantized, torch.float32, merged=True)
+    requests = [r for doc in ARC for r in get_task("arc_easy").item(doc).requests]
+    got = loglikelihoods(quantized, tokenizer, requests, progress=False)
+    want = loglikelihoods(dense, tokenizer, requests, progress=False)
+    assert [g for _, g in got] == [g for _, g in want]
+    assert [ll for ll, _ in got] == pytest.approx([ll for ll, _ in want], abs=1e-4)
+    assert all(layer.dense_cache is None for layer in qft.nn.qft_layers(quantized).values())  # freed

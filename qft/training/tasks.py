@@ -23,6 +23,7 @@ import torch
 from tqdm.auto import tqdm
 
 from qft.files.tasks import FIVE_TASKS, get_task, task_items
+from qft.nn import dense_weights
 
 
 def _encode(tokenizer, text: str) -> list[int]:
@@ -63,20 +64,21 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_s
     was_training = model.training
     model.eval()
     try:
-        for start in tqdm(range(0, len(order), batch_size), disable=not progress, desc="tasks", unit="batch"):
-            batch = order[start:start + batch_size]
-            inputs = [(encoded[i][0] + encoded[i][1])[-(limit + 1):][:-1] for i in batch]
-            width = max(len(x) for x in inputs)
-            ids = torch.zeros(len(batch), width, dtype=torch.long)
-            for row, x in enumerate(inputs):
-                ids[row, :len(x)] = torch.tensor(x)
-            logits = model(ids.to(device)).logits
-            for row, i in enumerate(batch):
-                target = torch.tensor(encoded[i][1])
-                end = len(inputs[row])
-                scores = torch.log_softmax(logits[row, end - len(target):end].float(), dim=-1).cpu()
-                ll = float(scores.gather(1, target[:, None]).sum())
-                out[i] = (ll, bool((scores.argmax(-1) == target).all()))
+        with dense_weights(model):  # the quantized layers dequantized once, not at every forward
+            for start in tqdm(range(0, len(order), batch_size), disable=not progress, desc="tasks", unit="batch"):
+                batch = order[start:start + batch_size]
+                inputs = [(encoded[i][0] + encoded[i][1])[-(limit + 1):][:-1] for i in batch]
+                width = max(len(x) for x in inputs)
+                ids = torch.zeros(len(batch), width, dtype=torch.long)
+                for row, x in enumerate(inputs):
+                    ids[row, :len(x)] = torch.tensor(x)
+                logits = model(ids.to(device)).logits
+                for row, i in enumerate(batch):
+                    target = torch.tensor(encoded[i][1])
+                    end = len(inputs[row])
+                    scores = torch.log_softmax(logits[row, end - len(target):end].float(), dim=-1).cpu()
+                    ll = float(scores.gather(1, target[:, None]).sum())
+                    out[i] = (ll, bool((scores.argmax(-1) == target).all()))
     finally:
         model.train(was_training)
     return out
