@@ -1,0 +1,128 @@
+"""Task adapters worth sharing, and ComPEFT on them (issue 25).
+
+    python benchmarks/task_adapters.py [--tasks sst2 arc_easy] [--bits 3.0] [--rank 16] [--max-steps 240]
+
+Base: the embedded SmolLM2-135M with LQ-LoRA at --bits (Fisher-weighted, rank --rank), quantized once and
+saved (benchmarks/out/task_adapters/base). Only validation splits ship offline, so each task's documents
+are split in two disjoint halves by index: even documents train, odd ones (the first --eval-docs of them)
+evaluate. The adapter trains on the training half's texts (each document's prompt followed by its gold
+answer, the causal-LM loss; blocks of 256 tokens, batch 4, lr --lr constant after 10 warm-up steps), in
+rounds of --eval-every steps; after each round the held-out half's accuracy (qft.evaluate_tasks' scoring)
+is measured, and training stops when it has not risen for --patience rounds or at --max-steps; the best
+round's adapter is kept. Then ComPEFT (qft.compress_adapter; α searched on the training half's texts)
+compresses it at each density, and the decompressed adapter's held-out accuracy is measured.
+Reported: the .qftc bytes against the adapter in fp16, and the accuracy change. Goal: ≥ 20× at ≤ 1 point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+import torch
+from lqlora import CACHE, OUT, header
+from transformers import AutoTokenizer
+
+import qft
+from qft.exports.compeft import compress_adapter, decompress_adapter, info
+from qft.files.adapters import adapter_tensors
+from qft.files.tasks import get_task, task_items
+from qft.prepare.report import markdown_table
+from qft.training.tasks import score_items
+
+WORK = OUT / "task_adapters"
+DENSITIES = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
+
+
+def base_folder(args):
+    folder = WORK / f"base-{args.bits}-r{args.rank}"
+    if not (folder / "config.json").is_file():
+        model, tokenizer = qft.default_model(progress=False)
+        qft.quantize_(model, qft.LQLoRAConfig(bits=args.bits, rank=args.rank, fisher=True), tokenizer=tokenizer,
+                      cache_dir=CACHE, progress=False)
+        qft.save_quantized(model, folder, tokenizer)
+    return folder
+
+
+def load(folder):
+    return qft.load_quantized(folder), AutoTokenizer.from_pretrained(folder)
+
+
+def accuracy(model, tokenizer, items) -> float:
+    return score_items(model, tokenizer, items, ("acc",), progress=False)["acc"]
+
+
+def run_task(task: str, args, base) -> list[dict]:
+    items = task_items(task)
+    train_items, eval_items = items[0::2], items[1::2][: args.eval_docs]
+    texts = [item.requests[item.gold][0] + item.requests[item.gold][1] for item in train_items]
+    model, tokenizer = load(base)
+    before = accuracy(model, tokenizer, eval_items)
+    print(f"{task}: {len(train_items)} training documents, {len(eval_items)} held out; base accuracy {before:.4f}",
+          flush=True)
+    best, best_step, stale, step, curve = before, 0, 0, 0, [(0, before)]
+    adapter = WORK / task / "adapter"
+    qft.save_adapter(model, adapter)
+    start = time.perf_counter()
+    while step < args.max_steps and stale < args.patience:
+        qft.train(model, tokenizer, texts, steps=args.eval_every, batch_size=4, block_size=256, lr=args.lr,
+                  warmup=10 if step == 0 else 0, min_lr_ratio=1.0, seed=step, eval_blocks=0, progress=False)
+        step += args.eval_every
+        acc = accuracy(model, tokenizer, eval_items)
+        curve.append((step, acc))
+        print(f"  step {step}: held-out accuracy {acc:.4f}", flush=True)
+        if acc > best:
+            best, best_step, stale = acc, step, 0
+            qft.save_adapter(model, adapter)
+        else:
+            stale += 1
+    seconds = time.perf_counter() - start
+    params = sum(t.numel() for t in adapter_tensors(model).values())
+    fp16 = params * 2
+    rows = [{"task": task, "adapter": f"trained, best of {step} steps (step {best_step})", "density": 1.0,
+             "bytes": fp16, "× smaller than fp16": 1.0, "held-out acc": best, "Δ acc (points)": 0.0,
+             "base acc": before, "train s": seconds}]
+    base_model, _ = load(base)
+    for density in args.densities:
+        packed = WORK / task / f"adapter-{density}.qftc"
+        compress_adapter(adapter, packed, density=density, base=base_model, tokenizer=tokenizer, texts=texts[:64],
+                         progress=False)
+        restored = WORK / task / f"adapter-{density}"
+        decompress_adapter(packed, restored, base=base)
+        qft.load_adapter(model, restored)
+        acc = accuracy(model, tokenizer, eval_items)
+        size = packed.stat().st_size
+        rows.append({"task": task, "adapter": f"ComPEFT, α {info(packed)['alpha']:.3g}", "density": density,
+                     "bytes": size, "× smaller than fp16": fp16 / size, "held-out acc": acc,
+                     "Δ acc (points)": 100 * (acc - best), "base acc": before})
+        print(rows[-1], flush=True)
+    (WORK / task / "curve.json").write_text(json.dumps(curve))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--tasks", nargs="+", default=["sst2", "arc_easy"])
+    parser.add_argument("--bits", type=float, default=3.0)
+    parser.add_argument("--rank", type=int, default=16)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--eval-every", type=int, default=40)
+    parser.add_argument("--patience", type=int, default=2)
+    parser.add_argument("--max-steps", type=int, default=240)
+    parser.add_argument("--eval-docs", type=int, default=400)
+    parser.add_argument("--densities", type=float, nargs="+", default=DENSITIES)
+    args = parser.parse_args()
+    for task in args.tasks:
+        get_task(task)
+    header()
+    torch.manual_seed(0)
+    WORK.mkdir(parents=True, exist_ok=True)
+    base = base_folder(args)
+    rows = [row for task in args.tasks for row in run_task(task, args, base)]
+    print(markdown_table(rows, ".4f"))
+    (WORK / "results.json").write_text(json.dumps(rows, indent=1))
+
+
+if __name__ == "__main__":
+    main()
