@@ -7,13 +7,15 @@
 #
 # The source is the llama.cpp tree vendored in the llama-cpp-python sdist (pinned
 # version below), so the build does not need git or network access beyond PyPI.
-# Only the tools used are built: llama-perplexity, llama-quantize, llama-completion, llama-bench
+# Only the tools used are built: llama-perplexity, llama-quantize, llama-completion, llama-bench,
+# llama-imatrix
 # (in this llama.cpp, llama-cli sits behind LLAMA_BUILD_SERVER and the HTTP server,
 # llama-completion is the plain command-line generator).
 #
 # Result, cached (a second run only prints the paths):
 #   benchmarks/out/llama.cpp/             the llama.cpp source tree
-#   benchmarks/out/llama.cpp/build/bin/   llama-perplexity, llama-quantize, llama-completion, llama-bench
+#   benchmarks/out/llama.cpp/build/bin/   llama-perplexity, llama-quantize, llama-completion, llama-bench,
+#                                         llama-imatrix
 #   benchmarks/out/llama.cpp/convert_hf_to_gguf.py, convert_lora_to_gguf.py
 #                                         (they put .../gguf-py on sys.path themselves)
 #   benchmarks/out/pydeps/                sentencepiece, when the Python lacks it (the
@@ -33,7 +35,7 @@ VERSION="${LLAMA_CPP_PYTHON_VERSION:-0.3.36}"
 JOBS="${JOBS:-2}"
 SDIST_DIR="${SDIST_DIR:-/tmp/dl}"
 SDIST="$SDIST_DIR/llama_cpp_python-$VERSION.tar.gz"
-TARGETS=(llama-perplexity llama-quantize llama-completion llama-bench)
+TARGETS=(llama-perplexity llama-quantize llama-completion llama-bench llama-imatrix)
 STAMP="$BUILD/.qft-built-$VERSION"
 
 if [[ -z "${PYTHON:-}" ]]; then

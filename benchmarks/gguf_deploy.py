@@ -19,6 +19,8 @@ qalora    (c) QA-LoRA on q4_1, trained the same way and merged into its offsets,
           embeddings in Q8_0 and in f16. Goal: within 1 % of the trained model. To tell the merge's
           cost from llama.cpp's Q4_1 arithmetic: the Q4_1 base + LoRA GGUF unmerged, and the merged
           Q4_1 values written densely in f32.
+imatrix   llama.cpp's recipes calibrated with an importance matrix (llama-imatrix) over the text qft's
+          Fisher and GPTQ read: llama.cpp's own answer to calibrated quantization.
 speed     llama-bench's prompt (pp) and generation (tg) tokens/s of llama.cpp's recipes against qft's
           files of the same size (made by `recipes`), 2 threads, alternating rounds.
 """
@@ -35,8 +37,8 @@ import torch
 from finetune import training_arguments
 from lqlora import OUT, header
 from llama_cpp import OUT as LLAMA_OUT
-from llama_cpp import (bits_per_weight, default_gguf, find_llama_cpp, perplexity, quantize, speed, tensor_types,
-                       write_heldout)
+from llama_cpp import (bits_per_weight, default_gguf, find_llama_cpp, importance_matrix, perplexity, quantize, speed,
+                       tensor_types, write_calibration, write_heldout)
 
 import qft
 from qft.exports.merged import dense_model
@@ -105,6 +107,24 @@ def qft_recipe(target_bytes: int, text: Path, label: str, *, types: tuple, fishe
     return {"file": f"qft {label} ({bits:.3f} bits on projections)", "MiB": path.stat().st_size / 2**20,
             "bits/weight": bits_per_weight(path), "llama.cpp ppl": perplexity(path, text),
             "types": str(dict(sorted(chosen.items()))), "quantize s": seconds}
+
+
+def part_imatrix(args, text: Path) -> list[dict]:
+    """llama.cpp's recipes calibrated: an importance matrix (llama-imatrix) over the text qft's Fisher and GPTQ
+    read (the embedded corpus's train split, 64 chunks of 512 tokens), fed to llama-quantize --imatrix."""
+    matrix = WORK / "imatrix.gguf"
+    if not matrix.is_file():
+        importance_matrix(f16_gguf(), write_calibration(WORK / "calibration.txt"), matrix)
+    rows = []
+    for qtype in RECIPES:
+        path = WORK / f"llama-{qtype}-imatrix.gguf"
+        if not path.is_file():
+            quantize(f16_gguf(), path, qtype, imatrix=matrix)
+        rows.append({"file": f"llama.cpp {qtype} + imatrix", "MiB": path.stat().st_size / 2**20,
+                     "bits/weight": bits_per_weight(path), "llama.cpp ppl": perplexity(path, text),
+                     "types": str(tensor_types(path))})
+        print(rows[-1], flush=True)
+    return rows
 
 
 def part_recipes(args, text: Path) -> list[dict]:
@@ -218,8 +238,8 @@ def part_qalora(args, text: Path) -> list[dict]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     training_arguments(parser, ["gguf"])
-    parser.add_argument("--parts", nargs="+", default=["recipes", "trained", "qalora", "speed"],
-                        choices=["recipes", "trained", "qalora", "speed"])
+    parser.add_argument("--parts", nargs="+", default=["recipes", "imatrix", "trained", "qalora", "speed"],
+                        choices=["recipes", "imatrix", "trained", "qalora", "speed"])
     parser.add_argument("--rounds", type=int, default=4, help="speed: alternating rounds of llama-bench")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="recipes: qft's allocations to run (round to nearest; Fisher-weighted; Fisher + GPTQ)")
@@ -237,6 +257,9 @@ def main() -> None:
     if "recipes" in args.parts:
         results["recipes"] = part_recipes(args, text)
         print(markdown_table(results["recipes"], ".3f"), flush=True)
+    if "imatrix" in args.parts:
+        results["imatrix"] = part_imatrix(args, text)
+        print(markdown_table(results["imatrix"], ".3f"), flush=True)
     if "trained" in args.parts:
         results["trained"] = part_trained(args, text)
         print(markdown_table(results["trained"], ".4f"), flush=True)

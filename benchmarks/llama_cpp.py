@@ -205,7 +205,15 @@ class QuantizeResult:
 _SIZE_RE = re.compile(r"(model|quant) size\s*=\s*([0-9.]+) MiB \(([0-9.]+) BPW\)")
 
 
-def quantize(src_gguf, dst_gguf, qtype: str, *, threads: int = 2) -> QuantizeResult:
+def importance_matrix(model_gguf, text_file, out, *, ctx: int = 512, chunks: int = 64, threads: int = 2) -> Path:
+    """llama-imatrix's importance matrix of ``model_gguf`` over ``text_file`` (``chunks`` chunks of ``ctx``
+    tokens), for ``quantize(..., imatrix=out)``: llama.cpp's own calibrated quantization."""
+    _run([str(_tool("llama-imatrix")), "-m", str(model_gguf), "-f", str(text_file), "-o", str(out),
+          "--ctx-size", str(ctx), "--chunks", str(chunks), "-t", str(threads)])
+    return Path(out)
+
+
+def quantize(src_gguf, dst_gguf, qtype: str, *, threads: int = 2, imatrix=None) -> QuantizeResult:
     """Write ``dst_gguf``: ``src_gguf`` quantized by llama-quantize to ``qtype`` (Q4_K_M, Q2_K, F16, ...).
 
     llama-quantize refuses an already quantized source unless told
@@ -218,6 +226,8 @@ def quantize(src_gguf, dst_gguf, qtype: str, *, threads: int = 2) -> QuantizeRes
     cmd = [str(_tool("llama-quantize"))]
     if is_quantized(src_gguf):
         cmd.append("--allow-requantize")
+    if imatrix is not None:
+        cmd += ["--imatrix", str(imatrix)]
     cmd += [str(src_gguf), str(dst_gguf), qtype, str(threads)]
     start = time.perf_counter()
     log = _run(cmd)
@@ -271,6 +281,16 @@ def write_heldout(path) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n\n".join(texts), encoding="utf-8")
+    return path
+
+
+def write_calibration(path) -> Path:
+    """The train split of qft's embedded corpus (what qft's Fisher and GPTQ calibrate on) as one text file."""
+    import qft
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(qft.load_texts(None, "train")), encoding="utf-8")
     return path
 
 
