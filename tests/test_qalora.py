@@ -1,11 +1,12 @@
 """QA-LoRA: a LoRA on block-averaged inputs, trained on a Q4_1 base and merged exactly into its offsets."""
 
+import copy
+
 import gguf
 import numpy as np
 import pytest
 import torch
-from helpers import CALIBRATION, Chars, tiny_llama
-from test_gguf_export import small_tokenizer
+from helpers import CALIBRATION, Chars, small_tokenizer, tiny_llama
 from torch import nn
 from transformers import AutoModelForCausalLM
 
@@ -189,6 +190,29 @@ def test_the_merge_moves_the_update_into_the_offsets_rounded_once():
     torch.testing.assert_close(logits(model, IDS), ours, rtol=0, atol=1e-3)
     with pytest.raises(ValueError, match="no QLinear with a pooled LoRA"):
         merge_qalora(model)  # merged already
+
+
+def test_gptq_rounding_of_the_offsets_keeps_an_update_that_rounding_to_nearest_loses():
+    """Updates below half an fp16 ulp of their block's offset (a short training's): round to nearest drops
+    most of them; GPTQ's rounding keeps their effect on the outputs over the calibration text."""
+    from qft.files.data import token_blocks
+
+    model = with_random_b(prepared(), std=2e-4)
+    ids = token_blocks(Chars(), CALIBRATION, 64)[:4]
+    trained = logits(model, ids)
+    rtn = merge_qalora(copy.deepcopy(model))
+    gptq = merge_qalora(copy.deepcopy(model), rounding="gptq", tokenizer=Chars(), calibration=CALIBRATION,
+                        progress=False)
+    error = {name: float((logits(m, ids) - trained).norm()) for name, m in (("rtn", rtn), ("gptq", gptq))}
+    assert error["gptq"] < 0.5 * error["rtn"], error
+    for name, layer in qft_layers(gptq).items():
+        offset = layer.weight.offset()
+        assert torch.equal(offset, offset.half().float())  # stored as fp16, as Q4_1 holds it
+        assert layer.rank == 0 and layer.lora_A is None
+    with pytest.raises(ValueError, match="tokenizer"):
+        merge_qalora(copy.deepcopy(model), rounding="gptq")
+    with pytest.raises(ValueError, match="rounding"):
+        merge_qalora(copy.deepcopy(model), rounding="nearest")
 
 
 def test_a_format_without_a_rewritable_offset_is_refused_and_left_as_it_was():

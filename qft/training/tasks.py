@@ -16,6 +16,7 @@ deviation (n − 1) over √n, as lm-eval's ``mean_stderr``.
 
 from __future__ import annotations
 
+import inspect
 import math
 import os
 
@@ -61,6 +62,7 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_s
     device = next(model.parameters()).device
     order = sorted(range(len(encoded)), key=lambda i: -len(encoded[i][0]) - len(encoded[i][1]))  # long first
     out: list[tuple[float, bool]] = [(0.0, False)] * len(encoded)
+    keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
     was_training = model.training
     model.eval()
     try:
@@ -72,10 +74,15 @@ def loglikelihoods(model, tokenizer, requests: list[tuple[str, str]], *, batch_s
                 ids = torch.zeros(len(batch), width, dtype=torch.long)
                 for row, x in enumerate(inputs):
                     ids[row, :len(x)] = torch.tensor(x)
-                logits = model(ids.to(device)).logits
+                ends = [len(x) for x in inputs]
+                first = min(end - len(encoded[i][1]) for end, i in zip(ends, batch))
+                if keeps_logits:  # the head only where a continuation is scored (its vocabulary-wide rows dominate)
+                    logits = model(ids.to(device), logits_to_keep=torch.arange(first, width, device=device)).logits
+                else:
+                    logits, first = model(ids.to(device)).logits, 0
                 for row, i in enumerate(batch):
                     target = torch.tensor(encoded[i][1])
-                    end = len(inputs[row])
+                    end = ends[row] - first
                     scores = torch.log_softmax(logits[row, end - len(target):end].float(), dim=-1).cpu()
                     ll = float(scores.gather(1, target[:, None]).sum())
                     out[i] = (ll, bool((scores.argmax(-1) == target).all()))
