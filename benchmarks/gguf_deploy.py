@@ -28,6 +28,7 @@ speed     llama-bench's prompt (pp) and generation (tg) tokens/s of llama.cpp's 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import statistics
 import time
@@ -216,6 +217,12 @@ def part_qalora(args, text: Path) -> list[dict]:
     qft.export_gguf(model, files["ref"], tokenizer, dtype="f32", adapters="merged")
     qft.export_gguf(model, files["base"], tokenizer, dtype="f16")
     qft.export_gguf_lora(model, files["lora"])
+    # the offsets' fp16 rounding chosen by GPTQ (the embedded corpus's train split): merge_qalora(rounding="gptq")
+    chosen = merge_qalora(copy.deepcopy(model), rounding="gptq", tokenizer=tokenizer, progress=False)
+    for dtype in ("q8_0", "f16"):
+        files[f"gptq-{dtype}"] = WORK / f"qalora-merged-gptq-q4_1-{dtype}-embeddings.gguf"
+        qft.export_gguf(chosen, files[f"gptq-{dtype}"], tokenizer, dtype=dtype)
+    del chosen
     merge_qalora(model)
     for dtype in ("q8_0", "f16"):
         qft.export_gguf(model, files[dtype], tokenizer, dtype=dtype)
@@ -227,6 +234,8 @@ def part_qalora(args, text: Path) -> list[dict]:
                               ("Q4_1 base (f16 embeddings) + LoRA GGUF, unmerged", files["base"], files["lora"]),
                               ("(c) merged into q4_1's offsets, Q8_0 embeddings", files["q8_0"], None),
                               ("(c) merged into q4_1's offsets, f16 embeddings", files["f16"], None),
+                              ("(c) merged, offsets rounded by GPTQ, Q8_0 embeddings", files["gptq-q8_0"], None),
+                              ("(c) merged, offsets rounded by GPTQ, f16 embeddings", files["gptq-f16"], None),
                               ("the merged Q4_1 values, dense f32", files["dense"], None)):
         ppl = ref if path == files["ref"] else perplexity(path, text, lora=lora)
         rows.append({**common, "llama.cpp reads": label, "MiB": (path.stat().st_size + (lora.stat().st_size if lora
