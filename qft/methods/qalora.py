@@ -5,8 +5,9 @@ float offset per block (llama.cpp's Q4_1 / Q5_1: d·q + m); the LoRA reads x ave
 the format's blocks (``QLinear(pool=block)``: A is (rank, n_blocks), B = 0 at the start, A
 PEFT-initialised over the n_blocks pooled inputs). Its update scaling·B·A / len(block) is then one
 number per (row, block), which :func:`merge_qalora` adds to that block's offset: the merged model
-is the same quantized model with new offsets, rounded once to their stored dtype (fp16), and
-exports to GGUF as llama.cpp's own Q4_1 / Q5_1 bytes.
+is the same quantized model with new offsets, rounded once to their stored dtype (fp16; to nearest,
+or by GPTQ so that the rows' outputs keep updates smaller than that rounding), and exports to GGUF
+as llama.cpp's own Q4_1 / Q5_1 bytes.
 
 Any format trains (the pool is its block size); only formats whose offset qft can rewrite
 (``Format.encode_offset``: q4_1, q5_1) merge exactly, and a budget allocates over those.
