@@ -14,8 +14,10 @@ domain), every token scored in blocks of 512.
 fp32         the model as shipped (its weights are the values of its GGUF: SmolLM2's Q4_1, Gemma's Q4_K_M)
 bnb-nf4      bitsandbytes NF4, block 64, double-quantized scales (QLoRA's format), dequantized
 nf3          qft NF3, block 64, 8-bit double-quantized scales (rank 0)
-lqlora-B     qft LQ-LoRA at B bits (rank 64), data-free (the headline call's default)
-lqlora-B-fisher          the same, Fisher-weighted (the embedded corpus's train split)
+lqlora-B     qft LQ-LoRA at B bits (rank 64), data-free (the headline call's default until issue 25)
+lqlora-B-fisher          the same, Fisher-weighted (the embedded corpus's train split: quantize_and_prepare's
+                         default since issue 25)
+lqlora-B-fisher-gptq     ... and the Q step rounded by GPTQ (the same text)
 peqa-int4    PEQA int4 per channel (trained scales)
 
 --steps N trains each config N steps on the embedded corpus (the finetune benchmark's schedule) before
@@ -43,7 +45,7 @@ from qft.training.tasks import evaluate_tasks
 WORK = OUT / "accuracy"
 RANK = 64
 CONFIGS = ["fp32", "bnb-nf4", "nf3", "lqlora-4.0", "lqlora-3.0", "lqlora-2.5", "lqlora-4.0-fisher",
-           "lqlora-3.0-fisher", "lqlora-2.5-fisher", "peqa-int4"]
+           "lqlora-3.0-fisher", "lqlora-2.5-fisher", "lqlora-3.0-fisher-gptq", "lqlora-2.5-fisher-gptq", "peqa-int4"]
 
 
 def fisher_of(model, tokenizer, label: str) -> dict:
@@ -69,7 +71,8 @@ def prepared(name: str, model, tokenizer, label: str):
         config = qft.QLoRAConfig(bits="nf3-b64-dq8b256", rank=0)
     elif name.startswith("lqlora-"):
         bits = float(name.split("-")[1])
-        config = qft.LQLoRAConfig(bits=bits, rank=RANK, fisher=name.endswith("-fisher"))
+        config = qft.LQLoRAConfig(bits=bits, rank=RANK, fisher="-fisher" in name,
+                                  rounding="gptq" if name.endswith("-gptq") else None)
     elif name == "peqa-int4":
         config = qft.PEQAConfig(bits=4)
     else:

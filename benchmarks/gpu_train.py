@@ -33,7 +33,7 @@ PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 
 def qft_lqlora():
     model, _ = qft.default_model(progress=False)
-    model = qft.quantize_and_prepare(model.cuda(), bits=2.5, method="lqlora", rank=RANK, progress=False)
+    model = qft.quantize_and_prepare(model.cuda(), bits=2.5, method="lqlora", rank=RANK, fisher=False, progress=False)
     model.to(torch.bfloat16)  # QLinear keeps its packed codes; the adapters come back to fp32 below
     for p in model.parameters():
         if p.requires_grad:

@@ -70,7 +70,8 @@ def one_run(mode: str, bits: str, method: str) -> dict:
             from transformers import AutoModelForCausalLM
 
             model = AutoModelForCausalLM.from_pretrained(FOLDER, dtype=torch.float32)
-            model = qft.quantize_and_prepare(model, bits=bits, method=method, progress=False, cache_dir=False)
+            model = qft.quantize_and_prepare(model, bits=bits, method=method, fisher=False, progress=False,
+                                             cache_dir=False)  # data-free, as the streamed run
     seconds = time.perf_counter() - start
     # one decoder layer's weights in fp32 before quantization (from the config: the layers are alike)
     c = model.config

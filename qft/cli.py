@@ -74,13 +74,13 @@ def cmd_quantize(args) -> None:
     from qft.files.checkpoint import save_quantized
     from qft.methods import get_method
     from qft.methods.config import BudgetConfig, config_for, parse_bits
-    from qft.prepare.quantize import quantize_
+    from qft.prepare.quantize import default_calibration, noted, quantize_
 
     # the config first: a bad option fails before the model is read
     options = {k: getattr(args, k) for k in ("level", "precision", "granularity", "grad_format", "peft")
                if getattr(args, k) is not None}  # a method's own options, when given (0 is a level)
     if get_method(args.method).prepare is None:
-        options.update(bits=parse_bits(args.bits), fisher=args.fisher, iters=args.iters, rounding=args.rounding)
+        options.update(bits=parse_bits(args.bits), fisher=bool(args.fisher), iters=args.iters, rounding=args.rounding)
         if args.formats:
             from qft.quant.formats.ggml import GGML_TYPES
 
@@ -94,9 +94,13 @@ def cmd_quantize(args) -> None:
         model, tokenizer = args.model, AutoTokenizer.from_pretrained(args.model)
     else:
         model, tokenizer = _load_base(args.model, args.progress, _device(args.device))
+    why = None
+    if isinstance(config, BudgetConfig) and args.fisher is None:  # calibrated wherever it can be
+        config, _, why = default_calibration(model, config, tokenizer)
     # a budget method may read calibration text (fisher, gptq); a whole-model one reads none
     model = quantize_(model, config, tokenizer=tokenizer if isinstance(config, BudgetConfig) else None,
                       progress=args.progress)
+    noted(model, why)
     print(model.qft_report.summary())
     save_quantized(model, args.out, tokenizer, dtype=_save_dtype(args))
     print(f"saved to {args.out}")
@@ -253,6 +257,8 @@ def cmd_info(args) -> None:
         r = qconfig["report"]
         print(f"reported at quantization: {r['bits']:.4f} bits/param ({r['bits_with_adapters']:.4f} with adapters), "
               f"method {r['method']}, budget {r['budget']}, rank {r['rank']}" + (", Fisher" if r["fisher"] else ""))
+        if "calibration" in r:  # written since issue 25
+            print(f"calibration: {r['calibration']}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -272,7 +278,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounding", choices=["rtn", "gptq"],
                    help="round to nearest, or GPTQ over the embedded corpus (default: the method's; int21: gptq)")
     p.add_argument("--rank", type=int, help="rank of the low-rank factors (default: 64; PEQA: none)")
-    p.add_argument("--fisher", action="store_true", help="weight errors by the empirical Fisher (needs text)")
+    p.add_argument("--fisher", action=argparse.BooleanOptionalAction,
+                   help="weight the allocation by the empirical Fisher over the embedded corpus (default: whenever "
+                        "a budget is allocated and the model is loaded, not --streaming); --no-fisher: data-free")
     p.add_argument("--formats", help="the formats the budget is spent over, comma-separated (e.g. nf3-b64,nf4), or "
                                      "'gguf': llama.cpp's ten block types q8_0 ... q2_k (for `export --gguf`)")
     p.add_argument("--streaming", action="store_true",

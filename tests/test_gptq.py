@@ -128,7 +128,7 @@ def test_int21_is_a_gptq_int2_base_with_paper_lora():
 def test_bad_rounding_requests_are_refused():
     with pytest.raises(ValueError, match="unsupported rounding 'awq'"):
         qft.quantize_and_prepare(tiny_llama(), bits="nf4", rounding="awq", progress=False)
-    with pytest.raises(ValueError, match="needs the tokenizer"):
+    with pytest.raises(ValueError, match="needs a tokenizer"):
         qft.quantize_and_prepare(tiny_llama(), bits="nf4", rounding="gptq", progress=False)
     with pytest.raises(ValueError, match="lie outside the model's list of decoder layers"):
         qft.quantize_and_prepare(tiny_llama(), bits="nf4", method="qlora", rank=0, rounding="gptq", skip_modules=[],

@@ -106,7 +106,7 @@ def test_bad_input():
         model.model.layers[1].self_attn.k_proj.weight[0, 0] = float("nan")
     with pytest.raises(ValueError, match="k_proj.weight holds NaN"):
         quantize_and_prepare(model, bits="nf4")
-    with pytest.raises(ValueError, match="fisher=True needs the tokenizer"):
+    with pytest.raises(ValueError, match="fisher=True needs a tokenizer"):
         quantize_and_prepare(tiny_llama(), fisher=True)
 
 

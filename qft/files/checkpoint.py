@@ -100,7 +100,7 @@ def quantization_config(model: nn.Module) -> dict:
     if report is not None:
         config["report"] = {"method": report.method, "budget": report.budget, "rank": report.rank,
                             "fisher": report.fisher, "rounding": report.rounding, "bits": report.bits,
-                            "bits_with_adapters": report.bits_with_adapters}
+                            "bits_with_adapters": report.bits_with_adapters, "calibration": report.calibration}
     if made_by is not None:  # the config object quantize_ applied (qft.methods.config)
         config["config"] = made_by.to_dict()
     if report is None and made_by is None:  # a loaded checkpoint keeps what it was written with

@@ -87,3 +87,27 @@ def named_model(name: str, dtype: torch.dtype = torch.float32, progress: bool = 
         if bars:
             hf_logging.enable_progress_bar()
     return model.eval(), tokenizer
+
+
+def tokenizer_of(model) -> object | None:
+    """The tokenizer beside a loaded model's own files (``model.name_or_path``: a folder with tokenizer
+    files, or one holding a single GGUF file, as the named models are), or None. Never reaches a hub: a
+    model loaded by hub id finds its tokenizer only in the local cache."""
+    from transformers import AutoTokenizer
+
+    source = str(getattr(model, "name_or_path", "") or "")
+    if not source:
+        return None
+    folder = Path(source)
+    kwargs = {"local_files_only": True}
+    if folder.is_dir():
+        ggufs = sorted(folder.glob("*.gguf"))
+        has_files = any((folder / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json", "tokenizer.model"))
+        if not has_files and len(ggufs) == 1:
+            kwargs["gguf_file"] = ggufs[0].name
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):  # the GGUF reader's own bar
+            return AutoTokenizer.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        logger.info("no tokenizer found for %s (%s)", source, e)
+        return None

@@ -10,6 +10,7 @@ returned; ``model.qft_config`` and ``model.qft_report`` say what was done.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import time
@@ -21,6 +22,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from qft.files.models import tokenizer_of
 from qft.prepare.allocate import allocate, error_table, pruned_grid
 from qft.methods import MethodOptions, get_method, weighted_error
 from qft.methods.config import BudgetConfig, QuantConfig, WholeModelConfig, config_for
@@ -64,6 +66,8 @@ class Report:
     total_error: float = 0.0
     solution: Solution | None = None
     seconds: float = 0.0
+    calibration: str = "none (data-free)"  # the text the Fisher and GPTQ's Hessians were measured on
+
 
     def summary(self) -> str:
         lines = [
@@ -71,6 +75,7 @@ class Report:
             + (", Fisher-weighted" if self.fisher else "") + (", GPTQ rounding" if self.rounding == "gptq" else ""),
             f"  average bits/param: {self.bits:.4f} (quantized), {self.bits_with_adapters:.4f} (with adapters)",
             f"  total error {self.total_error:.6g}, {self.seconds:.0f} s",
+            f"  calibration: {self.calibration}",
         ]
         if self.solution is not None:
             s = self.solution
@@ -264,6 +269,17 @@ def swap_in(model: nn.Module, config: BudgetConfig, layers: dict[str, QLinear], 
     return _finish(model, config, report)
 
 
+def _calibration_text(fisher, rounding: str, calibration: list[str] | None) -> str:
+    """What the report says was read: which measurement, on which text."""
+    used = [what for what, on in (("Fisher", fisher is True), ("GPTQ Hessians", rounding == "gptq")) if on]
+    if isinstance(fisher, dict):
+        used.insert(0, "Fisher given as a dict")
+    if fisher is not True and rounding != "gptq":
+        return ", ".join(used + ["no text read"]) if used else "none (data-free)"
+    text = "the embedded corpus's train split" if calibration is None else f"{len(calibration)} given texts"
+    return f"{' and '.join(used)} over {text}"
+
+
 def plan_budget(model: nn.Module, config: BudgetConfig, *, tensors: FileTensors | None = None, tokenizer=None,
                 calibration=None, fisher=None, cache_dir=None, progress: bool = True
                 ) -> tuple[dict[str, QLinear], Report]:
@@ -278,10 +294,14 @@ def plan_budget(model: nn.Module, config: BudgetConfig, *, tensors: FileTensors 
     fisher = fisher if fisher is not None else config.fisher
     if tensors is not None:
         check_streamable(config, fisher)
+    if tokenizer is None and (fisher is True or rounding == "gptq") and tensors is None:
+        tokenizer = tokenizer_of(model)  # found beside the model's own files, or still None
     if fisher is True and tokenizer is None:
-        raise ValueError("fisher=True needs the tokenizer to read the calibration text")
+        raise ValueError("fisher=True needs a tokenizer to read the calibration text: pass tokenizer= (none was "
+                         "found beside the model's files)")
     if rounding == "gptq" and tokenizer is None:
-        raise ValueError("rounding='gptq' needs the tokenizer to read the calibration text (tokenizer=...)")
+        raise ValueError("rounding='gptq' needs a tokenizer to read the calibration text: pass tokenizer= (none "
+                         "was found beside the model's files)")
     bits = config.fixed_format or config.bits
     fixed = get_format(bits) if isinstance(bits, str) else None
     start = time.perf_counter()
@@ -290,6 +310,7 @@ def plan_budget(model: nn.Module, config: BudgetConfig, *, tensors: FileTensors 
         _check_weights(targets)
     _check_rank(spec, rank, targets)
     report = Report(method, bits, rank, fisher is True or isinstance(fisher, dict), rounding)
+    report.calibration = _calibration_text(fisher, rounding, calibration)
     report.skipped = _skipped_modules(model, targets, config.skip_modules)
 
     report.tied = tied_names({name: layer.weight for name, layer in targets.items()})  # tied by the weight
@@ -383,7 +404,7 @@ def quantize_and_prepare(
     *,
     alpha: float | None = None,
     calibration: list[str] | None = None,
-    fisher: bool | dict[str, torch.Tensor] = False,
+    fisher: bool | dict[str, torch.Tensor] | None = None,
     tokenizer=None,
     target_modules: list[str] | None = None,
     skip_modules: list[str] | None = None,
@@ -401,7 +422,10 @@ def quantize_and_prepare(
     ``quantize_and_prepare(model, bits=2.5, method="lqlora", rank=64, fisher=True, tokenizer=tok)`` is
     ``quantize_(model, LQLoRAConfig(bits=2.5, rank=64, fisher=True), tokenizer=tok)``. method: a registered
     method (``qft.methods.METHODS``): "lqlora", "loftq", "qlora", "peqa", "int21", "halo" (whose own
-    options, level=, precision=, granularity=, grad_format=, peft=, come as keywords). fisher: True, or a
+    options, level=, precision=, granularity=, grad_format=, peft=, come as keywords). fisher: None (the
+    default) calibrates whenever it can: a bit budget to allocate, a loaded model (a folder streams) and a
+    tokenizer, passed or found beside the model's files (``qft.files.models.tokenizer_of``); otherwise it runs
+    data-free and the report's notes say why. False: data-free always; True: Fisher-weighted, or an error; or a
     precomputed Fisher dict. The other arguments are the config's fields (``qft.methods.config``).
     """
     common = dict(rank=rank, alpha=alpha, target_modules=target_modules, skip_modules=skip_modules, seed=seed)
@@ -416,7 +440,37 @@ def quantize_and_prepare(
     if method_options:
         raise ValueError(f"quantize_and_prepare got unexpected option(s) {sorted(method_options)}; method {method!r} "
                          "takes none beyond the common arguments")
-    config = config_for(method, bits=bits, fisher=fisher is not False, rounding=rounding, formats=formats,
+    config = config_for(method, bits=bits, fisher=fisher not in (None, False), rounding=rounding, formats=formats,
                         iters=iters, solver=solver, **common)
-    return quantize_(model, config, tokenizer=tokenizer, calibration=calibration,
-                     fisher=fisher if isinstance(fisher, dict) else None, cache_dir=cache_dir, progress=progress)
+    why = None
+    if fisher is None:
+        config, tokenizer, why = default_calibration(model, config, tokenizer)
+    model = quantize_(model, config, tokenizer=tokenizer, calibration=calibration,
+                      fisher=fisher if isinstance(fisher, dict) else None, cache_dir=cache_dir, progress=progress)
+    return noted(model, why)
+
+
+def default_calibration(model: nn.Module | str | os.PathLike, config: BudgetConfig, tokenizer
+                        ) -> tuple[BudgetConfig, object, str | None]:
+    """The default of the keyword form and of ``qft quantize``: Fisher-weighted allocation over the embedded
+    corpus (at 2.5 bits on SmolLM2 it cut perplexity 7× on the corpus and on novels alike; benchmarks/RESULTS.md)
+    wherever it can run. Returns (config, the tokenizer to read text with, None), or (config unchanged,
+    tokenizer, why the call stays data-free)."""
+    if config.fixed_format is not None:
+        return config, tokenizer, f"data-free: one format ({config.fixed_format}) everywhere, no budget to weight"
+    if isinstance(model, (str, os.PathLike)):
+        return config, tokenizer, ("data-free: a folder is quantized streaming, without running the model; load "
+                                   "the model and pass it to calibrate (or pass a precomputed Fisher dict)")
+    tokenizer = tokenizer if tokenizer is not None else tokenizer_of(model)
+    if tokenizer is None:
+        return config, None, ("data-free: no tokenizer was passed or found beside the model's files; pass "
+                              "tokenizer= to calibrate on the embedded corpus (fisher=False: data-free, no note)")
+    return dataclasses.replace(config, fisher=True), tokenizer, None
+
+
+def noted(model: nn.Module, why: str | None) -> nn.Module:
+    """Say in the model's report (and the log) why a default left it data-free."""
+    if why is not None:
+        logger.info("%s", why)
+        model.qft_report.notes.append(why)
+    return model
