@@ -1,6 +1,7 @@
 """LQ-LoRA on the embedded SmolLM2-135M: perplexity, reconstruction, allocation, error table.
 
-    python benchmarks/lqlora.py ppl      # held-out perplexity before training, peers side by side
+    python benchmarks/lqlora.py ppl      # held-out perplexity before training, in domain and on novels
+                                         # (LAMBADA's passages: the guard for allocation changes), peers side by side
     python benchmarks/lqlora.py recon    # reconstruction error: plain NF, LoftQ (1 step), LQ-LoRA
     python benchmarks/lqlora.py ilp      # solver time and gap: real table, LLaMA-2-7B/70B-shaped tables
     python benchmarks/lqlora.py table    # time to fill the error table; cheap vs full table choices
@@ -73,13 +74,22 @@ def bnb_nf4_model(model):
 
 
 def part_ppl(args) -> None:
+    """In domain (the corpus the Fisher is measured on) and out of it: a Fisher or an allocation that over-fits
+    the calibration text shows only in the second column (issue 25)."""
+    from qft.exports.merged import dense_model
+    from qft.files.tasks import task_docs
+
     model, tok = qft.default_model()
+    novels = [d["text"] for d in task_docs("lambada", limit=400)]
     rows = []
 
     def row(name, bits, m, seconds=0.0, extra=""):
         start = time.perf_counter()
+        if qft.nn.qft_layers(m):  # the same weights, dequantized once instead of per forward
+            m = dense_model(m, torch.float32, merged=True)
         ppl = perplexity(m, tok, progress=False)
         rows.append({"model": name, "bits/param": bits, "held-out ppl": ppl,
+                     "novels ppl": perplexity(m, tok, novels, progress=False),
                      "prepare s": seconds, "eval s": time.perf_counter() - start, "note": extra})
         print(rows[-1], flush=True)
 

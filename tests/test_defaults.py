@@ -26,6 +26,9 @@ def test_default_model_is_smollm2(smollm2):
     with torch.no_grad():
         logits = model(ids).logits
     assert torch.isfinite(logits).all() and logits.shape[-1] == model.config.vocab_size
+    # the headline call finds the tokenizer beside the GGUF file, and so calibrates
+    found = models.tokenizer_of(model)
+    assert found is not None and found("def main():").input_ids == tokenizer("def main():").input_ids
 
 
 def test_nf4_codes_equal_bitsandbytes_on_real_weights(smollm2):
