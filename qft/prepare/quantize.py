@@ -68,7 +68,6 @@ class Report:
     seconds: float = 0.0
     calibration: str = "none (data-free)"  # the text the Fisher and GPTQ's Hessians were measured on
 
-
     def summary(self) -> str:
         lines = [
             f"qft {self.method}: {len(self.matrices)} matrices, budget {self.budget}, rank {self.rank}"
@@ -271,13 +270,12 @@ def swap_in(model: nn.Module, config: BudgetConfig, layers: dict[str, QLinear], 
 
 def _calibration_text(fisher, rounding: str, calibration: list[str] | None) -> str:
     """What the report says was read: which measurement, on which text."""
-    used = [what for what, on in (("Fisher", fisher is True), ("GPTQ Hessians", rounding == "gptq")) if on]
-    if isinstance(fisher, dict):
-        used.insert(0, "Fisher given as a dict")
-    if fisher is not True and rounding != "gptq":
-        return ", ".join(used + ["no text read"]) if used else "none (data-free)"
+    given = "Fisher given as a dict; " if isinstance(fisher, dict) else ""
+    read = [what for what, on in (("Fisher", fisher is True), ("GPTQ Hessians", rounding == "gptq")) if on]
+    if not read:
+        return f"{given}no text read" if given else "none (data-free)"
     text = "the embedded corpus's train split" if calibration is None else f"{len(calibration)} given texts"
-    return f"{' and '.join(used)} over {text}"
+    return f"{given}{' and '.join(read)} over {text}"
 
 
 def plan_budget(model: nn.Module, config: BudgetConfig, *, tensors: FileTensors | None = None, tokenizer=None,
