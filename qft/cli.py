@@ -80,11 +80,19 @@ def cmd_quantize(args) -> None:
     options = {k: getattr(args, k) for k in ("level", "precision", "granularity", "grad_format", "peft")
                if getattr(args, k) is not None}  # a method's own options, when given (0 is a level)
     if get_method(args.method).prepare is None:
-        options.update(bits=parse_bits(args.bits), fisher=bool(args.fisher), iters=args.iters, rounding=args.rounding)
+        options.update(fisher=bool(args.fisher), iters=args.iters, rounding=args.rounding)
+        if args.bits is not None:
+            options["bits"] = parse_bits(args.bits)
         if args.formats:
             from qft.quant.formats.ggml import GGML_TYPES
 
             options["formats"] = tuple(GGML_TYPES) if args.formats == "gguf" else tuple(args.formats.split(","))
+    else:
+        ignored = [flag for flag, v in (("--bits", args.bits), ("--fisher", args.fisher), ("--rounding", args.rounding),
+                                        ("--formats", args.formats)) if v]
+        if ignored:
+            raise ValueError(f"method {args.method!r} has no bit budget to allocate or rounding to choose; drop "
+                             f"{' '.join(ignored)}")
     config = config_for(args.method, rank=args.rank, seed=args.seed, **options)
     if args.streaming:  # the folder itself: each weight is read from disk when it is quantized
         if args.model is None:
@@ -273,7 +281,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("quantize", parents=[common], help="quantize a model and save a qft checkpoint")
     p.add_argument("--model", help="Hugging Face model folder, or a named model: smollm2-135m (the default, "
                                    "embedded) or gemma3-270m (optional package, Gemma's terms)")
-    p.add_argument("--bits", default="2.5", help="average bits per parameter, or a format name such as nf4")
+    p.add_argument("--bits", help="average bits per parameter, or a format name such as nf4 (default: the method's: "
+                                  "2.5 for lqlora, nf4 for qlora and loftq, q4_1 for qalora, 4 for peqa, int2-g128 "
+                                  "for int21; halo takes none)")
     p.add_argument("--method", default="lqlora", help="a registered method: lqlora, loftq, qlora, peqa, int21, halo")
     p.add_argument("--rounding", choices=["rtn", "gptq"],
                    help="round to nearest, or GPTQ over the embedded corpus (default: the method's; int21: gptq)")

@@ -168,6 +168,15 @@ def test_halo_quantize_train_and_reload(base, tmp_path, capsys):
     assert main(["eval", "-q", str(t), "--data", str(data), "--block-size", "32", "--max-blocks", "2"]) == 0
 
 
+def test_a_method_without_bits_refuses_them_and_the_default_bits_are_the_methods(base, tmp_path, capsys):
+    assert main(["quantize", "-q", "--model", str(base), "--method", "halo", "--bits", "4",
+                 "--out", str(tmp_path / "h")]) != 0
+    assert "drop --bits" in capsys.readouterr().err and not (tmp_path / "h").exists()
+    assert main(["quantize", "-q", "--model", str(base), "--method", "qlora", "--out", str(tmp_path / "q")]) == 0
+    modules = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["modules"]
+    assert {m["format"] for m in modules.values()} == {"nf4-b64"}  # QLoRA's NF4, not the 2.5-bit budget
+
+
 def test_halo_level_zero_is_level_zero(base, tmp_path):
     """--level 0 (no rotation) is an option given, not an option left out (which means level 2)."""
     for level in (0, 2):

@@ -10,6 +10,7 @@ from qft.prepare.allocate import ErrorTable, allocate, error_table, nf_grid, pru
 from qft.nn import QLinear
 from qft.prepare.plot import bits_heatmap
 from qft.prepare.quantize import quantize_and_prepare
+from qft.quant.formats import get_format
 
 
 def test_grid_is_lqlora_shaped():
@@ -334,3 +335,14 @@ def test_a_model_that_is_not_a_transformers_model_is_prepared_and_left_unmarked(
     assert not hasattr(model, "hf_quantizer")
     tiny = quantize_and_prepare(tiny_llama(), bits="nf4", method="qlora", rank=2, progress=False)
     assert tiny.config.quantization_config.quant_method == "qft" and tiny.is_quantized
+
+
+@pytest.mark.parametrize("method, format", [("qlora", "nf4"), ("loftq", "nf4"), ("qalora", "q4_1"),
+                                            ("peqa", "int4-ch"), ("int21", "int2-g128")])
+def test_each_method_without_bits_takes_its_own_default(method, format):
+    """Only LQ-LoRA spends a budget by default; QLoRA without bits= is NF4, as users of QLoRA expect."""
+    kwargs = {"rank": 4} if method != "peqa" else {}
+    if method == "int21":
+        kwargs["rounding"] = "rtn"  # its GPTQ default reads calibration text
+    model = quantize_and_prepare(tiny_llama(), method=method, fisher=False, progress=False, **kwargs)
+    assert {m.format for m in model.qft_report.matrices} == {get_format(format).name}

@@ -396,7 +396,7 @@ def plan_budget(model: nn.Module, config: BudgetConfig, *, tensors: FileTensors 
 
 def quantize_and_prepare(
     model: nn.Module | str | os.PathLike,
-    bits: float | str = 2.5,
+    bits: float | int | str | None = None,
     method: str = "lqlora",
     rank: int | None = None,
     *,
@@ -420,7 +420,9 @@ def quantize_and_prepare(
     ``quantize_and_prepare(model, bits=2.5, method="lqlora", rank=64, fisher=True, tokenizer=tok)`` is
     ``quantize_(model, LQLoRAConfig(bits=2.5, rank=64, fisher=True), tokenizer=tok)``. method: a registered
     method (``qft.methods.METHODS``): "lqlora", "loftq", "qlora", "peqa", "int21", "halo" (whose own
-    options, level=, precision=, granularity=, grad_format=, peft=, come as keywords). fisher: None (the
+    options, level=, precision=, granularity=, grad_format=, peft=, come as keywords). bits: None takes the
+    method's own default (LQ-LoRA: a 2.5-bit budget; QLoRA, LoftQ: nf4; QA-LoRA: q4_1; PEQA: int4 per
+    channel; INT2.1: int2-g128); HALO has none and refuses one. fisher: None (the
     default) calibrates whenever it can: a bit budget to allocate, a loaded model (a folder streams) and a
     tokenizer, passed or found beside the model's files (``qft.files.models.tokenizer_of``); otherwise it runs
     data-free and the report's notes say why. False: data-free always; True: Fisher-weighted, or an error; or a
@@ -428,8 +430,8 @@ def quantize_and_prepare(
     """
     common = dict(rank=rank, alpha=alpha, target_modules=target_modules, skip_modules=skip_modules, seed=seed)
     if get_method(method).prepare is not None:
-        ignored = [n for n, v in (("fisher", fisher), ("rounding", rounding), ("formats", formats),
-                                  ("calibration", calibration)) if v]
+        ignored = [n for n, v in (("bits", bits is not None), ("fisher", fisher), ("rounding", rounding),
+                                  ("formats", formats), ("calibration", calibration)) if v]
         if ignored:
             raise ValueError(f"method {method!r} has no bit budget to allocate or rounding to choose; drop {ignored} "
                              f"(its options: {list(get_method(method).options)})")
@@ -438,7 +440,9 @@ def quantize_and_prepare(
     if method_options:
         raise ValueError(f"quantize_and_prepare got unexpected option(s) {sorted(method_options)}; method {method!r} "
                          "takes none beyond the common arguments")
-    config = config_for(method, bits=bits, fisher=fisher not in (None, False), rounding=rounding, formats=formats,
+    if bits is not None:
+        common["bits"] = bits
+    config = config_for(method, fisher=fisher not in (None, False), rounding=rounding, formats=formats,
                         iters=iters, solver=solver, **common)
     why = None
     if fisher is None:
