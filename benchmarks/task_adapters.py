@@ -12,6 +12,8 @@ is measured, and training stops when it has not risen for --patience rounds or a
 round's adapter is kept. Then ComPEFT (qft.compress_adapter; α searched on the training half's texts)
 compresses it at each density, and the decompressed adapter's held-out accuracy is measured.
 Reported: the .qftc bytes against the adapter in fp16, and the accuracy change. Goal: ≥ 20× at ≤ 1 point.
+--alpha-by accuracy then tries ALPHA_BY_ACCURACY × that α and keeps the one with the best accuracy on the
+training half (the held-out half stays unseen); --reuse compresses the adapter a previous run trained.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
+from pathlib import Path
 
 import torch
 from lqlora import CACHE, OUT, header
@@ -33,6 +36,7 @@ from qft.training.tasks import score_items
 
 WORK = OUT / "task_adapters"
 DENSITIES = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
+ALPHA_BY_ACCURACY = (0.75, 1.0, 1.25, 1.5, 2.0)  # multiples of the loss-chosen α that --alpha-by accuracy tries
 
 
 def base_folder(args):
@@ -53,16 +57,17 @@ def accuracy(model, tokenizer, items) -> float:
     return score_items(model, tokenizer, items, ("acc",), progress=False)["acc"]
 
 
-def run_task(task: str, args, base) -> list[dict]:
-    items = task_items(task)
-    train_items, eval_items = items[0::2], items[1::2][: args.eval_docs]
-    texts = [item.requests[item.gold][0] + item.requests[item.gold][1] for item in train_items]
-    model, tokenizer = load(base)
+def train_adapter(task: str, args, model, tokenizer, texts, eval_items) -> dict:
+    """Train in rounds until the held-out accuracy stops rising; the best round's adapter is saved (and,
+    with --reuse, a previous run's is loaded instead)."""
+    adapter, summary = WORK / task / "adapter", WORK / task / "trained.json"
+    if args.reuse and summary.is_file():
+        qft.load_adapter(model, adapter)
+        return json.loads(summary.read_text())
     before = accuracy(model, tokenizer, eval_items)
-    print(f"{task}: {len(train_items)} training documents, {len(eval_items)} held out; base accuracy {before:.4f}",
+    print(f"{task}: {len(texts)} training documents, {len(eval_items)} held out; base accuracy {before:.4f}",
           flush=True)
     best, best_step, stale, step, curve = before, 0, 0, 0, [(0, before)]
-    adapter = WORK / task / "adapter"
     qft.save_adapter(model, adapter)
     start = time.perf_counter()
     while step < args.max_steps and stale < args.patience:
@@ -77,27 +82,53 @@ def run_task(task: str, args, base) -> list[dict]:
             qft.save_adapter(model, adapter)
         else:
             stale += 1
-    seconds = time.perf_counter() - start
-    params = sum(t.numel() for t in adapter_tensors(model).values())
-    fp16 = params * 2
-    rows = [{"task": task, "adapter": f"trained, best of {step} steps (step {best_step})", "density": 1.0,
-             "bytes": fp16, "× smaller than fp16": 1.0, "held-out acc": best, "Δ acc (points)": 0.0,
-             "base acc": before, "train s": seconds}]
+    qft.load_adapter(model, adapter)
+    trained = {"before": before, "best": best, "best_step": best_step, "steps": step, "curve": curve,
+               "seconds": time.perf_counter() - start}
+    summary.write_text(json.dumps(trained))
+    return trained
+
+
+def compressed(task: str, density: float, alpha: float | None, base_model, tokenizer, texts, model, base) -> Path:
+    """Compress the trained adapter, decompress it and load it into ``model``; the .qftc file."""
+    packed = WORK / task / f"adapter-{density}.qftc"
+    compress_adapter(WORK / task / "adapter", packed, density=density, alpha=alpha, base=base_model,
+                     tokenizer=tokenizer, texts=texts[:64], progress=False)
+    restored = WORK / task / f"adapter-{density}"
+    decompress_adapter(packed, restored, base=base)
+    qft.load_adapter(model, restored)
+    return packed
+
+
+def run_task(task: str, args, base) -> list[dict]:
+    items = task_items(task)
+    train_items, eval_items = items[0::2], items[1::2][: args.eval_docs]
+    texts = [item.requests[item.gold][0] + item.requests[item.gold][1] for item in train_items]
+    model, tokenizer = load(base)
+    trained = train_adapter(task, args, model, tokenizer, texts, eval_items)
+    best = trained["best"]
+    fp16 = 2 * sum(t.numel() for t in adapter_tensors(model).values())
+    rows = [{"task": task, "adapter": f"trained, best of {trained['steps']} steps (step {trained['best_step']})",
+             "density": 1.0, "bytes": fp16, "× smaller than fp16": 1.0, "held-out acc": best,
+             "Δ acc (points)": 0.0, "base acc": trained["before"], "train s": trained["seconds"]}]
     base_model, _ = load(base)
     for density in args.densities:
-        packed = WORK / task / f"adapter-{density}.qftc"
-        compress_adapter(adapter, packed, density=density, base=base_model, tokenizer=tokenizer, texts=texts[:64],
-                         progress=False)
-        restored = WORK / task / f"adapter-{density}"
-        decompress_adapter(packed, restored, base=base)
-        qft.load_adapter(model, restored)
+        packed = compressed(task, density, None, base_model, tokenizer, texts, model, base)
+        if args.alpha_by == "accuracy":  # the loss's α times each step, kept by accuracy on the training half
+            chosen = info(packed)["alpha"]
+            scored = {}
+            for step in ALPHA_BY_ACCURACY:
+                compressed(task, density, chosen * step, base_model, tokenizer, texts, model, base)
+                scored[chosen * step] = accuracy(model, tokenizer, train_items[: args.select_docs])
+            packed = compressed(task, density, max(scored, key=scored.get), base_model, tokenizer, texts, model,
+                                base)
+            print(f"  density {density}: training-half accuracy by α {scored}", flush=True)
         acc = accuracy(model, tokenizer, eval_items)
         size = packed.stat().st_size
-        rows.append({"task": task, "adapter": f"ComPEFT, α {info(packed)['alpha']:.3g}", "density": density,
-                     "bytes": size, "× smaller than fp16": fp16 / size, "held-out acc": acc,
-                     "Δ acc (points)": 100 * (acc - best), "base acc": before})
+        rows.append({"task": task, "adapter": f"ComPEFT, α {info(packed)['alpha']:.3g} (by {args.alpha_by})",
+                     "density": density, "bytes": size, "× smaller than fp16": fp16 / size, "held-out acc": acc,
+                     "Δ acc (points)": 100 * (acc - best), "base acc": trained["before"]})
         print(rows[-1], flush=True)
-    (WORK / task / "curve.json").write_text(json.dumps(curve))
     return rows
 
 
@@ -112,6 +143,11 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=240)
     parser.add_argument("--eval-docs", type=int, default=400)
     parser.add_argument("--densities", type=float, nargs="+", default=DENSITIES)
+    parser.add_argument("--alpha-by", choices=["loss", "accuracy"], default="loss",
+                        help="loss: compress_adapter's own search; accuracy: then ALPHA_BY_ACCURACY × that α, kept "
+                             "by accuracy on the first --select-docs training documents")
+    parser.add_argument("--select-docs", type=int, default=200)
+    parser.add_argument("--reuse", action="store_true", help="compress the adapter a previous run trained")
     args = parser.parse_args()
     for task in args.tasks:
         get_task(task)
@@ -121,7 +157,7 @@ def main() -> None:
     base = base_folder(args)
     rows = [row for task in args.tasks for row in run_task(task, args, base)]
     print(markdown_table(rows, ".4f"))
-    (WORK / "results.json").write_text(json.dumps(rows, indent=1))
+    (WORK / f"results-{args.alpha_by}.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":
