@@ -96,7 +96,7 @@ def test_a_damaged_or_foreign_file_is_refused(damage, tmp_path):
         load_compressed(path)
 
 
-def _trained_qft(tmp_path, method="qlora", bits="nf4", **kwargs):
+def _trained_qft(tmp_path, method="qlora", bits=None, **kwargs):
     """(base checkpoint folder as prepared, adapter folder after 'training' moved every adapter)."""
     model = qft.quantize_and_prepare(tiny_llama(), bits=bits, method=method, progress=False, cache_dir=False,
                                      **kwargs)
