@@ -74,7 +74,7 @@ def cmd_quantize(args) -> None:
     from qft.files.checkpoint import save_quantized
     from qft.methods import get_method
     from qft.methods.config import BudgetConfig, config_for, parse_bits
-    from qft.prepare.quantize import default_calibration, noted, quantize_
+    from qft.prepare.quantize import default_calibration, noted, quantize_, refuse_budget_options
 
     # the config first: a bad option fails before the model is read
     options = {k: getattr(args, k) for k in ("level", "precision", "granularity", "grad_format", "peft")
@@ -88,11 +88,8 @@ def cmd_quantize(args) -> None:
 
             options["formats"] = tuple(GGML_TYPES) if args.formats == "gguf" else tuple(args.formats.split(","))
     else:
-        ignored = [flag for flag, v in (("--bits", args.bits), ("--fisher", args.fisher), ("--rounding", args.rounding),
-                                        ("--formats", args.formats)) if v]
-        if ignored:
-            raise ValueError(f"method {args.method!r} has no bit budget to allocate or rounding to choose; drop "
-                             f"{' '.join(ignored)}")
+        refuse_budget_options(args.method, {"--bits": args.bits, "--fisher": args.fisher,
+                                            "--rounding": args.rounding, "--formats": args.formats})
     config = config_for(args.method, rank=args.rank, seed=args.seed, **options)
     if args.streaming:  # the folder itself: each weight is read from disk when it is quantized
         if args.model is None:

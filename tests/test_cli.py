@@ -171,7 +171,7 @@ def test_halo_quantize_train_and_reload(base, tmp_path, capsys):
 def test_a_method_without_bits_refuses_them_and_the_default_bits_are_the_methods(base, tmp_path, capsys):
     assert main(["quantize", "-q", "--model", str(base), "--method", "halo", "--bits", "4",
                  "--out", str(tmp_path / "h")]) != 0
-    assert "drop --bits" in capsys.readouterr().err and not (tmp_path / "h").exists()
+    assert "drop ['--bits']" in capsys.readouterr().err and not (tmp_path / "h").exists()
     assert main(["quantize", "-q", "--model", str(base), "--method", "qlora", "--out", str(tmp_path / "q")]) == 0
     modules = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["modules"]
     assert {m["format"] for m in modules.values()} == {"nf4-b64"}  # QLoRA's NF4, not the 2.5-bit budget

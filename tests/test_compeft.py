@@ -96,10 +96,9 @@ def test_a_damaged_or_foreign_file_is_refused(damage, tmp_path):
         load_compressed(path)
 
 
-def _trained_qft(tmp_path, method="qlora", bits=None, **kwargs):
+def _trained_qft(tmp_path, method="qlora", **kwargs):
     """(base checkpoint folder as prepared, adapter folder after 'training' moved every adapter)."""
-    model = qft.quantize_and_prepare(tiny_llama(), bits=bits, method=method, progress=False, cache_dir=False,
-                                     **kwargs)
+    model = qft.quantize_and_prepare(tiny_llama(), method=method, progress=False, cache_dir=False, **kwargs)
     qft.save_quantized(model, tmp_path / "base")
     gen = torch.Generator().manual_seed(3)
     with torch.no_grad():

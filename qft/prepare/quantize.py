@@ -430,11 +430,8 @@ def quantize_and_prepare(
     """
     common = dict(rank=rank, alpha=alpha, target_modules=target_modules, skip_modules=skip_modules, seed=seed)
     if get_method(method).prepare is not None:
-        ignored = [n for n, v in (("bits", bits is not None), ("fisher", fisher), ("rounding", rounding),
-                                  ("formats", formats), ("calibration", calibration)) if v]
-        if ignored:
-            raise ValueError(f"method {method!r} has no bit budget to allocate or rounding to choose; drop {ignored} "
-                             f"(its options: {list(get_method(method).options)})")
+        refuse_budget_options(method, {"bits": bits is not None, "fisher": fisher, "rounding": rounding,
+                                       "formats": formats, "calibration": calibration})
         config = config_for(method, **common, **method_options)
         return quantize_(model, config, progress=progress)
     if method_options:
@@ -450,6 +447,15 @@ def quantize_and_prepare(
     model = quantize_(model, config, tokenizer=tokenizer, calibration=calibration,
                       fisher=fisher if isinstance(fisher, dict) else None, cache_dir=cache_dir, progress=progress)
     return noted(model, why)
+
+
+def refuse_budget_options(method: str, given: dict[str, object]) -> None:
+    """A whole-model method (HALO) has no budget, formats or rounding: say which of ``given`` (name: the value,
+    truthy when the caller set it) to drop, rather than ignore them."""
+    ignored = [name for name, value in given.items() if value]
+    if ignored:
+        raise ValueError(f"method {method!r} has no bit budget to allocate or rounding to choose; drop {ignored} "
+                         f"(its options: {list(get_method(method).options)})")
 
 
 def default_calibration(model: nn.Module | str | os.PathLike, config: BudgetConfig, tokenizer
