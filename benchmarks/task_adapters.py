@@ -57,13 +57,16 @@ def accuracy(model, tokenizer, items) -> float:
     return score_items(model, tokenizer, items, ("acc",), progress=False)["acc"]
 
 
-def train_adapter(task: str, args, model, tokenizer, texts, eval_items) -> dict:
+def train_adapter(task: str, args, base: Path, model, tokenizer, texts, eval_items) -> dict:
     """Train in rounds until the held-out accuracy stops rising; the best round's adapter is saved (and,
-    with --reuse, a previous run's is loaded instead)."""
+    with --reuse, a previous run's over the same base is loaded instead)."""
     adapter, summary = WORK / task / "adapter", WORK / task / "trained.json"
     if args.reuse and summary.is_file():
+        trained = json.loads(summary.read_text())
+        if trained.get("base") != base.name:
+            raise ValueError(f"{summary} was trained over {trained.get('base')}, not {base.name}: run without --reuse")
         qft.load_adapter(model, adapter)
-        return json.loads(summary.read_text())
+        return trained
     before = accuracy(model, tokenizer, eval_items)
     print(f"{task}: {len(texts)} training documents, {len(eval_items)} held out; base accuracy {before:.4f}",
           flush=True)
@@ -83,7 +86,7 @@ def train_adapter(task: str, args, model, tokenizer, texts, eval_items) -> dict:
         else:
             stale += 1
     qft.load_adapter(model, adapter)
-    trained = {"before": before, "best": best, "best_step": best_step, "steps": step, "curve": curve,
+    trained = {"base": base.name, "before": before, "best": best, "best_step": best_step, "steps": step, "curve": curve,
                "seconds": time.perf_counter() - start}
     summary.write_text(json.dumps(trained))
     return trained
@@ -105,7 +108,7 @@ def run_task(task: str, args, base) -> list[dict]:
     train_items, eval_items = items[0::2], items[1::2][: args.eval_docs]
     texts = [item.requests[item.gold][0] + item.requests[item.gold][1] for item in train_items]
     model, tokenizer = load(base)
-    trained = train_adapter(task, args, model, tokenizer, texts, eval_items)
+    trained = train_adapter(task, args, base, model, tokenizer, texts, eval_items)
     best = trained["best"]
     fp16 = 2 * sum(t.numel() for t in adapter_tensors(model).values())
     rows = [{"task": task, "adapter": f"trained, best of {trained['steps']} steps (step {trained['best_step']})",
