@@ -19,16 +19,25 @@ lqlora-B-fisher          the same, Fisher-weighted (the embedded corpus's train 
                          default since issue 25)
 lqlora-B-fisher-gptq     ... and the Q step rounded by GPTQ (the same text)
 peqa-int4    PEQA int4 per channel (trained scales)
+int2.1       INT2.1: GPTQ int2-g128 + LoRA rank 32 (alpha 128), trained with LREC (distillation from the
+             fp32 model, qft.methods.lrec)
+halo-2-fp8   HALO level 2, FP8 matmuls behind Hadamard rotations (full fine-tuning of fp32 master
+             weights), scored as it runs: every projection's matmul in FP8
 
---steps N trains each config N steps on the embedded corpus (the finetune benchmark's schedule) before
-the evaluation (0: as quantized). Results go to benchmarks/out/accuracy/<config>-<steps>.json, one per
-config (a rerun skips configs already measured; --fresh redoes them).
+--steps N trains each config N steps on the embedded corpus (the finetune benchmark's schedule: 2 blocks
+of 512 tokens, warm-up 3, seed 0; lr 2e-4, PEQA 1e-3, HALO 2e-5) before the evaluation (0: as quantized).
+--export int4 also scores what users deploy: export_merged's int4 (W' = dequant(Q) + scaling·B·A rounded
+once more, asymmetric groups of 128, GPTQ in act-order over the corpus's train split, bf16 scales; PEQA's
+own int4 codes and trained scales as they are), read back with load_merged. Results go to
+benchmarks/out/accuracy/<model>-<config>-<steps>[-int4].json, one per row (a rerun skips rows already
+measured on as many documents; --fresh redoes them).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import tempfile
 import time
 
 import torch
@@ -45,7 +54,9 @@ from qft.training.tasks import evaluate_tasks
 WORK = OUT / "accuracy"
 RANK = 64
 CONFIGS = ["fp32", "bnb-nf4", "nf3", "lqlora-4.0", "lqlora-3.0", "lqlora-2.5", "lqlora-4.0-fisher",
-           "lqlora-3.0-fisher", "lqlora-2.5-fisher", "lqlora-3.0-fisher-gptq", "lqlora-2.5-fisher-gptq", "peqa-int4"]
+           "lqlora-3.0-fisher", "lqlora-2.5-fisher", "lqlora-3.0-fisher-gptq", "lqlora-2.5-fisher-gptq", "peqa-int4",
+           "int2.1", "halo-2-fp8"]
+LR = {"peqa-int4": 1e-3, "halo-2-fp8": 2e-5}  # the rest train at 2e-4
 
 
 def fisher_of(model, tokenizer, label: str) -> dict:
@@ -75,38 +86,69 @@ def prepared(name: str, model, tokenizer, label: str):
                                   rounding="gptq" if name.endswith("-gptq") else None)
     elif name == "peqa-int4":
         config = qft.PEQAConfig(bits=4)
+    elif name == "int2.1":
+        config = qft.INT21Config()
+    elif name == "halo-2-fp8":
+        config = qft.HALOConfig(level=2, precision="fp8")
     else:
         raise ValueError(name)
     fisher = fisher_of(model, tokenizer, label) if getattr(config, "fisher", False) else None
-    qft.quantize_(model, config, tokenizer=tokenizer, fisher=fisher, cache_dir=CACHE, progress=False)
+    budget = not isinstance(config, qft.WholeModelConfig)  # HALO has nothing to calibrate
+    qft.quantize_(model, config, tokenizer=tokenizer if budget else None, fisher=fisher, cache_dir=CACHE,
+                  progress=False)
     return model, model.qft_report.bits
 
 
-def measure(name: str, args, lambada: list[str]) -> dict:
-    path = WORK / f"{args.model}-{name}-{args.steps}.json"
-    if path.is_file() and not args.fresh:
-        return json.loads(path.read_text())
-    model, tokenizer = qft.named_model(args.model, progress=False)
-    start = time.perf_counter()
-    model, bits = prepared(name, model, tokenizer, args.model)
-    seconds = time.perf_counter() - start
-    if args.steps:
-        peqa = name.startswith("peqa")
-        train(model, tokenizer, steps=args.steps, batch_size=2, block_size=512, lr=1e-3 if peqa else 2e-4,
-              warmup=3, seed=0, progress=False, eval_blocks=0)
-    if qft.nn.qft_layers(model):  # the same weights (W' = dequant(Q) + scaling·B·A) without dequantizing per forward
+def scored(model, tokenizer, row: dict, lambada: list[str], limit: int) -> dict:
+    """``row`` with the five tasks' accuracy, their average and both perplexities (and every score)."""
+    if qft.nn.qft_layers(model, (qft.QLinear,)):  # W' = dequant(Q) + scaling·B·A, not dequantized per forward
         model = dense_model(model, torch.float32, merged=True)
-    scores = evaluate_tasks(model, tokenizer, FIVE_TASKS, limit=args.limit, progress=False)
-    row = {"model": args.model, "config": name, "steps": args.steps, "bits/param": bits, "prepare s": seconds}
+    scores = evaluate_tasks(model, tokenizer, FIVE_TASKS, limit=limit, progress=False)
     for task in FIVE_TASKS:
         row[task] = scores[task]["acc_norm" if "acc_norm" in scores[task] else "acc"]
     row["average"] = sum(row[t] for t in FIVE_TASKS) / len(FIVE_TASKS)
     row["ppl in domain"] = perplexity(model, tokenizer, progress=False)
     row["ppl lambada"] = perplexity(model, tokenizer, lambada, progress=False)
     row["scores"] = scores
-    WORK.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(row, indent=1))
     return row
+
+
+def exported_int4(model, tokenizer):
+    """What users deploy: the merged int4 export (module doc), read back as a float model."""
+    with tempfile.TemporaryDirectory() as folder:
+        qft.export_merged(model, folder, tokenizer, symmetric=False, rounding="gptq", progress=False)
+        return qft.load_merged(folder).float()
+
+
+def measure(name: str, args, lambada: list[str]) -> list[dict]:
+    """The config's row (as quantized or trained) and, with --export, its export's; each cached in WORK."""
+    stem = f"{args.model}-{name}-{args.steps}"
+    paths = [WORK / f"{stem}.json"] + ([WORK / f"{stem}-{args.export}.json"] if args.export else [])
+    documents = {"limit": args.limit, "lambada": args.lambada}
+    if all(p.is_file() for p in paths) and not args.fresh:
+        rows = [json.loads(p.read_text()) for p in paths]
+        if all(r.get("documents") == documents for r in rows):
+            return rows
+    model, tokenizer = qft.named_model(args.model, progress=False)
+    start = time.perf_counter()
+    model, bits = prepared(name, model, tokenizer, args.model)
+    seconds = time.perf_counter() - start
+    if args.steps:
+        lrec = name == "int2.1"
+        teacher = qft.named_model(args.model, progress=False)[0] if lrec else None
+        train(model, tokenizer, steps=args.steps, batch_size=2, block_size=512, lr=LR.get(name, 2e-4), warmup=3,
+              seed=0, progress=False, eval_blocks=0, objective="lrec" if lrec else "ce", teacher=teacher)
+        del teacher
+    row = {"model": args.model, "config": name, "steps": args.steps, "bits/param": bits, "prepare s": seconds,
+           "documents": documents}
+    rows = [scored(model, tokenizer, dict(row), lambada, args.limit)]
+    if args.export:
+        rows.append(scored(exported_int4(model, tokenizer), tokenizer, {**row, "export": args.export}, lambada,
+                           args.limit))
+    WORK.mkdir(parents=True, exist_ok=True)
+    for path, measured in zip(paths, rows):
+        path.write_text(json.dumps(measured, indent=1))
+    return rows
 
 
 def main() -> None:
@@ -116,6 +158,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=500, help="documents of each task (the first ones)")
     parser.add_argument("--lambada", type=int, default=400, help="LAMBADA passages for the out-of-domain perplexity")
     parser.add_argument("--steps", type=int, default=0)
+    parser.add_argument("--export", choices=["int4"], help="also score the config's deployable export")
     parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args()
     header()
@@ -125,9 +168,9 @@ def main() -> None:
     lambada = [d["text"] for d in task_docs("lambada", limit=args.lambada)]
     rows = []
     for name in args.configs:
-        row = measure(name, args, lambada)
-        rows.append({k: v for k, v in row.items() if k != "scores"})
-        print(rows[-1], flush=True)
+        for row in measure(name, args, lambada):
+            rows.append({k: v for k, v in row.items() if k not in ("scores", "documents")})
+            print(rows[-1], flush=True)
     print(markdown_table(rows, ".4f"))
 
 

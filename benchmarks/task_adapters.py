@@ -12,8 +12,9 @@ is measured, and training stops when it has not risen for --patience rounds or a
 round's adapter is kept. Then ComPEFT (qft.compress_adapter; α searched on the training half's texts)
 compresses it at each density, and the decompressed adapter's held-out accuracy is measured.
 Reported: the .qftc bytes against the adapter in fp16, and the accuracy change. Goal: ≥ 20× at ≤ 1 point.
---alpha-by accuracy then tries ALPHA_BY_ACCURACY × that α and keeps the one with the best accuracy on the
-training half (the held-out half stays unseen); --reuse compresses the adapter a previous run trained.
+--alpha-by accuracy has the search maximise the accuracy on the first --select-docs documents of the
+training half instead (compress_adapter's score=; the held-out half stays unseen); --reuse compresses the
+adapter a previous run trained.
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ from qft.training.tasks import score_items
 
 WORK = OUT / "task_adapters"
 DENSITIES = [0.01, 0.02, 0.05, 0.1, 0.2, 0.5]
-ALPHA_BY_ACCURACY = (0.75, 1.0, 1.25, 1.5, 2.0)  # multiples of the loss-chosen α that --alpha-by accuracy tries
 
 
 def base_folder(args):
@@ -92,11 +92,12 @@ def train_adapter(task: str, args, base: Path, model, tokenizer, texts, eval_ite
     return trained
 
 
-def compressed(task: str, density: float, alpha: float | None, base_model, tokenizer, texts, model, base) -> Path:
-    """Compress the trained adapter, decompress it and load it into ``model``; the .qftc file."""
+def compressed(task: str, density: float, score, base_model, tokenizer, texts, model, base) -> Path:
+    """Compress the trained adapter (α searched by ``score``, None: the loss on ``texts``), decompress it and load
+    it into ``model``; the .qftc file."""
     packed = WORK / task / f"adapter-{density}.qftc"
-    compress_adapter(WORK / task / "adapter", packed, density=density, alpha=alpha, base=base_model,
-                     tokenizer=tokenizer, texts=texts[:64], progress=False)
+    compress_adapter(WORK / task / "adapter", packed, density=density, base=base_model, tokenizer=tokenizer,
+                     texts=texts[:64], score=score, progress=False)
     restored = WORK / task / f"adapter-{density}"
     decompress_adapter(packed, restored, base=base)
     qft.load_adapter(model, restored)
@@ -115,17 +116,10 @@ def run_task(task: str, args, base) -> list[dict]:
              "density": 1.0, "bytes": fp16, "× smaller than fp16": 1.0, "held-out acc": best,
              "Δ acc (points)": 0.0, "base acc": trained["before"], "train s": trained["seconds"]}]
     base_model, _ = load(base)
+    selection = train_items[: args.select_docs]
+    score = (lambda m: accuracy(m, tokenizer, selection)) if args.alpha_by == "accuracy" else None
     for density in args.densities:
-        packed = compressed(task, density, None, base_model, tokenizer, texts, model, base)
-        if args.alpha_by == "accuracy":  # the loss's α times each step, kept by accuracy on the training half
-            chosen = info(packed)["alpha"]
-            scored = {}
-            for step in ALPHA_BY_ACCURACY:
-                compressed(task, density, chosen * step, base_model, tokenizer, texts, model, base)
-                scored[chosen * step] = accuracy(model, tokenizer, train_items[: args.select_docs])
-            packed = compressed(task, density, max(scored, key=scored.get), base_model, tokenizer, texts, model,
-                                base)
-            print(f"  density {density}: training-half accuracy by α {scored}", flush=True)
+        packed = compressed(task, density, score, base_model, tokenizer, texts, model, base)
         acc = accuracy(model, tokenizer, eval_items)
         size = packed.stat().st_size
         rows.append({"task": task, "adapter": f"ComPEFT, α {info(packed)['alpha']:.3g} (by {args.alpha_by})",
@@ -147,8 +141,8 @@ def main() -> None:
     parser.add_argument("--eval-docs", type=int, default=400)
     parser.add_argument("--densities", type=float, nargs="+", default=DENSITIES)
     parser.add_argument("--alpha-by", choices=["loss", "accuracy"], default="loss",
-                        help="loss: compress_adapter's own search; accuracy: then ALPHA_BY_ACCURACY × that α, kept "
-                             "by accuracy on the first --select-docs training documents")
+                        help="what α's search maximises: minus the perplexity of the training half's texts (loss: "
+                             "compress_adapter's default) or the accuracy on its first --select-docs documents")
     parser.add_argument("--select-docs", type=int, default=200)
     parser.add_argument("--reuse", action="store_true", help="compress the adapter a previous run trained")
     args = parser.parse_args()

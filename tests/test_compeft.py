@@ -11,12 +11,16 @@ from helpers import tiny_llama
 import qft
 from qft.files.checkpoint import CheckpointError
 from qft.exports.compeft import (
+    ALPHA_MAX_STEPS,
+    ALPHA_RATIO,
+    best_alpha,
     compress,
     compress_adapter,
     decompress,
     decompress_adapter,
     entropy_bits,
     info,
+    least_squares_alpha,
     load_compressed,
     save_compressed,
 )
@@ -162,6 +166,46 @@ def test_alpha_is_searched_on_validation_text(tmp_path):
         assert torch.equal(p, start[name])  # the search leaves the caller's base as it came
     with pytest.raises(ValueError, match="alpha="):
         compress_adapter(tmp_path / "adapter", tmp_path / "b.qftc", density=0.1, base=tmp_path / "base")
+
+
+@pytest.mark.parametrize("peak,expected", [(3.0, 5), (0.3, -5), (1.0, 0)])
+def test_the_alpha_search_walks_to_the_peak_beyond_two_times_least_squares(peak, expected):
+    tried = []
+
+    def score(alpha):
+        tried.append(alpha)
+        return -(math.log(alpha) - math.log(peak)) ** 2
+
+    assert best_alpha(score, 1.0) == pytest.approx(ALPHA_RATIO**expected)
+    assert len(tried) == len(set(tried)) <= abs(expected) + 3  # one step past the peak, and one the other way
+
+
+def test_the_alpha_search_stops_at_its_farthest_step():
+    assert best_alpha(lambda alpha: alpha, 2.0) == pytest.approx(2.0 * ALPHA_RATIO**ALPHA_MAX_STEPS)
+
+
+def test_alpha_is_searched_for_the_callers_score(tmp_path):
+    """score= replaces perplexity: here the distance to the trained adapter, whose best α is least squares'."""
+    from qft.files.adapters import adapter_tensors, read_adapter
+
+    _trained_qft(tmp_path, bits="nf4", rank=4)
+    base = qft.load_quantized(tmp_path / "base")
+    start = {n: p.detach().clone() for n, p in adapter_tensors(base).items()}
+    trained = read_adapter(tmp_path / "adapter")[1]
+    models = set()
+
+    def closeness(model):
+        models.add(id(model))
+        params = adapter_tensors(model)
+        return -sum(float((params[n].float() - t.float()).pow(2).sum()) for n, t in trained.items())
+
+    summary = compress_adapter(tmp_path / "adapter", tmp_path / "a.qftc", density=0.1, base=base, score=closeness,
+                               progress=False)
+    update = {n: t.float() - start[n].float() for n, t in trained.items()}
+    assert summary["alpha"] == pytest.approx(least_squares_alpha(update, compress(update, 0.1, 1.0)), rel=1e-4)
+    assert models == {id(base)}
+    for name, p in adapter_tensors(base).items():
+        assert torch.equal(p, start[name])  # left as it came
 
 
 def test_a_peft_adapter_round_trips_and_loads_in_peft(tmp_path):

@@ -34,6 +34,7 @@ import math
 import os
 import struct
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -278,7 +279,8 @@ def load_compressed(path: str | os.PathLike) -> tuple[dict, dict[str, Ternary]]:
 # ---- adapters ---------------------------------------------------------------------------------
 
 PEFT_CONFIG, PEFT_WEIGHTS = "adapter_config.json", "adapter_model.safetensors"
-ALPHA_STEPS = (0.5, 0.75, 1.0, 1.25, 1.5, 2.0)  # multiples of the least-squares α tried by the search
+ALPHA_RATIO = 1.25  # the search's grid: the least-squares α times ALPHA_RATIO**k
+ALPHA_MAX_STEPS = 12  # the farthest the search walks from the least-squares α, either way (1.25**12 ≈ 15)
 
 
 def _source(folder: Path) -> tuple[str, dict, dict[str, torch.Tensor]]:
@@ -332,17 +334,21 @@ def load_base(base):
 
 
 def compress_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, density: float,
-                     alpha: float | None = None, base=None, tokenizer=None, texts=None, scope: str = "global",
+                     alpha: float | None = None, base=None, tokenizer=None, texts=None,
+                     score: Callable[[torch.nn.Module], float] | None = None, scope: str = "global",
                      progress: bool = True) -> dict:
     """Compress the adapter folder ``adapter`` (qft's ``save_adapter`` or PEFT's ``save_pretrained``) to
     the .qftc file ``out``; returns its :func:`info`.
 
     base: for a qft adapter, the model it was trained from as prepared (or that checkpoint's folder):
       the update is measured from its adapters, and its fingerprint must match.
-    alpha: the scale's multiple of σ; None searches ALPHA_STEPS × the least-squares α for the lowest
-      perplexity of the base with the compressed adapter on ``texts`` (default: 4 blocks of the
-      embedded corpus's *train* split, so the held-out split stays unseen), with a progress bar;
-      needs ``base`` and ``tokenizer`` (for a PEFT adapter, base is the transformers model it applies to).
+    alpha: the scale's multiple of σ; None searches it (:func:`best_alpha`) for the lowest perplexity of the
+      base with the compressed adapter on ``texts`` (default: 4 blocks of the embedded corpus's *train*
+      split, so the held-out split stays unseen), with a progress bar; needs ``base`` and ``tokenizer``
+      (for a PEFT adapter, base is the transformers model it applies to).
+    score: what the search maximises instead of minus that perplexity: ``score(model)``, the base with the
+      compressed adapter applied. For a task adapter, its accuracy on training items: the loss on text
+      under-scales a task's ternary update (RESULTS.md, SST-2). Needs ``base``, not ``tokenizer``.
     """
     folder = Path(adapter)
     kind, own, tensors = _source(folder)
@@ -350,7 +356,7 @@ def compress_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, dens
     update = {n: tensors[n].float() - initial[n].float() for n in tensors}
     ternary = compress(update, density, 1.0, scope=scope)
     if alpha is None:
-        alpha = _search_alpha(kind, folder, base, tokenizer, texts, initial, update, ternary, progress)
+        alpha = _search_alpha(kind, folder, base, tokenizer, texts, score, initial, update, ternary, progress)
     for t in ternary.values():
         t.scale *= alpha
     header = {"kind": kind, "adapter": own, "density": density, "alpha": alpha, "scope": scope,
@@ -371,14 +377,41 @@ def _applied(initial: dict[str, torch.Tensor], ternary: dict[str, Ternary]) -> d
     return {n: (initial[n].float() + t.to_dense().float()).to(initial[n].dtype) for n, t in ternary.items()}
 
 
-def _search_alpha(kind, folder, base, tokenizer, texts, initial, update, ternary, progress) -> float:
+def best_alpha(score: Callable[[float], float], start: float, *, progress: bool = False) -> float:
+    """The α of the highest ``score(α)`` on the grid start · ALPHA_RATIO**k: from k = 0 it walks up while the
+    score rises, else down while it rises (the score of α has one peak: an update scaled too little or too
+    much both cost). A fixed grid of 0.5–2 × start clipped it: SST-2's adapter wanted 3× at 10 % density."""
     from tqdm.auto import tqdm
 
+    bar = tqdm(desc="ComPEFT alpha", unit="try", disable=not progress)
+    scores: dict[int, float] = {}
+
+    def tried(k: int) -> float:
+        scores[k] = score(start * ALPHA_RATIO**k)
+        bar.update()
+        return scores[k]
+
+    tried(0)
+    for direction in (1, -1):
+        k = direction
+        while abs(k) <= ALPHA_MAX_STEPS and tried(k) > scores[k - direction]:
+            k += direction
+        if max(scores, key=scores.get) != 0:  # it rose going up: the peak is there
+            break
+    bar.close()
+    best = max(scores, key=scores.get)
+    logger.info("ComPEFT alpha: %.4g (least-squares %.4g × %.4g; %d tried)", start * ALPHA_RATIO**best, start,
+                ALPHA_RATIO**best, len(scores))
+    return start * ALPHA_RATIO**best
+
+
+def _search_alpha(kind, folder, base, tokenizer, texts, score, initial, update, ternary, progress) -> float:
     from qft.files.data import calibration_blocks
     from qft.training.evaluate import perplexity
 
-    if base is None or tokenizer is None:
-        raise ValueError("give alpha=, or base= and tokenizer= to choose it on validation text")
+    if base is None or (tokenizer is None and score is None):
+        raise ValueError("give alpha=, or base= and tokenizer= to choose it on validation text (or base= and "
+                         "score=)")
     model = load_base(base)
     if kind == "peft":
         import copy
@@ -399,16 +432,21 @@ def _search_alpha(kind, folder, base, tokenizer, texts, initial, update, ternary
                 for name, value in values.items():
                     params[name].copy_(value)
 
-    blocks = calibration_blocks(tokenizer, texts, max_blocks=None)[-4:]
-    start = least_squares_alpha(update, ternary)
-    scores = {}
-    for step in tqdm(ALPHA_STEPS, desc="ComPEFT alpha", disable=not progress):
-        candidate = {n: Ternary(t.shape, t.positions, t.negative, t.scale * start * step, t.dtype)
-                     for n, t in ternary.items()}
-        apply(_applied(initial, candidate))
-        scores[start * step] = perplexity(model, tokenizer, blocks, progress=False)
-    apply(initial)  # the base as it came: its adapters at their starting values
-    return min(scores, key=scores.get)
+    if score is None:
+        blocks = calibration_blocks(tokenizer, texts, max_blocks=None)[-4:]
+
+        def score(m):
+            return -perplexity(m, tokenizer, blocks, progress=False)
+
+    def scored(alpha: float) -> float:
+        apply(_applied(initial, {n: Ternary(t.shape, t.positions, t.negative, t.scale * alpha, t.dtype)
+                                 for n, t in ternary.items()}))
+        return score(model)
+
+    try:
+        return best_alpha(scored, least_squares_alpha(update, ternary), progress=progress)
+    finally:
+        apply(initial)  # the base as it came: its adapters at their starting values
 
 
 def decompress_adapter(file: str | os.PathLike, out: str | os.PathLike, *, base=None) -> Path:
