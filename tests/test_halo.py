@@ -160,6 +160,8 @@ def test_the_method_swaps_every_projection_and_trains_only_their_weights():
         qft.quantize_and_prepare(tiny_llama(), method="qlora", level=2)
     with pytest.raises(ValueError, match="no bit budget"):
         qft.quantize_and_prepare(tiny_llama(), method="halo", rounding="gptq")
+    with pytest.raises(ValueError, match=r"drop \['calibration'\]"):
+        qft.quantize_(tiny_llama(), qft.HALOConfig(), calibration=["some text"])
     with pytest.raises(ValueError, match=r"drop \['bits'\]"):  # HALO has no bit width to take
         qft.quantize_and_prepare(tiny_llama(), method="halo", bits=2.5)
     with pytest.raises(ValueError, match="peft=True"):

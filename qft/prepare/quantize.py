@@ -185,10 +185,7 @@ def _prepare_whole(model: nn.Module, config: WholeModelConfig, *, tokenizer, cal
                    progress: bool) -> nn.Module:
     """A method without a bit budget (``Method.prepare``): it builds its own layers, swapped in here once
     all are built; the report says what they store and how far their weights are from the originals."""
-    given = [n for n, v in (("tokenizer", tokenizer), ("calibration", calibration), ("fisher", fisher)) if v]
-    if given:
-        raise ValueError(f"method {config.method!r} has no bit budget to allocate or rounding to choose; "
-                         f"drop {given}")
+    refuse_budget_options(config.method, {"tokenizer": tokenizer, "calibration": calibration, "fisher": fisher})
     if isinstance(model, (str, os.PathLike)):
         raise ValueError(f"method {config.method!r} trains or rotates whole weights and takes a loaded model, "
                          "not a folder")
