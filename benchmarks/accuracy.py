@@ -27,8 +27,9 @@ halo-2-fp8   HALO level 2, FP8 matmuls behind Hadamard rotations (full fine-tuni
 --steps N trains each config N steps on the embedded corpus (the finetune benchmark's schedule: 2 blocks
 of 512 tokens, warm-up 3, seed 0; lr 2e-4, PEQA 1e-3, HALO 2e-5) before the evaluation (0: as quantized).
 --export int4 also scores what users deploy: export_merged's int4 (W' = dequant(Q) + scaling·B·A rounded
-once more, asymmetric groups of 128, GPTQ in act-order over the corpus's train split, bf16 scales; PEQA's
-own int4 codes and trained scales as they are), read back with load_merged. Results go to
+once more, asymmetric, groups of 128 or the largest power of two dividing the input width, GPTQ in
+act-order over the corpus's train split, bf16 scales; PEQA's own int4 codes and trained scales as they
+are), read back with load_merged. Results go to
 benchmarks/out/accuracy/<model>-<config>-<steps>[-int4].json, one per row (a rerun skips rows already
 measured on as many documents; --fresh redoes them).
 """

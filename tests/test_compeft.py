@@ -192,18 +192,19 @@ def test_alpha_is_searched_for_the_callers_score(tmp_path):
     base = qft.load_quantized(tmp_path / "base")
     start = {n: p.detach().clone() for n, p in adapter_tensors(base).items()}
     trained = read_adapter(tmp_path / "adapter")[1]
-    models = set()
+    models, values = set(), []
 
     def closeness(model):
         models.add(id(model))
         params = adapter_tensors(model)
-        return -sum(float((params[n].float() - t.float()).pow(2).sum()) for n, t in trained.items())
+        values.append(-sum(float((params[n].float() - t.float()).pow(2).sum()) for n, t in trained.items()))
+        return values[-1]
 
     summary = compress_adapter(tmp_path / "adapter", tmp_path / "a.qftc", density=0.1, base=base, score=closeness,
                                progress=False)
     update = {n: t.float() - start[n].float() for n, t in trained.items()}
     assert summary["alpha"] == pytest.approx(least_squares_alpha(update, compress(update, 0.1, 1.0)), rel=1e-4)
-    assert models == {id(base)}
+    assert models == {id(base)} and len(values) == len(set(values)) == 3  # each α applied: k = 0, then 1, then -1
     for name, p in adapter_tensors(base).items():
         assert torch.equal(p, start[name])  # left as it came
 
