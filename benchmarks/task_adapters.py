@@ -152,9 +152,12 @@ def main() -> None:
     torch.manual_seed(0)
     WORK.mkdir(parents=True, exist_ok=True)
     base = base_folder(args)
-    rows = [row for task in args.tasks for row in run_task(task, args, base)]
+    rows = []
+    for task in args.tasks:
+        task_rows = run_task(task, args, base)
+        (WORK / task / f"results-{args.alpha_by}.json").write_text(json.dumps(task_rows, indent=1))
+        rows += task_rows
     print(markdown_table(rows, ".4f"))
-    (WORK / f"results-{args.alpha_by}.json").write_text(json.dumps(rows, indent=1))
 
 
 if __name__ == "__main__":

@@ -190,6 +190,30 @@ def test_halo_peft_freezes_an_8_bit_base_and_trains_lora(precision, dtype):
     assert model(torch.randint(0, 300, (1, 8))).logits.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("granularity", ["tensor", "row"])
+def test_inference_casts_the_weight_once_and_again_after_it_changes(granularity, monkeypatch):
+    layer = HaloLinear(torch.randn(24, 32), settings=HaloSettings(2, "fp8", granularity))
+    x = torch.randn(5, 32)
+    trained = layer(x)  # grad enabled: the weight is rotated and cast inside the product
+    casts = []
+    monkeypatch.setattr(halo_module, "quantize", lambda *a, **k: casts.append(a[0].shape) or quantize(*a, **k))
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x), trained.detach(), rtol=1e-6, atol=1e-6)
+        layer(x)
+    assert casts == [(24, 32), (5, 32), (5, 32)]  # the weight once, x each call
+    trained.sum().backward()
+    torch.optim.SGD(layer.parameters(), lr=0.5).step()
+    with torch.no_grad():
+        after = layer(x)
+    assert not torch.allclose(after, trained)  # the step changed the weight: the cast was redone
+    torch.testing.assert_close(after, layer(x).detach(), rtol=1e-6, atol=1e-6)
+    assert layer._cast is None  # a forward with gradients drops the cached copy
+    with torch.no_grad():
+        layer(x)
+        layer.load_state_dict({"weight": torch.randn(24, 32)})  # a load writes into the weight: cast again
+        assert rel(layer(x), x @ layer.weight.t()) < TOLERANCE["fp8"]
+
+
 @pytest.mark.parametrize("options", [dict(level=2, precision="fp8"), dict(level=1, precision="int8", peft=True)])
 def test_training_works_unchanged_and_the_checkpoint_reloads_identically(options, tmp_path):
     model = qft.quantize_and_prepare(tiny_llama(), method="halo", progress=False, **options)

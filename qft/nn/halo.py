@@ -20,7 +20,9 @@ input's dtype and cast per product.
 
 Two kinds of layer:
 
-- full fine-tuning (``peft=False``): ``weight`` is the high-precision master weight and trains;
+- full fine-tuning (``peft=False``): ``weight`` is the high-precision master weight and trains; under
+  no_grad (evaluation, generation) its rotated 8-bit cast is kept until the weight changes, so inference
+  rotates and casts only the activations;
 - HALO-PEFT (``peft=True``): the base is frozen and stored cast — ``weight_codes`` (FP8 or int8
   values of W·H, or of W at level 0) and ``weight_scale`` — and a LoRA adapter (A, B, scaling
   alpha/rank, PEFT's initialisation) trains in high precision beside it, as in HALO's PEFT code.
@@ -34,7 +36,8 @@ import torch
 from torch import nn
 
 from qft.kernels.hadamard import factorisation, hadamard_transform, try_factorisation
-from qft.kernels.low_precision import FP8_FORMATS, GRANULARITIES, PRECISIONS, low_precision_matmul, quantize
+from qft.kernels.low_precision import (FP8_FORMATS, GRANULARITIES, PRECISIONS, low_precision_matmul, quantize,
+                                      scaled_matmul)
 from qft.kernels.torch_path import autocast_dtype, autocast_off
 from qft.nn.qlinear import peft_lora_a
 
@@ -90,13 +93,14 @@ class _HaloMatmul(torch.autograd.Function):
     def forward(ctx, x, weight, settings: HaloSettings, frozen):
         with autocast_off(x.device):
             xr = hadamard_transform(x.float()) if settings.level else x.float()
-            if weight is None:
-                wr = _dequantized(frozen)
+            if weight is None:  # the stored codes are the cast operand: no dequantize-and-recast
                 ctx.save_for_backward(xr.to(x.dtype))
+                qx, sx = quantize(xr, settings.precision, settings.granularity)
+                y = scaled_matmul(qx.contiguous(), sx, frozen[0].contiguous(), frozen[1])
             else:
                 wr = hadamard_transform(weight.float()) if settings.level else weight.float()
                 ctx.save_for_backward(xr.to(x.dtype), wr.to(weight.dtype))
-            y = low_precision_matmul(xr, wr, settings.precision, settings.granularity)
+                y = low_precision_matmul(xr, wr, settings.precision, settings.granularity)
         ctx.settings, ctx.frozen, ctx.dtypes = settings, frozen, (x.dtype, None if weight is None else weight.dtype)
         return y.to(autocast_dtype(x))
 
@@ -152,6 +156,7 @@ class HaloLinear(nn.Module):
         bias = None if bias is None else bias.detach().clone()
         if not peft:
             self.weight = nn.Parameter(weight.detach().clone())
+            self._cast = self._cast_key = None  # see _cast_weight
             self.bias = None if bias is None else nn.Parameter(bias)
             return
         w = weight.detach().float()
@@ -192,10 +197,23 @@ class HaloLinear(nn.Module):
         names = ("weight", "bias") if not self.peft else ("lora_A", "lora_B")
         return {n: p for n in names if isinstance(p := getattr(self, n), nn.Parameter)}
 
+    def _cast_weight(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The forward product's weight operand, W·H cast to 8 bits, kept until the weight changes (an
+        optimizer step bumps its version, a move or a load its storage): inference then rotates only x."""
+        w = self.weight
+        key = (w._version, w.data_ptr(), w.dtype)
+        if self._cast_key != key:
+            wr = hadamard_transform(w.detach().float()) if self.settings.level else w.detach().float()
+            self._cast, self._cast_key = quantize(wr, self.settings.precision, self.settings.granularity), key
+        return self._cast
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.peft:
             y = halo_matmul(x, (self.weight_codes, self.weight_scale), self.settings)
+        elif not torch.is_grad_enabled():  # nothing to differentiate: the cached cast weight, as a frozen base
+            y = halo_matmul(x, self._cast_weight(), self.settings)
         else:
+            self._cast = self._cast_key = None  # training changes the weight: hold no stale copy
             y = halo_matmul(x, self.weight, self.settings)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
