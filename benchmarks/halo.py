@@ -3,6 +3,7 @@
     python benchmarks/halo.py                          # both parts
     python benchmarks/halo.py --part errors
     python benchmarks/halo.py --part finetune --runs full-bf16 full-halo2-int8
+    python benchmarks/halo.py --part inference
 
 errors: real activations X and output gradients E of the projections of decoder layers 0, 10,
 20 and 29 (28 matrices), captured from one fp32 training batch (2 blocks of 512 tokens of the
@@ -19,12 +20,19 @@ HALO runs also with the trained weights in fp32 matmuls: what training reached, 
             under bf16 autocast (peft-bf16), HALO-PEFT (8-bit frozen base, fp32 LoRA) 0/1/2 in FP8 and INT8
 Rows are merged by run into benchmarks/out/halo-finetune.json; the loss curves of every run there
 are drawn in docs/halo-loss.png.
+
+inference: seconds of one forward over a block of 512 tokens, fp32 against full HALO-2 (FP8 and INT8)
+under no_grad (each layer's rotated, cast weight kept from the first call) and with gradients on (the
+weight rotated and cast in every call, as every forward did before that cache); the median of 3 calls,
+interleaved, in one process.
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -168,9 +176,30 @@ def part_finetune(args) -> None:
     draw(ordered)
 
 
+def part_inference() -> None:
+    model, tokenizer = qft.default_model(progress=False)
+    blocks = token_blocks(tokenizer, default_corpus()["train"]["text"], 512)[:1]
+    models = {"fp32": model}
+    for precision in PRECISIONS:
+        models[f"halo2-{precision}"] = qft.quantize_and_prepare(copy.deepcopy(model), method="halo", level=2,
+                                                                precision=precision, progress=False)
+    seconds: dict[tuple[str, bool], list[float]] = {}
+    for _ in range(3):
+        for name, m in models.items():
+            for grad in ((False, True) if name != "fp32" else (False,)):
+                with torch.set_grad_enabled(grad):
+                    start = time.perf_counter()
+                    m(blocks)
+                    seconds.setdefault((name, grad), []).append(time.perf_counter() - start)
+    fp32 = statistics.median(seconds[("fp32", False)])
+    rows = [{"model": name, "forward": "with gradients" if grad else "no_grad", "s": statistics.median(times),
+             "× fp32": statistics.median(times) / fp32} for (name, grad), times in seconds.items()]
+    print(markdown_table(rows, ".3f"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--part", choices=["errors", "finetune", "all"], default="all")
+    parser.add_argument("--part", choices=["errors", "finetune", "inference", "all"], default="all")
     training_arguments(parser, RUNS)
     parser.add_argument("--full-lr", type=float, default=2e-5, help="the full fine-tuning runs' learning rate")
     args = parser.parse_args()
@@ -181,6 +210,8 @@ def main() -> None:
         part_errors()
     if args.part in ("finetune", "all"):
         part_finetune(args)
+    if args.part in ("inference", "all"):
+        part_inference()
 
 
 if __name__ == "__main__":
