@@ -24,7 +24,8 @@ are drawn in docs/halo-loss.png.
 inference: seconds of one forward over a block of 512 tokens, fp32 against full HALO-2 (FP8 and INT8)
 under no_grad (each layer's rotated, cast weight kept from the first call) and with gradients on (the
 weight rotated and cast in every call, as every forward did before that cache); the median of 3 calls,
-interleaved, in one process.
+interleaved, in one process. Then one product at SmolLM2's shapes: torch's CPU torch._scaled_mm and
+torch._int_mm against the emulation qft runs on CPU.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ from qft.files.data import default_corpus, token_blocks
 from qft.training.evaluate import perplexity
 from qft.exports.merged import dense_model
 from qft.nn import HaloSettings
+from qft.kernels.low_precision import quantize, scaled_matmul
 from qft.nn.halo import halo_matmul
 from qft.prepare.report import markdown_table
 
@@ -195,6 +197,31 @@ def part_inference() -> None:
     rows = [{"model": name, "forward": "with gradients" if grad else "no_grad", "s": statistics.median(times),
              "× fp32": statistics.median(times) / fp32} for (name, grad), times in seconds.items()]
     print(markdown_table(rows, ".3f"))
+    print(markdown_table(cpu_products(), ".2f"))
+
+
+def cpu_products() -> list[dict]:
+    """ms of one product at SmolLM2's shapes: torch's CPU 8-bit kernels against the emulation qft runs on CPU
+    (the cast values in a float32 matmul); the median of 7, interleaved."""
+    rows = []
+    for m, k, n in ((512, 576, 1536), (512, 1536, 576), (512, 576, 576)):
+        gen = torch.Generator().manual_seed(0)
+        a, b = torch.randn(m, k, generator=gen), torch.randn(n, k, generator=gen)
+        (fa, sfa), (fb, sfb) = quantize(a, "fp8"), quantize(b, "fp8")
+        (ia, sia), (ib, sib) = quantize(a, "int8"), quantize(b, "int8")
+        runs = {"fp8 torch._scaled_mm": lambda: torch._scaled_mm(fa, fb.t(), scale_a=sfa, scale_b=sfb,
+                                                                 out_dtype=torch.float32),
+                "fp8 emulated": lambda: scaled_matmul(fa, sfa, fb, sfb),
+                "int8 torch._int_mm": lambda: torch._int_mm(ia, ib.t()).float() * sia * sib,
+                "int8 emulated": lambda: scaled_matmul(ia, sia, ib, sib)}
+        times: dict[str, list[float]] = {}
+        for _ in range(7):
+            for name, run in runs.items():
+                start = time.perf_counter()
+                run()
+                times.setdefault(name, []).append(1e3 * (time.perf_counter() - start))
+        rows.append({"X @ Wᵀ": f"({m}, {k}) @ ({k}, {n})", **{f"{n} ms": statistics.median(t) for n, t in times.items()}})
+    return rows
 
 
 def main() -> None:

@@ -4,11 +4,14 @@ Each operand is scaled symmetrically by its absmax — one scale per tensor, or 
 (the operand's outer dimension, so that the scales factor out of the product) — then cast:
 
 - ``"fp8"``: E4M3 (largest 448) or, for gradients, E5M2 (57344); ``torch._scaled_mm`` multiplies
-  (CPU, and CUDA GPUs with FP8 tensor cores, sm_89+, when the shapes are multiples of 16);
-  elsewhere the casts are emulated: the FP8 values in float32, then a float32 matmul.
-- ``"int8"``: round(x / scale) in [−127, 127]; ``torch._int_mm`` (int32 accumulation; on CUDA
-  it needs more than 16 rows and inner and outer sizes divisible by 8), else the same
-  integers in a float32 matmul (exact products; fp32 accumulation).
+  on CUDA GPUs with FP8 tensor cores (sm_89+) when the shapes are multiples of 16; elsewhere the
+  casts are emulated: the FP8 values in float32, then a float32 matmul.
+- ``"int8"``: round(x / scale) in [−127, 127]; ``torch._int_mm`` on CUDA (int32 accumulation;
+  more than 16 rows and inner and outer sizes divisible by 8), else the same integers in a
+  float32 matmul (exact products; fp32 accumulation).
+
+On CPU both products are emulated: torch's CPU ``_int_mm`` is many times slower than the float32
+matmul of the same integers, and its CPU ``_scaled_mm`` no faster (RESULTS.md's HALO section).
 
 The result is in float32: dequantised by the product of the two scales.
 """
@@ -51,16 +54,12 @@ def quantize(x: torch.Tensor, precision: str, granularity: str = "tensor",
 def _fast_fp8(a: torch.Tensor, b: torch.Tensor) -> bool:
     if not hasattr(torch, "_scaled_mm") or (a.dtype == b.dtype == torch.float8_e5m2):
         return False
-    if a.device.type == "cpu":
-        return True
     if a.device.type != "cuda" or torch.cuda.get_device_capability(a.device) < (8, 9):
         return False
     return a.shape[1] % 16 == 0 and b.shape[0] % 16 == 0
 
 
 def _fast_int8(a: torch.Tensor, b: torch.Tensor) -> bool:
-    if a.device.type == "cpu":
-        return True
     return a.device.type == "cuda" and a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[0] % 8 == 0
 
 
@@ -77,8 +76,7 @@ def scaled_matmul(a: torch.Tensor, a_scale: torch.Tensor, b: torch.Tensor, b_sca
         if row:  # row-wise scales: (m, 1) and (1, n), both given; CUDA writes them in bf16 only
             sa = a_scale.expand(a.shape[0], 1).contiguous()
             sb = b_scale.reshape(1, -1).expand(1, b.shape[0]).contiguous()
-            out = torch.float32 if a.device.type == "cpu" else torch.bfloat16
-            return torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=out).float()
+            return torch._scaled_mm(a, b.t(), scale_a=sa, scale_b=sb, out_dtype=torch.bfloat16).float()
         return torch._scaled_mm(a, b.t(), scale_a=a_scale, scale_b=b_scale, out_dtype=torch.float32)
     return (a.float() @ b.float().t()) * a_scale * b_scale.reshape(1, -1)
 
