@@ -13,8 +13,9 @@ round's adapter is kept. Then ComPEFT (qft.compress_adapter; α searched on the 
 compresses it at each density, and the decompressed adapter's held-out accuracy is measured.
 Reported: the .qftc bytes against the adapter in fp16, and the accuracy change. Goal: ≥ 20× at ≤ 1 point.
 --alpha-by accuracy has the search maximise the accuracy on the first --select-docs documents of the
-training half instead (compress_adapter's score=; the held-out half stays unseen); --reuse compresses the
-adapter a previous run trained.
+training half instead (compress_adapter's score=; the held-out half stays unseen); --scope tensor keeps the
+top-k and σ of each tensor instead of the whole adapter's; --reuse compresses the adapter a previous run
+trained.
 """
 
 from __future__ import annotations
@@ -92,12 +93,12 @@ def train_adapter(task: str, args, base: Path, model, tokenizer, texts, eval_ite
     return trained
 
 
-def compressed(task: str, density: float, score, base_model, tokenizer, texts, model, base) -> Path:
-    """Compress the trained adapter (α searched by ``score``, None: the loss on ``texts``), decompress it and load
-    it into ``model``; the .qftc file."""
+def compressed(task: str, density: float, score, scope: str, base_model, tokenizer, texts, model, base) -> Path:
+    """Compress the trained adapter (α searched by ``score``, None: the loss on ``texts``; top-k and σ over
+    ``scope``), decompress it and load it into ``model``; the .qftc file."""
     packed = WORK / task / f"adapter-{density}.qftc"
     compress_adapter(WORK / task / "adapter", packed, density=density, base=base_model, tokenizer=tokenizer,
-                     texts=texts[:64], score=score, progress=False)
+                     texts=texts[:64], score=score, scope=scope, progress=False)
     restored = WORK / task / f"adapter-{density}"
     decompress_adapter(packed, restored, base=base)
     qft.load_adapter(model, restored)
@@ -119,10 +120,11 @@ def run_task(task: str, args, base) -> list[dict]:
     selection = train_items[: args.select_docs]
     score = (lambda m: accuracy(m, tokenizer, selection)) if args.alpha_by == "accuracy" else None
     for density in args.densities:
-        packed = compressed(task, density, score, base_model, tokenizer, texts, model, base)
+        packed = compressed(task, density, score, args.scope, base_model, tokenizer, texts, model, base)
         acc = accuracy(model, tokenizer, eval_items)
         size = packed.stat().st_size
-        rows.append({"task": task, "adapter": f"ComPEFT, α {info(packed)['alpha']:.3g} (by {args.alpha_by})",
+        alpha = info(packed)["alpha"]
+        rows.append({"task": task, "adapter": f"ComPEFT {args.scope}, α {alpha:.3g} (by {args.alpha_by})",
                      "density": density, "bytes": size, "× smaller than fp16": fp16 / size, "held-out acc": acc,
                      "Δ acc (points)": 100 * (acc - best), "base acc": trained["before"]})
         print(rows[-1], flush=True)
@@ -144,6 +146,8 @@ def main() -> None:
                         help="what α's search maximises: minus the perplexity of the training half's texts (loss: "
                              "compress_adapter's default) or the accuracy on its first --select-docs documents")
     parser.add_argument("--select-docs", type=int, default=200)
+    parser.add_argument("--scope", choices=["global", "tensor"], default="global",
+                        help="ComPEFT's top-k and σ over the whole adapter (the paper's) or per tensor")
     parser.add_argument("--reuse", action="store_true", help="compress the adapter a previous run trained")
     args = parser.parse_args()
     for task in args.tasks:
@@ -155,7 +159,7 @@ def main() -> None:
     rows = []
     for task in args.tasks:
         task_rows = run_task(task, args, base)
-        (WORK / task / f"results-{args.alpha_by}.json").write_text(json.dumps(task_rows, indent=1))
+        (WORK / task / f"results-{args.alpha_by}-{args.scope}.json").write_text(json.dumps(task_rows, indent=1))
         rows += task_rows
     print(markdown_table(rows, ".4f"))
 
