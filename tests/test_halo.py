@@ -7,7 +7,7 @@ from helpers import tiny_llama
 
 import qft
 from qft.kernels import low_precision
-from qft.kernels.low_precision import low_precision_matmul, quantize, scaled_matmul
+from qft.kernels.low_precision import quantize, scaled_matmul
 from qft.nn import HaloLinear, HaloSettings, QLinear
 from qft.nn import halo as halo_module
 
