@@ -6,10 +6,11 @@ import math
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import Chars, tiny_llama
 from safetensors.torch import load_file
 
 import qft
+from qft.files.data import completion_blocks
 from qft.nn import QLinear
 from qft.training.loop import (OBJECTIVES, TrainConfig, TrainResult, _load_checkpoint, _trainable, latest_checkpoint,
                        register_objective)
@@ -243,6 +244,35 @@ def test_registered_objective_is_used_by_name():
             register_objective("test-counting-ce")
     finally:
         del OBJECTIVES["test-counting-ce"]
+
+
+def test_completion_blocks_mask_exactly_the_prompts():
+    ids, labels = completion_blocks(Chars(), [("ab", "c"), ("de", "fg"), ("h", "i")], block_size=4)
+    text = "abc\n\ndefg\n\nhi\n\n"  # Chars has no EOS: completions end with a blank line, as token_blocks joins
+    assert ids.tolist() == [[ord(c) for c in text[i:i + 4]] for i in (0, 4, 8)]  # 15 tokens: 3 whole blocks
+    kept = "..c\n\n..fg\n\n.i\n\n"  # "." marks a masked prompt token
+    assert labels.tolist() == [[-100 if c == "." else ord(c) for c in kept[i:i + 4]] for i in (0, 4, 8)]
+    with pytest.raises(ValueError, match="fewer than one block"):
+        completion_blocks(Chars(), [("ab", "c")], block_size=16)
+
+
+def test_pairs_train_on_their_completions_only():
+    gen = torch.Generator().manual_seed(0)
+    prompts = ["".join(chr(97 + int(i)) for i in torch.randint(0, 26, (11,), generator=gen)) for _ in range(8)]
+    pairs = [(p, "=ok") for p in prompts]
+    model = prepared()
+    ids, labels = completion_blocks(Chars(), pairs, block_size=16)
+    with torch.no_grad():  # the whole data in one batch: the first step's loss, whatever the order
+        expected = float(model(input_ids=ids, labels=labels).loss)
+        every_token = float(model(input_ids=ids, labels=ids).loss)
+    result = qft.train(model, Chars(), pairs, progress=False, steps=1, batch_size=len(ids), block_size=16,
+                       lr=1e-6, warmup=0, eval_blocks=0)
+    assert result.losses[0] == pytest.approx(expected, rel=1e-5) and abs(expected - every_token) > 1e-3
+    with pytest.raises(ValueError, match="takes no labels"):
+        qft.train(prepared(), Chars(), pairs, progress=False, objective=lambda m, x: m(input_ids=x, labels=x).loss,
+                  steps=1, batch_size=2, block_size=16, eval_blocks=0)
+    with pytest.raises(ValueError, match="mixes texts and tuples"):
+        qft.train(prepared(), Chars(), pairs + ["a text"], progress=False, steps=1, block_size=16, eval_blocks=0)
 
 
 def test_unknown_objective_or_precision_is_refused():

@@ -46,6 +46,27 @@ def token_blocks(tokenizer, texts: list[str], block_size: int = 512) -> torch.Te
     return ids[: n * block_size].view(n, block_size)
 
 
+def completion_blocks(tokenizer, pairs: list[tuple[str, str]], block_size: int = 512
+                      ) -> tuple[torch.Tensor, torch.Tensor]:
+    """(prompt, completion) pairs concatenated (each completion ended by EOS, as ``token_blocks`` separates
+    texts) and cut into full blocks: the token ids and their labels, -100 on every prompt token, so that a
+    causal-LM loss learns only the completions (a task's answer, not its passage). Each pair is tokenized
+    whole and its prompt's own token count masked, as lm-evaluation-harness splits a context from its
+    continuation."""
+    sep = tokenizer.eos_token or "\n\n"
+    ids, labels = [], []
+    for prompt, completion in pairs:
+        whole = tokenizer(prompt + completion + sep, return_tensors="pt", add_special_tokens=False).input_ids[0]
+        masked = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.shape[1]
+        ids.append(whole)
+        labels.append(torch.cat([torch.full((masked,), -100, dtype=whole.dtype), whole[masked:]]))
+    ids, labels = torch.cat(ids), torch.cat(labels)
+    n = ids.numel() // block_size
+    if n == 0:
+        raise ValueError(f"the pairs hold {ids.numel()} tokens, fewer than one block of {block_size}")
+    return ids[: n * block_size].view(n, block_size), labels[: n * block_size].view(n, block_size)
+
+
 def calibration_blocks(tokenizer, texts: list[str] | None = None, block_size: int = 512,
                        max_blocks: int | None = 64) -> torch.Tensor:
     """The first ``max_blocks`` token blocks of ``texts`` (default: the embedded corpus's train split):

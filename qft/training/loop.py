@@ -35,7 +35,7 @@ from tqdm.auto import tqdm
 
 from qft.nn import distributed
 from qft.files.atomic import atomic_dir
-from qft.files.data import load_texts, token_blocks
+from qft.files.data import completion_blocks, load_texts, token_blocks
 from qft.training.evaluate import perplexity
 
 logger = logging.getLogger(__name__)
@@ -61,9 +61,10 @@ def register_objective(name: str) -> Callable[[Objective], Objective]:
 
 
 @register_objective("ce")
-def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor) -> torch.Tensor:
-    """Next-token cross-entropy of the model on its own input."""
-    return model(input_ids=input_ids, labels=input_ids).loss
+def causal_lm_loss(model: torch.nn.Module, input_ids: torch.Tensor, labels: torch.Tensor | None = None
+                   ) -> torch.Tensor:
+    """Next-token cross-entropy of the model on its own input (on ``labels``' tokens only: -100 skips one)."""
+    return model(input_ids=input_ids, labels=input_ids if labels is None else labels).loss
 
 
 @dataclass
@@ -265,9 +266,11 @@ def train(
     """Fine-tune the parameters of ``model`` that require grad (after ``quantize_and_prepare``: the
     low-rank factors) with ``objective`` (default: the causal-LM loss).
 
-    data / eval_data: a list of texts, a LongTensor of token blocks, or anything
-      ``qft.files.data.load_texts`` reads (None: the embedded corpus); a source's "train"
-      split trains and, unless ``eval_data`` is given, its "test" split evaluates.
+    data / eval_data: a list of texts, a list of (prompt, completion) pairs (the loss then covers the
+      completions only: a task's answers; ``qft.files.data.completion_blocks``), a LongTensor of token
+      blocks, or anything ``qft.files.data.load_texts`` reads (None: the embedded corpus); a source's
+      "train" split trains and, unless ``eval_data`` is given, its "test" split evaluates (the held-out
+      perplexity counts every token, of pairs too).
     config: a TrainConfig; keyword ``overrides`` (steps=, lr=, ...) change single fields.
     output_dir: where checkpoints go (every ``save_every`` steps, and at the end).
     resume: True to continue from the latest checkpoint in ``output_dir`` (or a path to one).
@@ -298,12 +301,15 @@ def train(
     if world > 1 and output_dir is not None:
         raise ValueError("training checkpoints (output_dir=) are single-process only; after a distributed run, "
                          "write the model with qft.save_quantized(model, directory), which gathers it")
-    blocks = _blocks(data, "train", tokenizer, config.block_size)
+    blocks, labels = _blocks(data, "train", tokenizer, config.block_size)
+    if labels is not None and not _takes_labels(loss_fn):
+        raise ValueError(f"objective {objective_name!r} learns from whole texts and takes no labels; train "
+                         "(prompt, completion) pairs with objective='ce', or pass the joined texts")
     if eval_data is None and not isinstance(data, (list, torch.Tensor)):
         eval_data = data  # its own held-out split
     eval_blocks = None
     if config.eval_blocks != 0:
-        eval_blocks = _blocks(eval_data, "test", tokenizer, config.block_size)[: config.eval_blocks]
+        eval_blocks = _blocks(eval_data, "test", tokenizer, config.block_size)[0][: config.eval_blocks]
     params = _trainable(model)
     device = next(iter(params.values())).device
     if config.precision == "bf16":
@@ -348,9 +354,13 @@ def train(
             total = 0.0
             for micro in range(config.grad_accum):
                 # the global micro-batch; under torchrun each rank takes its share
-                ids = blocks[_batch_indices(len(blocks), config, step, micro)].tensor_split(world)[rank].to(device)
+                batch = _batch_indices(len(blocks), config, step, micro)
+                ids = blocks[batch].tensor_split(world)[rank].to(device)
                 with _autocast(config.precision, device):
-                    loss = loss_fn(model, ids)
+                    if labels is None:
+                        loss = loss_fn(model, ids)
+                    else:
+                        loss = loss_fn(model, ids, labels=labels[batch].tensor_split(world)[rank].to(device))
                 (loss / config.grad_accum).backward()
                 total += float(loss.detach()) / config.grad_accum
                 result.tokens += ids.numel() * world
@@ -381,10 +391,20 @@ def train(
     return result
 
 
-def _blocks(data, split: str, tokenizer, block_size: int) -> torch.Tensor:
+def _takes_labels(objective: Objective) -> bool:
+    parameters = inspect.signature(objective).parameters.values()
+    return any(p.name == "labels" or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def _blocks(data, split: str, tokenizer, block_size: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The token blocks of ``data`` and, for (prompt, completion) pairs, their labels (else None)."""
     if isinstance(data, torch.Tensor):
         if data.dim() != 2 or data.dtype != torch.long:
             raise ValueError(f"token blocks must be a 2-D LongTensor, got {data.dtype} {tuple(data.shape)}")
-        return data
+        return data, None
+    if isinstance(data, list) and any(isinstance(item, tuple) for item in data):
+        if not all(isinstance(item, tuple) and len(item) == 2 for item in data):
+            raise ValueError("data mixes texts and tuples: give either texts or (prompt, completion) pairs")
+        return completion_blocks(tokenizer, data, block_size)
     texts = data if isinstance(data, list) else load_texts(data, split, tokenizer=tokenizer)
-    return token_blocks(tokenizer, texts, block_size)
+    return token_blocks(tokenizer, texts, block_size), None
