@@ -6,7 +6,8 @@ Base: the embedded SmolLM2-135M with LQ-LoRA at --bits (Fisher-weighted, rank --
 saved (benchmarks/out/task_adapters/base). Only validation splits ship offline, so each task's documents
 are split in two disjoint halves by index: even documents train, odd ones (the first --eval-docs of them)
 evaluate. The adapter trains on the training half's texts (each document's prompt followed by its gold
-answer, the causal-LM loss; blocks of 256 tokens, batch 4, lr --lr constant after 10 warm-up steps), in
+answer, the causal-LM loss; --loss completion: the loss of the answer only, qft.train's pairs, in folders
+<task>-completion; blocks of 256 tokens, batch 4, lr --lr constant after 10 warm-up steps), in
 rounds of --eval-every steps; after each round the held-out half's accuracy (qft.evaluate_tasks' scoring)
 is measured, and training stops when it has not risen for --patience rounds or at --max-steps; the best
 round's adapter is kept. Then ComPEFT (qft.compress_adapter; α searched on the training half's texts)
@@ -58,10 +59,15 @@ def accuracy(model, tokenizer, items) -> float:
     return score_items(model, tokenizer, items, ("acc",), progress=False)["acc"]
 
 
-def train_adapter(task: str, args, base: Path, model, tokenizer, texts, eval_items) -> dict:
+def task_folder(task: str, args) -> Path:
+    """Where a task's adapter and files go: one folder per task and training loss."""
+    return WORK / (task if args.loss == "text" else f"{task}-completion")
+
+
+def train_adapter(task: str, args, base: Path, model, tokenizer, data, eval_items) -> dict:
     """Train in rounds until the held-out accuracy stops rising; the best round's adapter is saved (and,
     with --reuse, a previous run's over the same base is loaded instead)."""
-    adapter, summary = WORK / task / "adapter", WORK / task / "trained.json"
+    adapter, summary = task_folder(task, args) / "adapter", task_folder(task, args) / "trained.json"
     if args.reuse and summary.is_file():
         trained = json.loads(summary.read_text())
         if trained.get("base") != base.name:
@@ -69,13 +75,13 @@ def train_adapter(task: str, args, base: Path, model, tokenizer, texts, eval_ite
         qft.load_adapter(model, adapter)
         return trained
     before = accuracy(model, tokenizer, eval_items)
-    print(f"{task}: {len(texts)} training documents, {len(eval_items)} held out; base accuracy {before:.4f}",
+    print(f"{task}: {len(data)} training documents, {len(eval_items)} held out; base accuracy {before:.4f}",
           flush=True)
     best, best_step, stale, step, curve = before, 0, 0, 0, [(0, before)]
     qft.save_adapter(model, adapter)
     start = time.perf_counter()
     while step < args.max_steps and stale < args.patience:
-        qft.train(model, tokenizer, texts, steps=args.eval_every, batch_size=4, block_size=256, lr=args.lr,
+        qft.train(model, tokenizer, data, steps=args.eval_every, batch_size=4, block_size=256, lr=args.lr,
                   warmup=10 if step == 0 else 0, min_lr_ratio=1.0, seed=step, eval_blocks=0, progress=False)
         step += args.eval_every
         acc = accuracy(model, tokenizer, eval_items)
@@ -93,13 +99,13 @@ def train_adapter(task: str, args, base: Path, model, tokenizer, texts, eval_ite
     return trained
 
 
-def compressed(task: str, density: float, score, scope: str, base_model, tokenizer, texts, model, base) -> Path:
+def compressed(folder: Path, density: float, score, scope: str, base_model, tokenizer, texts, model, base) -> Path:
     """Compress the trained adapter (α searched by ``score``, None: the loss on ``texts``; top-k and σ over
     ``scope``), decompress it and load it into ``model``; the .qftc file."""
-    packed = WORK / task / f"adapter-{density}.qftc"
-    compress_adapter(WORK / task / "adapter", packed, density=density, base=base_model, tokenizer=tokenizer,
+    packed = folder / f"adapter-{density}.qftc"
+    compress_adapter(folder / "adapter", packed, density=density, base=base_model, tokenizer=tokenizer,
                      texts=texts[:64], score=score, scope=scope, progress=False)
-    restored = WORK / task / f"adapter-{density}"
+    restored = folder / f"adapter-{density}"
     decompress_adapter(packed, restored, base=base)
     qft.load_adapter(model, restored)
     return packed
@@ -108,9 +114,11 @@ def compressed(task: str, density: float, score, scope: str, base_model, tokeniz
 def run_task(task: str, args, base) -> list[dict]:
     items = task_items(task)
     train_items, eval_items = items[0::2], items[1::2][: args.eval_docs]
-    texts = [item.requests[item.gold][0] + item.requests[item.gold][1] for item in train_items]
+    pairs = [tuple(item.requests[item.gold]) for item in train_items]  # (prompt, the gold answer)
+    texts = [prompt + answer for prompt, answer in pairs]
     model, tokenizer = load(base)
-    trained = train_adapter(task, args, base, model, tokenizer, texts, eval_items)
+    trained = train_adapter(task, args, base, model, tokenizer, pairs if args.loss == "completion" else texts,
+                            eval_items)
     best = trained["best"]
     fp16 = 2 * sum(t.numel() for t in adapter_tensors(model).values())
     rows = [{"task": task, "adapter": f"trained, best of {trained['steps']} steps (step {trained['best_step']})",
@@ -120,7 +128,8 @@ def run_task(task: str, args, base) -> list[dict]:
     selection = train_items[: args.select_docs]
     score = (lambda m: accuracy(m, tokenizer, selection)) if args.alpha_by == "accuracy" else None
     for density in args.densities:
-        packed = compressed(task, density, score, args.scope, base_model, tokenizer, texts, model, base)
+        packed = compressed(task_folder(task, args), density, score, args.scope, base_model, tokenizer, texts,
+                            model, base)
         acc = accuracy(model, tokenizer, eval_items)
         size = packed.stat().st_size
         alpha = info(packed)["alpha"]
@@ -146,6 +155,8 @@ def main() -> None:
                         help="what α's search maximises: minus the perplexity of the training half's texts (loss: "
                              "compress_adapter's default) or the accuracy on its first --select-docs documents")
     parser.add_argument("--select-docs", type=int, default=200)
+    parser.add_argument("--loss", choices=["text", "completion"], default="text",
+                        help="train on the whole text (prompt and answer) or on the answer only (qft.train's pairs)")
     parser.add_argument("--scope", choices=["global", "tensor"], default="global",
                         help="ComPEFT's top-k and σ over the whole adapter (the paper's) or per tensor")
     parser.add_argument("--reuse", action="store_true", help="compress the adapter a previous run trained")
@@ -159,7 +170,8 @@ def main() -> None:
     rows = []
     for task in args.tasks:
         task_rows = run_task(task, args, base)
-        (WORK / task / f"results-{args.alpha_by}-{args.scope}.json").write_text(json.dumps(task_rows, indent=1))
+        results = task_folder(task, args) / f"results-{args.alpha_by}-{args.scope}.json"
+        results.write_text(json.dumps(task_rows, indent=1))
         rows += task_rows
     print(markdown_table(rows, ".4f"))
 
