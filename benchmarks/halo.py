@@ -220,7 +220,8 @@ def cpu_products() -> list[dict]:
                 start = time.perf_counter()
                 run()
                 times.setdefault(name, []).append(1e3 * (time.perf_counter() - start))
-        rows.append({"X @ Wᵀ": f"({m}, {k}) @ ({k}, {n})", **{f"{n} ms": statistics.median(t) for n, t in times.items()}})
+        medians = {f"{name} ms": statistics.median(t) for name, t in times.items()}
+        rows.append({"X @ Wᵀ": f"({m}, {k}) @ ({k}, {n})", **medians})
     return rows
 
 
