@@ -40,10 +40,15 @@ def token_blocks(tokenizer, texts: list[str], block_size: int = 512) -> torch.Te
     """Concatenate texts (separated by EOS), tokenize, cut into full blocks: LongTensor (n, block_size)."""
     sep = tokenizer.eos_token or "\n\n"
     ids = tokenizer(sep.join(texts), return_tensors="pt", add_special_tokens=False).input_ids[0]
-    n = ids.numel() // block_size
+    return _full_blocks(ids, block_size, "the text")
+
+
+def _full_blocks(tokens: torch.Tensor, block_size: int, what: str) -> torch.Tensor:
+    """A 1-D token stream cut into whole blocks (the tail dropped): (n, block_size)."""
+    n = tokens.numel() // block_size
     if n == 0:
-        raise ValueError(f"the text holds {ids.numel()} tokens, fewer than one block of {block_size}")
-    return ids[: n * block_size].view(n, block_size)
+        raise ValueError(f"{what} holds {tokens.numel()} tokens, fewer than one block of {block_size}")
+    return tokens[: n * block_size].view(n, block_size)
 
 
 def completion_blocks(tokenizer, pairs: list[tuple[str, str]], block_size: int = 512
@@ -60,11 +65,7 @@ def completion_blocks(tokenizer, pairs: list[tuple[str, str]], block_size: int =
         masked = tokenizer(prompt, return_tensors="pt", add_special_tokens=False).input_ids.shape[1]
         ids.append(whole)
         labels.append(torch.cat([torch.full((masked,), -100, dtype=whole.dtype), whole[masked:]]))
-    ids, labels = torch.cat(ids), torch.cat(labels)
-    n = ids.numel() // block_size
-    if n == 0:
-        raise ValueError(f"the pairs hold {ids.numel()} tokens, fewer than one block of {block_size}")
-    return ids[: n * block_size].view(n, block_size), labels[: n * block_size].view(n, block_size)
+    return tuple(_full_blocks(torch.cat(stream), block_size, "the pairs") for stream in (ids, labels))
 
 
 def calibration_blocks(tokenizer, texts: list[str] | None = None, block_size: int = 512,
