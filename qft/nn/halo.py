@@ -75,6 +75,12 @@ def _rotate_tokens(e: torch.Tensor, transpose: bool) -> torch.Tensor:
     return hadamard_transform(e.t().contiguous(), transpose=transpose).t()
 
 
+def _cast_rotated(weight: torch.Tensor, settings: HaloSettings) -> tuple[torch.Tensor, torch.Tensor]:
+    """(codes, scale) of W·H (of W at level 0): the forward product's weight operand, as stored or kept."""
+    w = weight.detach().float()
+    return quantize(hadamard_transform(w) if settings.level else w, settings.precision, settings.granularity)
+
+
 def _dequantized(frozen: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     """A frozen HALO-PEFT base (codes, scale) as float32: codes · scale, per tensor or per row."""
     codes, scale = frozen
@@ -159,9 +165,7 @@ class HaloLinear(nn.Module):
             self._cast = self._cast_key = None  # see _cast_weight
             self.bias = None if bias is None else nn.Parameter(bias)
             return
-        w = weight.detach().float()
-        codes, scale = quantize(hadamard_transform(w) if settings.level else w, settings.precision,
-                                settings.granularity)
+        codes, scale = _cast_rotated(weight, settings)
         self.register_buffer("weight_codes", codes)
         self.register_buffer("weight_scale", scale)
         self.register_buffer("bias", bias)
@@ -203,8 +207,7 @@ class HaloLinear(nn.Module):
         w = self.weight
         key = (w._version, w.data_ptr(), w.dtype)
         if self._cast_key != key:
-            wr = hadamard_transform(w.detach().float()) if self.settings.level else w.detach().float()
-            self._cast, self._cast_key = quantize(wr, self.settings.precision, self.settings.granularity), key
+            self._cast, self._cast_key = _cast_rotated(w, self.settings), key
         return self._cast
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
