@@ -18,9 +18,10 @@ lqlora-B     qft LQ-LoRA at B bits (rank 64), data-free (the headline call's def
 lqlora-B-fisher          the same, Fisher-weighted (the embedded corpus's train split: quantize_and_prepare's
                          default since issue 25)
 lqlora-B-fisher-gptq     ... and the Q step rounded by GPTQ (the same text)
-lqlora-4.0-ggml-fisher   LQ-LoRA 4.0 Fisher over llama.cpp's ten block types instead of NF-k: what llama.cpp
-                         serves as the base GGUF plus the LoRA GGUF, unmerged (export_gguf, export_gguf_lora;
-                         llama.cpp's perplexity of such a pair was within 0.15 % of qft's, RESULTS.md)
+lqlora-4.5-ggml-fisher   LQ-LoRA 4.5 Fisher over llama.cpp's ten block types instead of NF-k (the least
+                         SmolLM2 can average over them is 4.03 bits: K types need rows of whole 256-blocks
+                         and it is 576 wide): what llama.cpp serves as the base GGUF plus the LoRA GGUF,
+                         unmerged (export_gguf, export_gguf_lora; llama.cpp's perplexity of such a pair was within 0.15 % of qft's, RESULTS.md)
 peqa-int4    PEQA int4 per channel (trained scales)
 int2.1       INT2.1: GPTQ int2-g128 + LoRA rank 32 (alpha 128), trained with LREC (distillation from the
              fp32 model, qft.methods.lrec)
@@ -60,7 +61,7 @@ WORK = OUT / "accuracy"
 RANK = 64
 CONFIGS = ["fp32", "bnb-nf4", "nf3", "lqlora-4.0", "lqlora-3.0", "lqlora-2.5", "lqlora-4.0-fisher",
            "lqlora-3.0-fisher", "lqlora-2.5-fisher", "lqlora-3.0-fisher-gptq", "lqlora-2.5-fisher-gptq", "peqa-int4",
-           "lqlora-4.0-ggml-fisher", "int2.1", "halo-2-fp8"]
+           "lqlora-4.5-ggml-fisher", "int2.1", "halo-2-fp8"]
 LR = {"peqa-int4": 1e-3, "halo-2-fp8": 2e-5}  # the rest train at 2e-4
 
 

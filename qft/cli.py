@@ -355,8 +355,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--alpha", type=float, help="scale = alpha x std of the update (default: searched; needs --base)")
     p.add_argument("--base", help="the checkpoint the qft adapter was trained from (its starting values), or the "
                                   "model a PEFT adapter applies to (for the alpha search)")
-    p.add_argument("--scope", default="global", choices=["global", "tensor"], help="top-k and scale over all "
-                   "tensors together (the paper's) or per tensor")
+    p.add_argument("--scope", default="tensor", choices=["global", "tensor"], help="top-k and scale per tensor "
+                   "(default) or over all tensors together (the paper's)")
     p.set_defaults(run=cmd_compress)
 
     p = sub.add_parser("decompress", parents=[common], help="a .qftc file back to the adapter it came from")

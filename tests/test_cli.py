@@ -7,6 +7,7 @@ from helpers import tiny_with_smollm2_tokenizer
 
 import qft
 from qft.cli import build_parser, main
+from qft.exports.compeft import info as compressed_info
 
 COMMANDS = ["quantize", "train", "eval", "export", "compress", "decompress", "info"]
 
@@ -122,6 +123,7 @@ def test_compress_decompress_info(base, tmp_path, capsys):
     assert (back / "adapter.safetensors").is_file()
     assert main(["info", str(c)]) == 0
     assert "density 0.1" in capsys.readouterr().out
+    assert compressed_info(c)["scope"] == "tensor"  # the default: per tensor
 
 
 def test_export_dense_and_peft(base, tmp_path):

@@ -33,7 +33,7 @@ def _update(seed=0, shapes=((64, 48), (48, 64), (300,))):
 
 def test_keeps_the_largest_entries_as_signs_times_alpha_sigma():
     update = _update()
-    ternary = compress(update, 0.1, alpha=2.0)
+    ternary = compress(update, 0.1, alpha=2.0, scope="global")
     whole = torch.cat([t.reshape(-1) for t in update.values()])
     kept = torch.cat([update[n].reshape(-1)[t.positions] for n, t in ternary.items()])
     assert kept.numel() == round(0.1 * whole.numel())
@@ -49,7 +49,7 @@ def test_keeps_the_largest_entries_as_signs_times_alpha_sigma():
 def test_tensor_scope_keeps_the_density_in_each_tensor():
     update = _update(shapes=((100,), (1000,)))
     update["t1"] *= 100  # globally, the big tensor would take every kept entry
-    glob, per = compress(update, 0.1), compress(update, 0.1, scope="tensor")
+    glob, per = compress(update, 0.1, scope="global"), compress(update, 0.1)
     assert glob["t0"].positions.numel() == 0 and glob["t1"].positions.numel() == 110
     assert per["t0"].positions.numel() == 10 and per["t1"].positions.numel() == 100
     assert per["t0"].scale == pytest.approx(float(update["t0"].std()))
@@ -233,8 +233,8 @@ def test_a_peft_adapter_round_trips_and_loads_in_peft(tmp_path):
 
 
 def test_info_reports_sizes_against_fp16_and_the_bound(tmp_path):
-    save_compressed(tmp_path / "u.qftc", compress(_update(), 0.05), {"kind": "test", "method": None, "density": 0.05,
-                                                                   "alpha": 1.0, "scope": "global"})
+    save_compressed(tmp_path / "u.qftc", compress(_update(), 0.05, scope="global"),
+                    {"kind": "test", "method": None, "density": 0.05, "alpha": 1.0, "scope": "global"})
     summary = info(tmp_path / "u.qftc")
     n = 64 * 48 * 2 + 300
     assert summary["parameters"] == n and summary["kept"] == round(0.05 * n)
@@ -247,9 +247,9 @@ def test_global_scope_warns_when_a_tensor_keeps_nothing(caplog):
 
     update = {"lora_A": torch.randn(8, 64), "lora_B": 1e-4 * torch.randn(64, 8)}  # B ≪ A, as after short training
     with caplog.at_level(logging.WARNING, logger="qft.exports.compeft"):
-        out = compress(update, 0.1)
+        out = compress(update, 0.1, scope="global")
     assert out["lora_B"].positions.numel() == 0 and "scope='tensor'" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="qft.exports.compeft"):
-        per_tensor = compress(update, 0.1, scope="tensor")
+        per_tensor = compress(update, 0.1)
     assert per_tensor["lora_B"].positions.numel() == 51 and not caplog.text  # 10 % of 512, rounded
