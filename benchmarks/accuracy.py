@@ -21,7 +21,8 @@ lqlora-B-fisher-gptq     ... and the Q step rounded by GPTQ (the same text)
 lqlora-4.5-ggml-fisher   LQ-LoRA 4.5 Fisher over llama.cpp's ten block types instead of NF-k (the least
                          SmolLM2 can average over them is 4.03 bits: K types need rows of whole 256-blocks
                          and it is 576 wide): what llama.cpp serves as the base GGUF plus the LoRA GGUF,
-                         unmerged (export_gguf, export_gguf_lora; llama.cpp's perplexity of such a pair was within 0.15 % of qft's, RESULTS.md)
+                         unmerged (export_gguf, export_gguf_lora; llama.cpp's perplexity of such a pair
+                         was within 0.15 % of qft's, RESULTS.md)
 peqa-int4    PEQA int4 per channel (trained scales)
 int2.1       INT2.1: GPTQ int2-g128 + LoRA rank 32 (alpha 128), trained with LREC (distillation from the
              fp32 model, qft.methods.lrec)
