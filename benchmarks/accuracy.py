@@ -34,8 +34,9 @@ of 512 tokens, warm-up 3, seed 0; lr 2e-4, PEQA 1e-3, HALO 2e-5) before the eval
 --export int4 also scores what users deploy: export_merged's int4 (W' = dequant(Q) + scaling·B·A rounded
 once more, asymmetric, groups of 128 or the largest power of two dividing the input width, GPTQ in
 act-order over the corpus's train split, bf16 scales; PEQA's own int4 codes and trained scales as they
-are), read back with load_merged. Results go to
-benchmarks/out/accuracy/<model>-<config>-<steps>[-int4].json, one per row (a rerun skips rows already
+are), read back with load_merged; --export int4-rtn the same rounded to nearest instead of GPTQ (no
+calibration text, so nothing fitted to one domain). Results go to
+benchmarks/out/accuracy/<model>-<config>-<steps>[-<export>].json, one per row (a rerun skips rows already
 measured on as many documents; --fresh redoes them).
 """
 
@@ -121,10 +122,10 @@ def scored(model, tokenizer, row: dict, lambada: list[str], limit: int) -> dict:
     return row
 
 
-def exported_int4(model, tokenizer):
+def exported_int4(model, tokenizer, rounding: str):
     """What users deploy: the merged int4 export (module doc), read back as a float model."""
     with tempfile.TemporaryDirectory() as folder:
-        qft.export_merged(model, folder, tokenizer, symmetric=False, rounding="gptq", progress=False)
+        qft.export_merged(model, folder, tokenizer, symmetric=False, rounding=rounding, progress=False)
         return qft.load_merged(folder).float()
 
 
@@ -151,8 +152,9 @@ def measure(name: str, args, lambada: list[str]) -> list[dict]:
            "documents": documents}
     rows = [scored(model, tokenizer, dict(row), lambada, args.limit)]
     if args.export:
-        rows.append(scored(exported_int4(model, tokenizer), tokenizer, {**row, "export": args.export}, lambada,
-                           args.limit))
+        rounding = "rtn" if args.export == "int4-rtn" else "gptq"
+        rows.append(scored(exported_int4(model, tokenizer, rounding), tokenizer, {**row, "export": args.export},
+                           lambada, args.limit))
     WORK.mkdir(parents=True, exist_ok=True)
     for path, measured in zip(paths, rows):
         path.write_text(json.dumps(measured, indent=1))
@@ -166,7 +168,7 @@ def main() -> None:
     parser.add_argument("--limit", type=int, default=500, help="documents of each task (the first ones)")
     parser.add_argument("--lambada", type=int, default=400, help="LAMBADA passages for the out-of-domain perplexity")
     parser.add_argument("--steps", type=int, default=0)
-    parser.add_argument("--export", choices=["int4"], help="also score the config's deployable export")
+    parser.add_argument("--export", choices=["int4", "int4-rtn"], help="also score the config's deployable export")
     parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args()
     header()
