@@ -5,7 +5,7 @@ its ``density`` largest entries by magnitude, each replaced by its sign, all sca
 α·σ(τ), σ the standard deviation of the update before sparsification. By default each of an
 adapter's tensors keeps its own top ``density`` and its own σ (``scope="tensor"``); the
 paper's code takes one global top-k and one scalar σ over all of them (``scope="global"``).
-Per tensor is the default because it is what kept task accuracy on every adapter measured
+Per tensor is the default because it kept task accuracy on both task adapters it was measured on
 (RESULTS.md: SST-2 and ARC-Easy at 5 % density, 44.5× smaller, within a point; global lost 8.5
 and 4.2 points there), and a global top-k can leave a tensor whose update is small (PEFT LoRA's B)
 with nothing.
@@ -353,6 +353,7 @@ def compress_adapter(adapter: str | os.PathLike, out: str | os.PathLike, *, dens
     score: what the search maximises instead of minus that perplexity: ``score(model)``, the base with the
       compressed adapter applied; for a task adapter, e.g. its accuracy on training items (on SST-2 it chose
       the same α as the perplexity at 10 and 20 %: RESULTS.md). Needs ``base``, not ``tokenizer``.
+    scope: "tensor" (each tensor its own top-k and σ) or "global" (the paper's: one over all): :func:`compress`.
     """
     folder = Path(adapter)
     kind, own, tensors = _source(folder)
