@@ -20,7 +20,8 @@ ALL_FORMATS = [
 
 @pytest.fixture
 def rng():
-    """A fresh generator per test: inputs differ run to run; a failure prints its seed."""
-    seed = int.from_bytes(os.urandom(4), "little")
-    print(f"rng seed {seed}")
+    """A fresh generator per test: inputs differ run to run; a failure prints its seed, and
+    QFT_TEST_SEED=<seed> replays it."""
+    seed = int(os.environ.get("QFT_TEST_SEED") or int.from_bytes(os.urandom(4), "little"))
+    print(f"rng seed {seed} (replay: QFT_TEST_SEED={seed})")
     return torch.Generator().manual_seed(seed)
